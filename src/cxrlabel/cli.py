@@ -1,0 +1,153 @@
+"""The `cxrlabel` command: thin wrappers over the library, one subcommand per job."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from tqdm import tqdm
+
+from cxrlabel.labels import BlankMeaning
+
+log = logging.getLogger("cxrlabel")
+
+
+def _add_table_args(parser: argparse.ArgumentParser) -> None:
+    from cxrlabel.formats import FORMATS
+
+    parser.add_argument("csv", type=Path, help="label CSV (CheXpert, MIMIC, NIH or generic)")
+    parser.add_argument("--format", default="auto", choices=FORMATS, help="label file format")
+    parser.add_argument("--mimic-metadata", type=Path, help="MIMIC-CXR metadata CSV")
+    parser.add_argument("--nih-image-dir", default="images", help="NIH image folder")
+    parser.add_argument(
+        "--blank",
+        choices=[b.value for b in BlankMeaning],
+        help="what an empty label cell means (default: the format's own)",
+    )
+
+
+def _load_table(args: argparse.Namespace):
+    from cxrlabel.formats import load_table
+
+    return load_table(
+        args.csv,
+        args.format,
+        mimic_metadata=args.mimic_metadata,
+        nih_image_dir=args.nih_image_dir,
+        blank=args.blank,
+    )
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    from cxrlabel.fileio import atomic_write_text
+    from cxrlabel.stats import label_stats
+
+    table = _load_table(args)
+    units = ("study", "image") if args.by == "both" else (args.by,)
+    for unit in units:
+        stats = label_stats(table, unit=unit, view=args.view)
+        print(stats.to_text())
+        stem = f"{args.csv.stem}_{unit}_{args.view}"
+        atomic_write_text(args.out / f"{stem}.md", stats.to_markdown())
+        atomic_write_text(args.out / f"{stem}.csv", stats.to_csv())
+        print(f"wrote {args.out / stem}.md and .csv\n")
+    return 0
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from cxrlabel.synth import contact_sheet, write_dataset
+
+    summary = write_dataset(args.out, patients=args.patients, size=args.size, seed=args.seed)
+    print(summary)
+    sheet = args.out / "contact_sheet.png"
+    contact_sheet(args.out, sheet)
+    print(f"contact sheet: {sheet}")
+    return 0
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from cxrlabel.cache import ResizeSettings, prepare_cache
+
+    table = _load_table(args)
+    settings = ResizeSettings(args.size, args.resize_mode, args.interpolation)
+    out = args.out or args.csv.parent / ".cxrlabel-cache" / f"{args.csv.stem}-{args.size}"
+    cache = prepare_cache(
+        table.image_paths(),
+        out,
+        settings,
+        on_error=args.on_error,
+        workers=args.workers,
+        progress=lambda it: tqdm(it, total=len(table), desc="prepare", unit="img"),
+    )
+    print(f"{out}: {len(cache)} images at {args.size} px, {len(cache.skipped)} skipped")
+    for item in cache.skipped:
+        print(f"  skipped {item.path}: {item.reason}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from cxrlabel.demo import run_demo
+
+    run_demo(args.out, patients=args.patients, size=args.size, seed=args.seed)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cxrlabel", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("stats", help="label counts in the CheXpert paper's Table 1 layout")
+    _add_table_args(p)
+    p.add_argument("--by", default="study", choices=["study", "image", "both"])
+    p.add_argument("--view", default="all", choices=["frontal", "lateral", "all"])
+    p.add_argument("--out", type=Path, default=Path("stats"), help="folder for .md and .csv")
+    p.set_defaults(func=cmd_stats)
+
+    p = sub.add_parser("synth", help="write a synthetic CheXpert-format dataset")
+    p.add_argument("out", type=Path)
+    p.add_argument("--patients", type=int, default=200)
+    p.add_argument("--size", type=int, default=320)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("prepare", help="decode and resize a dataset once into a cache")
+    _add_table_args(p)
+    p.add_argument("--size", type=int, default=320)
+    p.add_argument("--resize-mode", default="pad", choices=["pad", "crop"])
+    p.add_argument("--interpolation", default="bilinear", choices=["bilinear", "bicubic"])
+    p.add_argument("--out", type=Path, help="cache folder (default: beside the CSV)")
+    p.add_argument("--workers", type=int, default=None, help="decoding processes")
+    p.add_argument("--on-error", default="skip", choices=["skip", "raise"])
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("demo", help="the main job on built-in synthetic data")
+    p.add_argument("--out", type=Path, default=Path("demo-output"))
+    p.add_argument("--patients", type=int, default=120)
+    p.add_argument("--size", type=int, default=128)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    from cxrlabel.images import ImageError
+    from cxrlabel.labels import LabelError
+
+    try:
+        return args.func(args)
+    except (LabelError, ImageError, FileNotFoundError, ValueError) as exc:
+        log.error("%s", exc)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
