@@ -1,0 +1,551 @@
+"""Read a chest radiograph from PNG, JPEG or DICOM into one greyscale float array.
+
+Contract of :func:`read_image`
+------------------------------
+Whatever the file format, the result is a ``numpy.ndarray`` of dtype ``float32``, shape
+``(H, W)`` (rows, columns), values in ``[0, 1]``, where ``1`` is white (bone, dense tissue) as
+the film is displayed for a MONOCHROME2 image and ``0`` is black (air). Every later stage
+(resize, normalisation, the model) relies on this one convention, so the reader is the only
+place that knows about bit depths, photometric interpretations and LUTs.
+
+Scaling rules (fixed per format, never per-image min-max, so that the same pixels always give
+the same values and a MONOCHROME1 file equals ``1 -`` its MONOCHROME2 twin):
+
+* 8-bit images (PNG/JPEG modes ``L``, ``P``, ``RGB``, ``RGBA``, ``LA``, ``1``...): colour is
+  converted to grey by Pillow's ITU-R 601-2 luma (``L = 0.299 R + 0.587 G + 0.114 B``), then
+  divided by 255.
+* 16-bit greyscale PNG (Pillow modes ``I;16*`` and ``I``): divided by 65535, the container's
+  full range. A 12-bit image stored in a 16-bit PNG therefore looks dark; guessing the "real"
+  bit depth from the pixel maximum would make brightness depend on content, so we do not.
+* Alpha is dropped, not composited: radiographs carry no meaning in alpha, and NIH's RGBA PNGs
+  have alpha = 255 everywhere. A warning is logged when an alpha channel is not fully opaque.
+* EXIF orientation of JPEGs is applied, so the array matches what a viewer displays.
+* DICOM: the Modality LUT (or Rescale Slope/Intercept) is applied, then the VOI LUT (a VOI LUT
+  Sequence is preferred over Window Center/Width, as in DICOM and pydicom). The output is then
+  divided by the *declared* output range of the last stage applied:
+
+  - VOI LUT Sequence: ``[0, 2**bits - 1]`` from the LUT descriptor (widened to the output's
+    maximum only when a malformed descriptor understates the LUT's bit depth);
+  - windowing: the range pydicom's windowing maps onto, i.e. the stored-value range
+    (``BitsStored``, signed or unsigned) passed through the Modality LUT / rescale;
+  - no VOI: the same stored-value range, i.e. an unsigned image is divided by
+    ``2**BitsStored - 1`` (255 for 8-bit, 32767 for 15-bit...).
+
+  MONOCHROME1 images are then inverted (``1 - x``). Colour DICOM (RGB, YBR) is converted to
+  grey by the same ITU-R 601 luma and divided by ``2**BitsStored - 1``. Multi-frame DICOM:
+  only the first frame is decoded and returned (a radiograph is one frame; other frames of a
+  multi-frame object are ignored, and this is logged at debug level).
+
+Safety: images larger than ``max_pixels`` (default :data:`MAX_PIXELS` = 8192 * 8192) are
+refused *before* any pixel is decoded, from the PNG/JPEG header size or the DICOM
+Rows x Columns. This check does not rely on, and never changes, Pillow's global
+``Image.MAX_IMAGE_PIXELS`` (Pillow's own, larger, limit still applies on top of ours).
+Truncated files are detected by fully decoding them; this module never sets
+``ImageFile.LOAD_TRUNCATED_IMAGES``. If another module has set it, a structural check (the PNG
+``IEND`` chunk / the JPEG EOI marker must be present) is used instead.
+
+Every failure raises a subclass of :class:`ImageError` (itself a ``ValueError``) whose message
+names the file and the cause; see the class docstrings.
+
+Importing this module changes no global state (no warning filters, no Pillow settings).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+import pydicom.errors
+import pydicom.pixels
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+logger = logging.getLogger(__name__)
+
+MAX_PIXELS: int = 8192 * 8192
+"""Default largest image (width * height, 67,108,864 pixels) that :func:`read_image` decodes.
+
+Chest radiographs are at most about 4300 x 4300 (CR/DR detectors), so this leaves ample room
+while refusing decompression bombs: a 64 M pixel float32 image is already 256 MiB.
+"""
+
+DICOM_SUFFIXES: frozenset[str] = frozenset({".dcm", ".dicom"})
+
+_DICOM_MAGIC_OFFSET = 128
+_DICOM_MAGIC = b"DICM"
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_JPEG_SIGNATURE = b"\xff\xd8\xff"
+_EXPLICIT_VR_BIG_ENDIAN = "1.2.840.10008.1.2.2"  # the only big-endian transfer syntax (retired)
+_PIXEL_DATA_TAG_LE = b"\xe0\x7f\x10\x00"  # (7FE0,0010) as little-endian group/element
+# Decoder messages (Pillow, pydicom) that mean "the data stops early".
+_TRUNCATION_HINTS = ("truncat", "less than expected", "end of file", "unexpected eof")
+_SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
+
+# Which pip packages provide a decoder, per DICOM transfer syntax, for error messages.
+_JPEG_PACKAGES = "pylibjpeg and pylibjpeg-libjpeg (pip install pylibjpeg pylibjpeg-libjpeg)"
+_J2K_PACKAGES = "pylibjpeg and pylibjpeg-openjpeg (pip install pylibjpeg pylibjpeg-openjpeg)"
+_DECODER_PACKAGES: dict[str, str] = {
+    "1.2.840.10008.1.2.4.50": _JPEG_PACKAGES,  # JPEG Baseline (Process 1)
+    "1.2.840.10008.1.2.4.51": _JPEG_PACKAGES,  # JPEG Extended (Process 2 & 4)
+    "1.2.840.10008.1.2.4.57": _JPEG_PACKAGES,  # JPEG Lossless (Process 14)
+    "1.2.840.10008.1.2.4.70": _JPEG_PACKAGES,  # JPEG Lossless SV1
+    "1.2.840.10008.1.2.4.80": _JPEG_PACKAGES,  # JPEG-LS Lossless
+    "1.2.840.10008.1.2.4.81": _JPEG_PACKAGES,  # JPEG-LS Near Lossless
+    "1.2.840.10008.1.2.4.90": _J2K_PACKAGES,  # JPEG 2000 Lossless
+    "1.2.840.10008.1.2.4.91": _J2K_PACKAGES,  # JPEG 2000
+    "1.2.840.10008.1.2.4.201": _J2K_PACKAGES,  # HTJ2K Lossless
+    "1.2.840.10008.1.2.4.202": _J2K_PACKAGES,  # HTJ2K Lossless RPCL
+    "1.2.840.10008.1.2.4.203": _J2K_PACKAGES,  # HTJ2K
+    "1.2.840.10008.1.2.5": "pylibjpeg-rle (pip install pylibjpeg pylibjpeg-rle)",  # RLE
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Exceptions
+# --------------------------------------------------------------------------------------------
+
+
+class ImageError(ValueError):
+    """An image file could not be read. Base class of every error raised by this module.
+
+    Attributes:
+        path: the file that failed.
+        reason: the cause, in words (also in ``str(error)``, which always names the file).
+    """
+
+    def __init__(self, path: str | os.PathLike[str], reason: str) -> None:
+        self.path = Path(path)
+        self.reason = reason
+        super().__init__(f"cannot read image {str(self.path)!r}: {reason}")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Keep exceptions picklable (DataLoader workers send them to the main process).
+        return (type(self), (self.path, self.reason))
+
+
+class MissingImageError(ImageError):
+    """The path does not exist."""
+
+
+class EmptyImageError(ImageError):
+    """The file exists but is zero bytes long."""
+
+
+class NotAnImageError(ImageError):
+    """The file is not in a format we can read (e.g. a text file named ``.png``)."""
+
+
+class CorruptImageError(ImageError):
+    """The file is recognised but its content cannot be decoded."""
+
+
+class TruncatedImageError(CorruptImageError):
+    """The file was cut short (an incomplete download or copy)."""
+
+
+class ImageTooLargeError(ImageError):
+    """The image has more pixels than allowed (a possible decompression bomb)."""
+
+
+class NoPixelDataError(ImageError):
+    """A DICOM file with no pixel data (e.g. a structured report or a header-only file)."""
+
+
+class UnsupportedImageError(ImageError):
+    """A readable file whose pixel format or encoding is not supported."""
+
+
+class UnsupportedDicomError(UnsupportedImageError):
+    """A DICOM transfer syntax with no decoder, or with its decoder package not installed."""
+
+
+# --------------------------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------------------------
+
+
+def read_image(path: str | os.PathLike[str], *, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """Read a PNG, JPEG or DICOM file into a float32 ``(H, W)`` array in ``[0, 1]``, 1 = white.
+
+    DICOM is recognised by content (``DICM`` at offset 128) or by a ``.dcm``/``.dicom`` suffix;
+    everything else goes to Pillow, which recognises formats by content, not by suffix.
+    See the module docstring for the scaling rules.
+
+    Args:
+        path: the image file.
+        max_pixels: refuse images with more than this many pixels (width * height), checked
+            from the header before decoding.
+
+    Raises:
+        ImageError: one of its subclasses, naming the file and the cause.
+    """
+    path = Path(path)
+    head = _check_file(path)
+    if _is_dicom(path, head):
+        return _read_dicom(path, head, max_pixels)
+    return _read_pillow(path, head, max_pixels)
+
+
+def read_dicom_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Return the few DICOM header fields labelling needs, without decoding any pixels.
+
+    Keys (value ``None`` when the tag is absent or empty): ``view_position`` (ViewPosition, e.g.
+    ``"PA"``/``"AP"``/``"LL"``), ``laterality`` (ImageLaterality, else Laterality),
+    ``patient_id``, ``study_instance_uid``, ``series_instance_uid``, ``sop_instance_uid``,
+    ``modality``, ``body_part_examined``, ``photometric_interpretation``, ``rows``,
+    ``columns``, ``bits_stored``, ``number_of_frames`` (int, 1 when absent) and
+    ``transfer_syntax_uid``.
+
+    Raises:
+        ImageError: missing, empty or non-DICOM file.
+    """
+    path = Path(path)
+    head = _check_file(path)
+    ds = _dcmread(path, head, stop_before_pixels=True)
+
+    def text(*keywords: str) -> str | None:
+        for keyword in keywords:
+            value = ds.get(keyword)
+            if value is not None and str(value).strip():
+                return str(value).strip()
+        return None
+
+    def integer(keyword: str) -> int | None:
+        value = ds.get(keyword)
+        try:
+            return int(value) if value is not None and str(value).strip() else None
+        except (TypeError, ValueError):
+            return None
+
+    file_meta = getattr(ds, "file_meta", None)
+    transfer_syntax = file_meta.get("TransferSyntaxUID") if file_meta is not None else None
+    return {
+        "view_position": text("ViewPosition"),
+        "laterality": text("ImageLaterality", "Laterality"),
+        "patient_id": text("PatientID"),
+        "study_instance_uid": text("StudyInstanceUID"),
+        "series_instance_uid": text("SeriesInstanceUID"),
+        "sop_instance_uid": text("SOPInstanceUID"),
+        "modality": text("Modality"),
+        "body_part_examined": text("BodyPartExamined"),
+        "photometric_interpretation": text("PhotometricInterpretation"),
+        "rows": integer("Rows"),
+        "columns": integer("Columns"),
+        "bits_stored": integer("BitsStored"),
+        "number_of_frames": integer("NumberOfFrames") or 1,
+        "transfer_syntax_uid": str(transfer_syntax) if transfer_syntax else None,
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# File-level checks
+# --------------------------------------------------------------------------------------------
+
+
+def _check_file(path: Path) -> bytes:
+    """Fail early on missing/empty/unreadable files; return the first 132 bytes."""
+    try:
+        with path.open("rb") as handle:
+            head = handle.read(_DICOM_MAGIC_OFFSET + len(_DICOM_MAGIC))
+    except FileNotFoundError:
+        raise MissingImageError(path, "file does not exist") from None
+    except IsADirectoryError:
+        raise NotAnImageError(path, "is a directory, not a file") from None
+    except OSError as exc:
+        raise ImageError(path, f"cannot open file ({exc.strerror or exc})") from exc
+    if not head:
+        raise EmptyImageError(path, "file is empty (0 bytes)")
+    return head
+
+
+def _is_dicom(path: Path, head: bytes) -> bool:
+    return _has_dicom_preamble(head) or path.suffix.lower() in DICOM_SUFFIXES
+
+
+def _has_dicom_preamble(head: bytes) -> bool:
+    return head[_DICOM_MAGIC_OFFSET : _DICOM_MAGIC_OFFSET + 4] == _DICOM_MAGIC
+
+
+def _check_size(path: Path, width: int, height: int, max_pixels: int) -> None:
+    if width <= 0 or height <= 0:
+        raise CorruptImageError(path, f"header gives an invalid size {width}x{height}")
+    if width * height > max_pixels:
+        raise ImageTooLargeError(
+            path,
+            f"image is {width}x{height} = {width * height:,} pixels, more than the allowed "
+            f"{max_pixels:,} (possible decompression bomb; raise max_pixels if intended)",
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# PNG / JPEG (and anything else Pillow opens)
+# --------------------------------------------------------------------------------------------
+
+
+def _read_pillow(path: Path, head: bytes, max_pixels: int) -> np.ndarray:
+    try:
+        with Image.open(path) as im:
+            # Image.open only parses the header: check the size before decoding anything.
+            _check_size(path, im.width, im.height, max_pixels)
+            _load_fully(path, im)
+            return _pillow_to_float(path, im)
+    except ImageError:
+        raise
+    except Image.DecompressionBombError as exc:  # Pillow's own global limit, stricter than ours
+        raise ImageTooLargeError(
+            path, f"Pillow refused it as a decompression bomb ({exc})"
+        ) from exc
+    except UnidentifiedImageError as exc:
+        if _has_image_signature(head):
+            raise TruncatedImageError(
+                path, "file starts like a PNG/JPEG but its header is incomplete or corrupt"
+            ) from exc
+        raise NotAnImageError(
+            path, "not a recognised image format (expected PNG, JPEG or DICOM)"
+        ) from exc
+    except (OSError, SyntaxError, EOFError, ValueError) as exc:
+        raise _decode_error(path, exc) from exc
+
+
+def _load_fully(path: Path, im: Image.Image) -> None:
+    """Decode every pixel now, so that truncation raises here rather than going unnoticed."""
+    im.load()
+    if ImageFile.LOAD_TRUNCATED_IMAGES and not _has_end_marker(path, im.format):
+        # Someone enabled Pillow's lenient mode process-wide; it silently fills missing data
+        # with grey, so fall back to checking the file's end marker ourselves.
+        raise TruncatedImageError(path, f"{im.format} end marker missing: file is truncated")
+
+
+def _has_end_marker(path: Path, fmt: str | None) -> bool:
+    markers = {"PNG": b"IEND", "JPEG": b"\xff\xd9"}
+    if fmt not in markers:
+        return True
+    with path.open("rb") as handle:
+        handle.seek(0, os.SEEK_END)
+        size = handle.tell()
+        handle.seek(max(0, size - 4096))
+        tail = handle.read()
+    return markers[fmt] in tail
+
+
+def _has_image_signature(head: bytes) -> bool:
+    return head.startswith(_PNG_SIGNATURE) or head.startswith(_JPEG_SIGNATURE)
+
+
+def _decode_error(path: Path, exc: BaseException) -> ImageError:
+    message = str(exc) or type(exc).__name__
+    lowered = message.lower()
+    if isinstance(exc, EOFError) or any(hint in lowered for hint in _TRUNCATION_HINTS):
+        return TruncatedImageError(path, f"file is truncated ({message})")
+    return CorruptImageError(path, f"pixel data cannot be decoded ({message})")
+
+
+def _pillow_to_float(path: Path, im: Image.Image) -> np.ndarray:
+    if im.format == "JPEG":
+        im = ImageOps.exif_transpose(im)
+    mode = im.mode
+    if mode in _SIXTEEN_BIT_MODES:
+        values = np.asarray(im).astype(np.float32)
+        return _unit_range(values / np.float32(65535.0))
+    if mode == "F":
+        raise UnsupportedImageError(
+            path, "floating-point images (Pillow mode 'F') have no defined intensity range"
+        )
+    if "A" in mode:
+        _warn_if_translucent(path, im)
+    grey = _to_luminance(im)
+    return np.asarray(grey, dtype=np.float32) / np.float32(255.0)
+
+
+def _to_luminance(im: Image.Image) -> Image.Image:
+    """8-bit grey by Pillow's ITU-R 601-2 luma; alpha is ignored (not composited)."""
+    if im.mode == "L":
+        return im
+    if im.mode in ("LA", "La"):
+        return im.getchannel("L")
+    if im.mode in ("RGB", "RGBA", "RGBa", "RGBX", "1", "P"):
+        return im.convert("L")
+    return im.convert("RGB").convert("L")  # CMYK, YCbCr, LAB, PA, ...
+
+
+def _warn_if_translucent(path: Path, im: Image.Image) -> None:
+    try:
+        low, _ = im.getchannel("A").getextrema()
+    except ValueError:
+        return
+    if low < 255:
+        logger.warning("%s: alpha channel is not fully opaque; alpha is ignored", path)
+
+
+# --------------------------------------------------------------------------------------------
+# DICOM
+# --------------------------------------------------------------------------------------------
+
+
+def _dcmread(path: Path, head: bytes, *, stop_before_pixels: bool = False) -> pydicom.Dataset:
+    """Parse a DICOM file. Files without the preamble (allowed by suffix) are read with force."""
+    has_preamble = _has_dicom_preamble(head)
+    try:
+        ds = pydicom.dcmread(path, force=not has_preamble, stop_before_pixels=stop_before_pixels)
+    except pydicom.errors.InvalidDicomError as exc:
+        raise NotAnImageError(path, f"not a valid DICOM file ({exc})") from exc
+    except (EOFError, OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        if has_preamble:
+            raise _decode_error(path, exc) from exc
+        raise NotAnImageError(path, f"not a DICOM file (no 'DICM' preamble; {exc})") from exc
+    if not has_preamble and not any(
+        keyword in ds for keyword in ("SOPClassUID", "Modality", "Rows", "PixelData")
+    ):
+        raise NotAnImageError(path, "not a DICOM file (no 'DICM' preamble, no DICOM elements)")
+    return ds
+
+
+def _read_dicom(path: Path, head: bytes, max_pixels: int) -> np.ndarray:
+    ds = _dcmread(path, head)
+    _check_dicom_pixels_present(path, ds)
+    rows, columns = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
+    _check_size(path, columns, rows, max_pixels)
+    _check_decoder(path, ds)
+    frames = int(ds.get("NumberOfFrames") or 1)
+    if frames > 1:
+        logger.debug("%s: %d frames, using the first only", path, frames)
+    try:
+        arr = pydicom.pixels.pixel_array(ds, index=0)
+    except (ValueError, RuntimeError, OSError, EOFError, KeyError, IndexError) as exc:
+        raise _decode_error(path, exc) from exc
+    if arr.ndim == 3 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    photometric = str(ds.get("PhotometricInterpretation", "")).strip().upper()
+    if photometric in ("MONOCHROME1", "MONOCHROME2"):
+        out = _dicom_monochrome_to_unit(path, arr, ds)
+        return (1.0 - out) if photometric == "MONOCHROME1" else out
+    if arr.ndim == 3 and arr.shape[-1] == 3 and photometric != "PALETTE COLOR":
+        # pydicom has already converted YBR_* to RGB.
+        luma = arr.astype(np.float64) @ np.array([0.299, 0.587, 0.114])
+        _, high = _stored_range(ds)
+        return _unit_range((luma / high).astype(np.float32))
+    raise UnsupportedDicomError(
+        path, f"photometric interpretation {photometric or '(missing)'!r} is not supported"
+    )
+
+
+def _check_dicom_pixels_present(path: Path, ds: pydicom.Dataset) -> None:
+    if "PixelData" in ds:
+        if "Rows" not in ds or "Columns" not in ds:
+            raise CorruptImageError(path, "DICOM has pixel data but no Rows/Columns")
+        return
+    if "FloatPixelData" in ds or "DoubleFloatPixelData" in ds:
+        raise UnsupportedDicomError(path, "float pixel data has no defined display range")
+    if _file_contains(path, _PIXEL_DATA_TAG_LE):
+        # The Pixel Data tag is in the file but pydicom could not read the element (it drops
+        # an element, sometimes the whole dataset, when the file ends inside it).
+        raise TruncatedImageError(path, "DICOM pixel data element is incomplete (file cut short)")
+    raise NoPixelDataError(path, "DICOM file has no pixel data (7FE0,0010)")
+
+
+def _file_contains(path: Path, needle: bytes) -> bool:
+    return needle in path.read_bytes()
+
+
+def _check_decoder(path: Path, ds: pydicom.Dataset) -> None:
+    """Fail with an actionable message when the transfer syntax cannot be decoded here."""
+    syntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+    if syntax is None:
+        return  # pydicom guesses (implicit VR little endian); uncompressed needs no plugin
+    name = getattr(syntax, "name", str(syntax))
+    try:
+        decoder = pydicom.pixels.get_decoder(syntax)
+    except NotImplementedError as exc:
+        raise UnsupportedDicomError(
+            path,
+            f"no pydicom decoder exists for transfer syntax {name} ({syntax}); convert the "
+            "file to an uncompressed or JPEG/JPEG 2000 syntax (e.g. with dcmtk or gdcm)",
+        ) from exc
+    if decoder.is_available:
+        return
+    package = _DECODER_PACKAGES.get(str(syntax), "a pydicom pixel-data plugin")
+    missing = "; ".join(f"{k}: {v}" for k, v in decoder.missing_dependencies.items())
+    raise UnsupportedDicomError(
+        path,
+        f"decoding transfer syntax {name} ({syntax}) needs {package}"
+        + (f" [pydicom plugins report: {missing}]" if missing else ""),
+    )
+
+
+def _dicom_monochrome_to_unit(path: Path, arr: np.ndarray, ds: pydicom.Dataset) -> np.ndarray:
+    """Modality LUT, then VOI, then scale by the declared output range of the last stage."""
+    values = pydicom.pixels.apply_modality_lut(arr, ds)
+    low, high = _modality_output_range(ds)
+    voi_lut = ds.get("VOILUTSequence")
+    if voi_lut:
+        values = _apply_lut_item(values, voi_lut[0], ds)
+        low, high = 0.0, float(2 ** _lut_bits(voi_lut[0]) - 1)
+        high = max(high, float(np.max(values)))  # descriptor understating the LUT's bits
+    elif "WindowCenter" in ds and "WindowWidth" in ds:
+        try:
+            values = pydicom.pixels.apply_windowing(values, ds, index=0)
+        except (ValueError, TypeError) as exc:
+            logger.warning("%s: ignoring invalid VOI window (%s)", path, exc)
+    if high <= low:
+        raise CorruptImageError(path, f"DICOM gives an empty value range [{low}, {high}]")
+    scaled = (np.asarray(values, dtype=np.float64) - low) / (high - low)
+    return _unit_range(scaled.astype(np.float32))
+
+
+def _apply_lut_item(values: np.ndarray, item: pydicom.Dataset, ds: pydicom.Dataset) -> np.ndarray:
+    """Apply one LUT item (LUTDescriptor + LUTData) to ``values``.
+
+    Our own lookup rather than ``pydicom.pixels.apply_voi``: pydicom 3.0 indexes an 8-bit LUT
+    with uint8 indices, so every input value above 255 wraps around (a 4096-entry LUT with
+    8-bit output maps 256 to entry 0).
+    """
+    entries, first_mapped = int(item.LUTDescriptor[0]) or 2**16, int(item.LUTDescriptor[1])
+    raw = item.LUTData
+    if isinstance(raw, bytes | bytearray):  # VR OW: 16-bit words (8-bit entries if one byte each)
+        little = str(ds.file_meta.get("TransferSyntaxUID", "")) != _EXPLICIT_VR_BIG_ENDIAN
+        width = 1 if len(raw) == entries else 2
+        dtype = np.dtype("u1") if width == 1 else np.dtype("<u2" if little else ">u2")
+        lut = np.frombuffer(raw, dtype=dtype, count=entries)
+    else:
+        lut = np.asarray(raw if isinstance(raw, list | tuple) else [raw])
+    lut = lut.astype(np.float64)
+    index = np.rint(np.asarray(values, dtype=np.float64)) - first_mapped
+    return lut[np.clip(index, 0, len(lut) - 1).astype(np.intp)]
+
+
+def _stored_range(ds: pydicom.Dataset) -> tuple[float, float]:
+    bits = int(ds.get("BitsStored") or ds.get("BitsAllocated") or 8)
+    if int(ds.get("PixelRepresentation") or 0) == 0:
+        return 0.0, float(2**bits - 1)
+    return float(-(2 ** (bits - 1))), float(2 ** (bits - 1) - 1)
+
+
+def _modality_output_range(ds: pydicom.Dataset) -> tuple[float, float]:
+    """The value range after the Modality LUT stage (the same rule pydicom's windowing uses)."""
+    modality_lut = ds.get("ModalityLUTSequence")
+    if modality_lut:
+        return 0.0, float(2 ** _lut_bits(modality_lut[0]) - 1)
+    low, high = _stored_range(ds)
+    slope, intercept = ds.get("RescaleSlope"), ds.get("RescaleIntercept")
+    if slope is not None and intercept is not None:
+        ends = sorted(
+            (low * float(slope) + float(intercept), high * float(slope) + float(intercept))
+        )
+        low, high = ends[0], ends[1]
+    return low, high
+
+
+def _lut_bits(item: pydicom.Dataset) -> int:
+    descriptor = item.LUTDescriptor
+    bits = int(descriptor[2])
+    return bits if 1 <= bits <= 16 else 16
+
+
+def _unit_range(values: np.ndarray) -> np.ndarray:
+    """Clip to [0, 1] in place and return a C-contiguous float32 array."""
+    out = np.ascontiguousarray(values, dtype=np.float32)
+    np.clip(out, 0.0, 1.0, out=out)
+    return out
