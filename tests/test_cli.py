@@ -1,0 +1,66 @@
+import numpy as np
+import pytest
+from PIL import Image
+
+from cxrlabel.cli import main
+from tests.helpers import chexpert_csv
+
+
+def _rows():
+    return [
+        {
+            "Path": "train/patient00001/study1/view1_frontal.png",
+            "Frontal/Lateral": "Frontal",
+            "Edema": "1.0",
+            "Cardiomegaly": "-1.0",
+        },
+        {
+            "Path": "train/patient00001/study1/view2_lateral.png",
+            "Frontal/Lateral": "Lateral",
+            "Edema": "1.0",
+            "Cardiomegaly": "-1.0",
+        },
+        {
+            "Path": "train/patient00002/study1/view1_frontal.png",
+            "Frontal/Lateral": "Frontal",
+            "Edema": "0.0",
+        },
+    ]
+
+
+def test_stats_writes_both_tables(tmp_path, capsys):
+    csv = chexpert_csv(tmp_path / "train.csv", _rows())
+    out = tmp_path / "stats"
+    assert main(["stats", str(csv), "--by", "both", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "2 studies" in printed and "3 images" in printed
+    assert (
+        "| Edema | 1 (50.00) | 0 (0.00) | 1 (50.00) |" in (out / "train_study_all.md").read_text()
+    )
+    assert "Edema,2,66.67,0,0.00,1,33.33" in (out / "train_image_all.csv").read_text()
+
+
+def test_stats_bad_label_is_a_clear_error(tmp_path, caplog):
+    rows = _rows()
+    rows[2]["Edema"] = "maybe"
+    csv = chexpert_csv(tmp_path / "train.csv", rows)
+    assert main(["stats", str(csv), "--out", str(tmp_path)]) == 2
+    assert "line 4, column 'Edema'" in caplog.text
+
+
+def test_prepare_skips_and_reports_bad_image(tmp_path, capsys):
+    csv = chexpert_csv(tmp_path / "train.csv", _rows())
+    for row in _rows()[:2]:
+        path = tmp_path / row["Path"]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((20, 30), 99, np.uint8)).save(path)
+    cache = tmp_path / "cache"
+    assert main(["prepare", str(csv), "--size", "16", "--out", str(cache), "--workers", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "3 images at 16 px, 1 skipped" in printed
+    assert "patient00002/study1/view1_frontal.png: file does not exist" in printed
+
+
+def test_unknown_subcommand_fails():
+    with pytest.raises(SystemExit):
+        main(["frobnicate"])
