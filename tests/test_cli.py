@@ -64,3 +64,19 @@ def test_prepare_skips_and_reports_bad_image(tmp_path, capsys):
 def test_unknown_subcommand_fails():
     with pytest.raises(SystemExit):
         main(["frobnicate"])
+
+
+def test_demo_runs_end_to_end(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--patients", "10", "--size", "64"]) == 0
+    printed = capsys.readouterr().out
+    assert "SYNTHETIC" in printed and "no patient in both" in printed
+    for name in (
+        "report.txt",
+        "contact_sheet.png",
+        "stats/train_study.md",
+        "splits/train_valid.csv",
+        "data/train.csv",
+        "data/valid.csv",
+    ):
+        assert (out / name).is_file(), name

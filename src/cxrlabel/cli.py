@@ -91,7 +91,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from cxrlabel.demo import run_demo
 
-    run_demo(args.out, patients=args.patients, size=args.size, seed=args.seed)
+    print(run_demo(args.out, patients=args.patients, size=args.size, seed=args.seed))
     return 0
 
 
