@@ -80,3 +80,15 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
         "data/valid.csv",
     ):
         assert (out / name).is_file(), name
+
+
+def test_split_command(tiny_dataset, tmp_path, capsys):
+    out = tmp_path / "split.csv"
+    args = ["split", str(tiny_dataset / "train.csv"), "--valid-fraction", "0.3", "--out", str(out)]
+    assert main(args) == 0
+    assert "disjoint" in capsys.readouterr().out
+    rows = out.read_text().splitlines()
+    assert rows[0] == "patient_id,split" and {r.split(",")[1] for r in rows[1:]} == {
+        "train",
+        "valid",
+    }

@@ -120,9 +120,6 @@ class ImageCache:
     def __getitem__(self, row: int) -> np.ndarray:
         return np.asarray(self.images[row])
 
-    def matches(self, paths: Sequence[Path], settings: ResizeSettings) -> bool:
-        return self.meta["fingerprint"] == fingerprint(paths, settings)
-
 
 def prepare_cache(
     paths: Sequence[Path],

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from cxrlabel.labels import BlankMeaning
+from cxrlabel.labels import BlankMeaning, LabelTable
 
 log = logging.getLogger("cxrlabel")
 
@@ -29,7 +29,7 @@ def _add_table_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _load_table(args: argparse.Namespace):
+def _load_table(args: argparse.Namespace) -> LabelTable:
     from cxrlabel.formats import load_table
 
     return load_table(
@@ -54,6 +54,20 @@ def cmd_stats(args: argparse.Namespace) -> int:
         atomic_write_text(args.out / f"{stem}.md", stats.to_markdown())
         atomic_write_text(args.out / f"{stem}.csv", stats.to_csv())
         print(f"wrote {args.out / stem}.md and .csv\n")
+    return 0
+
+
+def cmd_split(args: argparse.Namespace) -> int:
+    from cxrlabel.splits import patient_split, save_split
+
+    table = _load_table(args)
+    split = patient_split(table, valid_fraction=args.valid_fraction, seed=args.seed)
+    save_split(split, args.out)
+    train, valid = split.apply(table)
+    print(
+        f"{args.out}: {len(split.train)} patients ({len(train)} images) train, "
+        f"{len(split.valid)} patients ({len(valid)} images) valid; disjoint"
+    )
     return 0
 
 
@@ -106,6 +120,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--view", default="all", choices=["frontal", "lateral", "all"])
     p.add_argument("--out", type=Path, default=Path("stats"), help="folder for .md and .csv")
     p.set_defaults(func=cmd_stats)
+
+    p = sub.add_parser("split", help="seeded patient-level train/validation split")
+    _add_table_args(p)
+    p.add_argument("--valid-fraction", type=float, default=0.1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=Path("split.csv"), help="patient_id,split CSV")
+    p.set_defaults(func=cmd_split)
 
     p = sub.add_parser("synth", help="write a synthetic CheXpert-format dataset")
     p.add_argument("out", type=Path)

@@ -10,7 +10,7 @@ import enum
 import math
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -214,7 +214,6 @@ class LabelTable:
     root: Path
     blank: BlankMeaning = BlankMeaning.NEGATIVE
     source: str = "<table>"
-    extra: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         missing = [c for c in TABLE_COLUMNS if c not in self.frame.columns]
