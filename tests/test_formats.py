@@ -102,10 +102,13 @@ def test_nih_unknown_finding(tmp_path):
 
 def test_generic_subset_of_columns(tmp_path):
     csv = tmp_path / "labels.csv"
-    csv.write_text("Path,Patient ID,Edema,Cardiomegaly\na.png,7,1.0,\nb.png,8,0.0,1.0\n")
+    csv.write_text(
+        "Path,Patient ID,Study ID,Edema,Cardiomegaly\na.png,7,s1,1.0,\nb.png,8,s2,0.0,1.0\n"
+    )
     table = load_table(csv)
     assert table.blank is BlankMeaning.UNKNOWN
     assert table.frame["patient_id"].tolist() == ["7", "8"]
+    assert table.frame["study_id"].tolist() == ["s1", "s2"]
     _, mask = table.targets(["Edema", "Cardiomegaly"])
     assert mask.tolist() == [[True, False], [True, True]]
     assert np.isnan(table.values(["Fracture"])).all()

@@ -15,8 +15,9 @@ One function per format; `load_table` picks one by looking at the CSV's columns.
   Path is `<image_dir>/<Image Index>`; study = patient + follow-up number.
 - Generic: a CSV with `Path` and any subset of the 14 columns (the layout of
   `shared/data/nih-cxr14/labels.csv`). Blank means unknown unless told otherwise. Patient ids
-  come from a `Patient ID`/`patient_id` column, else from a CheXpert-style path, else each image
-  is its own patient (logged, because a patient-level split is then only an image-level one).
+  come from a `Patient ID`/`patient_id` column (studies from `Study ID`/`study_id`), else from a
+  CheXpert-style path, else each image is its own patient (logged, because a patient-level
+  split is then only an image-level one).
 """
 
 from __future__ import annotations
@@ -61,6 +62,12 @@ NIH_TO_CHEXPERT: dict[str, str] = {
 }
 
 _NIH_UNMAPPED = frozenset({"Infiltration", "Emphysema", "Fibrosis", "Hernia"})
+
+# Id columns a generic CSV may carry, by the names common datasets use.
+_GENERIC_ID_COLUMNS = {
+    "patient_id": ("patient_id", "Patient ID", "subject_id", "Subject ID"),
+    "study_id": ("study_id", "Study ID", "StudyInstanceUID"),
+}
 
 _MIMIC_VIEWS = {"PA": "Frontal", "AP": "Frontal", "LATERAL": "Lateral", "LL": "Lateral"}
 
@@ -219,10 +226,10 @@ def read_generic(csv_path: Path, blank: BlankMeaning | str = BlankMeaning.UNKNOW
         raise LabelError(f"{csv_path}: no 'Path' column")
     values = _parse_observations(frame, str(csv_path), required=False)
     canonical = frame.copy()
-    for column in ("Patient ID", "patient_id", "Subject ID", "subject_id"):
-        if column in frame:
-            canonical["patient_id"] = frame[column]
-            break
+    for target, names in _GENERIC_ID_COLUMNS.items():
+        found = next((c for c in names if c in frame), None)
+        if found is not None:
+            canonical[target] = frame[found]
     if "Frontal/Lateral" not in frame and "View Position" in frame:
         view = frame["View Position"].str.upper()
         canonical["Frontal/Lateral"] = view.map(_MIMIC_VIEWS).fillna("")
