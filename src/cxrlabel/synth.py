@@ -545,18 +545,33 @@ class _Layers:
     extra: np.ndarray  # attenuation added on top (pleural line, thickening)
 
 
+# Constant buffers for _unit: numpy's maximum/minimum against a *scalar* take a slow path
+# (about 4x slower than against an array of the same shape), so strip-sized clips compare with
+# read-only views of these instead.
+_ZEROS = np.zeros(2 * _STRIP_PIXELS, dtype=F32)
+_ONES = np.ones(2 * _STRIP_PIXELS, dtype=F32)
+_ZEROS.flags.writeable = False
+_ONES.flags.writeable = False
+
+
 def _unit(a: np.ndarray) -> np.ndarray:
     """Clip a *fresh temporary* to [0, 1] in place.
 
     np.clip's Python wrapper costs more than the work on 1-D profiles, and working in place
     saves a strip-sized allocation.
     """
+    n = a.size
+    if 1024 <= n <= _ZEROS.size and a.dtype == F32 and a.flags.c_contiguous:
+        np.maximum(a, _ZEROS[:n].reshape(a.shape), out=a)
+        return np.minimum(a, _ONES[:n].reshape(a.shape), out=a)
     np.maximum(a, 0.0, out=a)
     return np.minimum(a, 1.0, out=a)
 
 
 def _clamp(a: np.ndarray, lo: float, hi: float) -> np.ndarray:
     """Clip a fresh temporary to [lo, hi] in place."""
+    if a.size >= 1024:
+        return np.clip(a, lo, hi, out=a)
     np.maximum(a, lo, out=a)
     return np.minimum(a, hi, out=a)
 
@@ -917,28 +932,47 @@ def _frontal_anatomy(
     ux = np.abs(X)
     # Body: neck, sloping shoulders, chest wall; soft tissue thicker centrally (AP diameter).
     k = t / 2.5
-    shoulder = _unit(1.0 - np.abs(Y + 0.9) * 2.2)
-    side_wall = ((1.0 + anat.soft_tissue) + 0.45 * shoulder * shoulder) * k + 0.5 - ux * k
+    shape = (Y.shape[0], X.shape[1])
     top_line = -0.93 - 0.5 * np.exp((0.34 - ux) * (1.0 / 0.22))  # trapezius slope
-    shoulder_top = (Y * (vs * k) + 0.5) - top_line * (vs * k)
-    body = np.maximum(np.minimum(side_wall, shoulder_top), (0.34 - ux) * k + 0.5)
-    np.clip(body, 0.0, 1.0, out=body)
-    att = body * (0.22 + 0.4 * _unit(1.0 - 0.6 * X * X))
+    inner = (0.34 - ux) * k + 0.5
+    density = 0.22 + 0.4 * _unit(1.0 - 0.6 * X * X)
+    arms = None
     if acq.arms:
         # Arms by the sides (portable films): soft tissue strips with the humerus, below the
         # shoulders and separated from the chest wall by a dark gap.
         a0 = 1.0 + anat.soft_tissue + acq.arm_gap
         arm = _unit((ux - a0) * k + 0.5)
         humerus = _unit((0.07 - np.abs(ux - a0 - 0.22)) * k + 0.5)
-        hang = _unit((Y + 1.0) * 5.0)
-        att += hang * (arm * 0.3 + humerus * 0.12)
+        arms = arm * 0.3 + humerus * 0.12
+    if y_lo >= -0.445 and (y_lo - float(top_line.max())) * (vs * k) >= 0.5:
+        # Below the shoulders the body outline is the same in every row: one row, broadcast.
+        body_row = _unit(np.maximum((1.0 + anat.soft_tissue) * k + 0.5 - ux * k, inner))
+        body = np.broadcast_to(body_row, shape)
+        att = np.empty(shape, dtype=F32)
+        np.multiply(body_row, density, out=att)
+        if arms is not None:
+            att += arms  # the arms hang over these rows: hang == 1
+    else:
+        shoulder = _unit(1.0 - np.abs(Y + 0.9) * 2.2)
+        side_wall = ((1.0 + anat.soft_tissue) + 0.45 * shoulder * shoulder) * k + 0.5 - ux * k
+        shoulder_top = (Y * (vs * k) + 0.5) - top_line * (vs * k)
+        body = np.maximum(np.minimum(side_wall, shoulder_top), inner)
+        np.clip(body, 0.0, 1.0, out=body)
+        att = body * density
+        if arms is not None:
+            hang = _unit((Y + 1.0) * 5.0)
+            att += hang * arms
 
     # Hemidiaphragms peak mid-hemithorax and fall to sharp lateral costophrenic angles.
     k = vs * t / 1.5
     du = ux - 0.55
     right = (X - geo.mid) < 0  # patient's right = image left
     dome = np.where(right, geo.dome_r, geo.dome_l) + np.where(du > 0, 1.4, 0.8) * du * du
-    below = _unit((Y * k + 0.5) - (dome * k).astype(F32))
+    dome_k = (dome * k).astype(F32)
+    # None: the whole strip is above the diaphragm (below == 0 everywhere).
+    below = None
+    if y_hi * k + 0.5 > float(dome_k.min()):
+        below = _unit((Y * k + 0.5) - dome_k)
     # Lung fields: rounded apex, near-vertical lateral wall, diaphragm below.
     du = ux - 0.42
     rad = np.where(du > 0, 0.45, 0.25)  # a domed apex, steeper medially
@@ -946,7 +980,8 @@ def _frontal_anatomy(
     lat = 0.97 - 0.12 * (Y - 0.3) ** 2  # gently convex lateral wall, widest at the bases
     wall = np.minimum(Y * (vs * 0.45) - top * (vs * 0.45), lat - ux)
     lung = st.edge(wall, 1.5)
-    lung *= 1.0 - below
+    if below is not None:
+        lung *= 1.0 - below
 
     # Central shadow. Mediastinal borders are 1-D profiles of Y: the right border (SVC) and
     # the left border with the aortic knob and pulmonary trunk bulges, broadening into the hila.
@@ -957,22 +992,34 @@ def _frontal_anatomy(
     bulge = 0.075 * np.exp(-(((Y + 0.52) * 12.0) ** 2)) + 0.05 * np.exp(-(((Y + 0.3) * 14) ** 2))
     left_b = (med_w + bulge + 0.01) * k + 0.5
     right_b = med_w * k + 0.5
-    central = _unit(np.minimum(left_b - xm * k, right_b + xm * k))
+    # The central shadow is zero outside a band of columns around the midline (and the heart):
+    # compute it only there.
     heart = _heart(st, geo)
+    c0, c1 = _cols_between(xm, -float(right_b.max()) / k, float(left_b.max()) / k)
+    if heart is not None:
+        c0, c1 = min(c0, heart[0][1].start), max(c1, heart[0][1].stop)
+    xw = xm[:, c0:c1]
+    central = _unit(np.minimum(left_b - xw * k, right_b + xw * k))
     if heart is not None:
         sl, mask = heart
-        np.maximum(central[sl], mask, out=central[sl])
-        att[sl] += mask * (1.0 - below[sl]) * F32(0.07)  # the heart is thicker than mediastinum
-    lung_eff = lung * (1.0 - central)
-    att += body * below * F32(0.05)
+        hsl = (sl[0], slice(sl[1].start - c0, sl[1].stop - c0))
+        np.maximum(central[hsl], mask, out=central[hsl])
+        # The heart is thicker than the mediastinum.
+        att[sl] += mask * F32(0.07) if below is None else mask * (1.0 - below[sl]) * F32(0.07)
+    lung_eff = lung.copy()
+    lung_eff[:, c0:c1] *= 1.0 - central
+    if below is not None:
+        att += body * below * F32(0.05)
 
     # Bones: ribs, clavicles, spine, humeral heads.
     att += _ribs(st, ux, wall, below, anat, fracture)
     if y_lo < -0.6 and y_hi > -1.35:
         att += _clavicles(st, ux, Y, acq.ap) * body
     vert = 0.06 * (0.75 + 0.25 * _unit(np.cos(Y * (2 * np.pi / 0.16)) * 3.0 + 1.5))
-    spine = _unit((0.075 - np.abs(xm)) * (t / 1.5) + 0.5)
-    att += (vert * spine) * body
+    reach = 0.075 + 0.75 / t
+    cs = slice(*_cols_between(xm, -reach, reach))
+    spine = _unit((0.075 - np.abs(xm[:, cs])) * (t / 1.5) + 0.5)
+    att[:, cs] += (vert * spine) * body[:, cs]
     for side in (-1, 1):
         disc = _disc(st, side * 1.3, -0.84, 0.17)
         if disc is not None:
@@ -980,7 +1027,9 @@ def _frontal_anatomy(
     # Air: trachea down to the carina, stomach bubble under the left dome.
     if y_lo < -0.32:
         carina = 0.1 * _unit((-0.32 - Y) * 8.0)
-        att -= carina * _unit((0.038 - np.abs(xm + 0.01)) * (t / 1.2) + 0.5)
+        reach = 0.038 + 0.6 / t
+        cs = slice(*_cols_between(xm, -0.01 - reach, -0.01 + reach))
+        att[:, cs] -= carina * _unit((0.038 - np.abs(xm[:, cs] + 0.01)) * (t / 1.2) + 0.5)
     bubble = st.window(st.fr.box(geo.mid + 0.45, geo.dome_l + 0.24, 0.2, 0.12))
     if bubble is not None:
         sl = bubble[0]
@@ -988,8 +1037,13 @@ def _frontal_anatomy(
         gd = _ellipse_dist(wx - geo.mid - 0.45, (wy - geo.dome_l - 0.24) * vs, 0.15, 0.08)
         att[sl] -= 0.08 * st.edge(gd, 2.5) * body[sl]
     if anat.breast > 0 and y_hi > geo.dome_r - 0.35:
-        bd = _ellipse_dist(ux - 0.58, (Y - geo.dome_r - 0.02) * vs, 0.48, 0.3)
-        att += (0.07 * anat.breast) * st.edge(bd, 5.0)
+        # Only rows within the ellipse's height (plus the soft edge) can be non-zero.
+        dy = (Y - geo.dome_r - 0.02) * vs
+        rows = np.abs(dy[:, 0]) < 0.3 + 3.0 / t
+        if rows.any():
+            r0, r1 = int(np.argmax(rows)), rows.size - int(np.argmax(rows[::-1]))
+            bd = _ellipse_dist(ux - 0.58, dy[r0:r1], 0.48, 0.3)
+            att[r0:r1] += (0.07 * anat.breast) * st.edge(bd, 5.0)
     # Hila: pulmonary arteries, denser than the lung around them.
     for side, hy in ((-1, -0.1), (1, -0.15)):
         disc = _disc(st, geo.mid + side * 0.24, hy, 0.09, soft_px=0.06 * t)
@@ -1000,6 +1054,14 @@ def _frontal_anatomy(
         return att, lung_eff, None
     zeros = np.zeros_like(att)
     return att, lung_eff, _Layers(lung, wall, marks, zeros, zeros.copy(), zeros.copy())
+
+
+def _cols_between(x: np.ndarray, lo: float, hi: float) -> tuple[int, int]:
+    """Columns c0:c1 of an ascending (1, W) row vector with lo <= x <= hi, one pixel padded."""
+    row = x[0]
+    c0 = int(np.searchsorted(row, lo, side="left"))
+    c1 = int(np.searchsorted(row, hi, side="right"))
+    return max(c0 - 1, 0), min(max(c1 + 1, c0), row.size)
 
 
 def _heart(st: _Strip, geo: _FrontalGeometry) -> tuple[Slices, np.ndarray] | None:
@@ -1026,7 +1088,7 @@ def _ribs(
     st: _Strip,
     ux: np.ndarray,
     wall: np.ndarray,
-    below: np.ndarray,
+    below: np.ndarray | None,
     anat: Anatomy,
     fracture: tuple[int, int, float, float, float] | None,
 ) -> np.ndarray:
@@ -1048,15 +1110,20 @@ def _ribs(
         c = np.cos(_fracture(p - g, st.X, fracture) * F32(two_pi))
     band = _unit(c * 2.5 - 0.75)
     cage = _unit((wall + 0.06) * (st.fr.t / 3.0) + 0.5)
-    cage *= 1.0 - 0.6 * below  # ribs over the abdomen are overexposed by its density
+    if below is not None:
+        cage *= 1.0 - 0.6 * below  # ribs over the abdomen are overexposed by its density
     cage *= _unit((ux - 0.06) * 12.0)
     ribs = band * (1.6 - band)  # bright cortical margins, paler marrow
-    # Anterior ribs: fainter, running down and medially from the lateral wall.
-    pa = (Y + 0.95) * (1.0 / (anat.rib_spacing * 1.25))
-    ga = (0.55 / (anat.rib_spacing * 1.25)) * ux
-    ca = np.cos(pa * two_pi) * np.cos(ga * two_pi) - np.sin(pa * two_pi) * np.sin(ga * two_pi)
-    gate = _unit((ux - 0.3) * 4.0) * (0.25 * _unit((0.2 - Y) * 3.0))
-    ribs += _unit(ca * 2.0 - 0.6) * gate
+    # Anterior ribs: fainter, running down and medially from the lateral wall; only above
+    # Y = 0.2 (the gate is zero below), so only those rows of the strip are computed.
+    n = int(np.count_nonzero(Y[:, 0] < 0.2))
+    if n:
+        ya = Y[:n]
+        pa = (ya + 0.95) * (1.0 / (anat.rib_spacing * 1.25))
+        ga = (0.55 / (anat.rib_spacing * 1.25)) * ux
+        ca = np.cos(pa * two_pi) * np.cos(ga * two_pi) - np.sin(pa * two_pi) * np.sin(ga * two_pi)
+        gate = _unit((ux - 0.3) * 4.0) * (0.25 * _unit((0.2 - ya) * 3.0))
+        ribs[:n] += _unit(ca * 2.0 - 0.6) * gate
     ribs *= cage * F32(0.1)
     return ribs
 
