@@ -102,6 +102,50 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _weights_arg(value: str) -> str | Path:
+    return value if value in ("imagenet", "none") else Path(value)
+
+
+def cmd_extract(args: argparse.Namespace) -> int:
+    from cxrlabel.features import run_extract
+
+    features = run_extract(
+        args.csv, args.out, backbone=args.backbone, weights=_weights_arg(args.weights),
+        size=args.size, fmt=args.format, view=args.view, labels=args.labels,
+        batch_size=args.batch_size, overwrite=args.overwrite,
+    )  # fmt: skip
+    state = "reused" if features.reused else "extracted"
+    print(f"{args.out}: {state} {len(features.rows)} x {features.dim} features, "
+          f"{len(features.skipped)} images skipped")  # fmt: skip
+    return 0
+
+
+def cmd_train_head(args: argparse.Namespace) -> int:
+    from cxrlabel.features import run_train_head
+
+    out = run_train_head(
+        args.csv, args.features, args.out, head=args.head, epochs=args.epochs, fmt=args.format,
+        view=args.view, labels=args.labels, policy=args.policy, lr=args.lr, seed=args.seed,
+    )  # fmt: skip
+    print(f"head written to {out} (+ .json spec)")
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from cxrlabel.features import format_sweep_table, run_sweep
+
+    table = run_sweep(
+        args.train_csv, args.valid_csv, args.cache,
+        backbones=args.backbones.split(","), heads=args.heads.split(","),
+        weights=_weights_arg(args.weights), fmt=args.format, view=args.view, labels=args.labels,
+        epochs=args.epochs, lr=args.lr, seed=args.seed,
+        out_csv=args.out / "sweep.csv", out_markdown=args.out / "sweep.md",
+    )  # fmt: skip
+    print(format_sweep_table(table))
+    print(f"wrote {args.out / 'sweep.md'} and sweep.csv")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from cxrlabel.demo import run_demo
 
@@ -144,6 +188,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None, help="decoding processes")
     p.add_argument("--on-error", default="skip", choices=["skip", "raise"])
     p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("extract", help="run a frozen backbone once and cache its features")
+    _add_table_args(p)
+    p.add_argument("--backbone", required=True)
+    p.add_argument("--weights", default="imagenet", help="imagenet, none or a weights file")
+    p.add_argument("--size", type=int, help="input size (default: 224 MobileNet, 220 others)")
+    p.add_argument("--view", default="all", choices=["frontal", "lateral", "all"])
+    p.add_argument("--labels", default="competition")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--out", type=Path, required=True, help="feature cache folder")
+    p.add_argument("--overwrite", action="store_true", help="rebuild a mismatching cache")
+    p.set_defaults(func=cmd_extract)
+
+    p = sub.add_parser("train-head", help="train a feed-forward head on cached features")
+    _add_table_args(p)
+    p.add_argument("--features", type=Path, required=True, help="folder written by extract")
+    p.add_argument("--head", default="mlp3_dropout", choices=["linear", "mlp3", "mlp3_dropout"])
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--view", default="all", choices=["frontal", "lateral", "all"])
+    p.add_argument("--labels", default="competition")
+    p.add_argument("--policy", default="U-Ignore")
+    p.add_argument("--out", type=Path, required=True, help="head weights (.safetensors)")
+    p.set_defaults(func=cmd_train_head)
+
+    p = sub.add_parser("sweep", help="the method's backbone x head experiment (Table I)")
+    p.add_argument("train_csv", type=Path)
+    p.add_argument("valid_csv", type=Path)
+    p.add_argument("--format", default="auto")
+    p.add_argument("--backbones", default="xception,densenet121,resnet50,vgg19,mobilenet")
+    p.add_argument("--heads", default="linear,mlp3,mlp3_dropout")
+    p.add_argument("--weights", default="imagenet", help="imagenet, none or a weights file")
+    p.add_argument("--view", default="all", choices=["frontal", "lateral", "all"])
+    p.add_argument("--labels", default="competition")
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cache", type=Path, default=Path("runs/feature-cache"))
+    p.add_argument("--out", type=Path, default=Path("runs/sweep"))
+    p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("demo", help="the main job on built-in synthetic data")
     p.add_argument("--out", type=Path, default=Path("demo-output"))
