@@ -129,3 +129,19 @@ def test_shared_nih_labels_load():
     assert positives["Cardiomegaly"] == 48 and positives["Pleural Effusion"] == 69
     assert all(p.is_file() for p in table.image_paths()[:20])
     assert table.frame["patient_id"].nunique() == 497
+
+
+def test_root_is_the_csv_folder_when_paths_resolve_there(tmp_path):
+    folder = tmp_path / "train"  # same name as the paths' first component
+    image = folder / "train" / "patient00001" / "study1" / "view1_frontal.jpg"
+    image.parent.mkdir(parents=True)
+    image.write_bytes(b"x")
+    row = {
+        "Path": "train/patient00001/study1/view1_frontal.jpg",
+        "Sex": "Male",
+        "Age": "1",
+        "Frontal/Lateral": "Frontal",
+        "AP/PA": "AP",
+    }
+    table = load_table(chexpert_csv(folder / "train.csv", [row]))
+    assert table.image_paths() == [image.resolve()]

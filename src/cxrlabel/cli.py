@@ -146,6 +146,24 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from cxrlabel.config import build_config, load_config, parse_overrides
+    from cxrlabel.train import train
+
+    if args.config is not None:
+        base = load_config(args.config).to_dict()
+        config = build_config(None, {**base, **parse_overrides(args.overrides)})
+    else:
+        config = build_config(args.preset, args.overrides)
+    result = train(config, run_dir=args.run_dir, resume=args.resume)
+    summary = result.metrics
+    print(f"run folder: {result.run_dir}")
+    print(f"best epoch {summary.get('best_epoch')}: validation AUROC per label")
+    for label, auroc in (summary.get("val_auroc") or {}).items():
+        print(f"  {label:<28}{'n/a' if auroc is None else f'{auroc:.3f}'}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from cxrlabel.demo import run_demo
 
@@ -230,6 +248,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("runs/sweep"))
     p.set_defaults(func=cmd_sweep)
 
+    p = sub.add_parser("train", help="fine-tune a backbone and head end to end")
+    p.add_argument("overrides", nargs="*", help="config overrides, key=value (e.g. lr=1e-4)")
+    p.add_argument("--preset", help="tiny-cpu, finetune-mobilenet, finetune-densenet121 or a YAML")
+    p.add_argument("--config", type=Path, help="re-run from a saved config.yaml")
+    p.add_argument("--run-dir", type=Path, help="default: <runs_dir>/<name>")
+    p.add_argument("--resume", action="store_true", help="continue from checkpoints/last")
+    p.set_defaults(func=cmd_train)
+
     p = sub.add_parser("demo", help="the main job on built-in synthetic data")
     p.add_argument("--out", type=Path, default=Path("demo-output"))
     p.add_argument("--patients", type=int, default=120)
@@ -250,7 +276,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         return args.func(args)
-    except (LabelError, ImageError, FileNotFoundError, ValueError) as exc:
+    except (LabelError, ImageError, FileNotFoundError, FileExistsError, ValueError) as exc:
         log.error("%s", exc)
         return 2
 

@@ -52,6 +52,7 @@ class RunConfig:
     batch_size: int = 16
     lr: float = 1e-4
     weight_decay: float = 0.0
+    lr_schedule: str = "constant"  # constant (the method) | cosine (decay to 0 over the run)
     select_best: str = "val_loss"  # or "val_auroc"
     # Augmentation (off by default; never a horizontal flip unless asked for)
     rotation_deg: float = 0.0

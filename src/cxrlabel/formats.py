@@ -103,7 +103,11 @@ def _dataset_root(csv_path: Path, first_path: str) -> Path:
     """
     folder = csv_path.resolve().parent
     head = Path(first_path).parts[0] if first_path else ""
-    return folder.parent if head == folder.name else folder
+    if head != folder.name or (folder / first_path).exists():
+        # A dataset written into a folder that happens to share its first path component's
+        # name (e.g. `train/`) keeps its own folder as root when the file is found there.
+        return folder
+    return folder.parent
 
 
 def read_chexpert(csv_path: Path) -> LabelTable:

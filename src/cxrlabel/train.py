@@ -1,0 +1,705 @@
+"""End-to-end fine-tuning (approach 2): one `train(config)` call makes a complete run folder.
+
+Run folder layout (default ``<config.runs_dir>/<config.name>``)::
+
+    config.yaml                   the resolved RunConfig (load_config rebuilds the run)
+    splits/split.csv              patient_id,split when validation is split off train
+    metrics.csv                   kind=step|epoch, epoch, step, train_loss, val_loss, val_auroc,
+                                  lr, images_per_s, loader_images_per_s
+    plots/loss.png                per-step training loss; per-epoch train vs validation loss
+    checkpoints/last.*            end of every epoch and every `checkpoint_every_steps` steps,
+                                  with optimizer and RNG state for `resume=True`
+    checkpoints/best.*            best epoch by validation loss (or mean AUROC)
+    summary.json                  labels, best epoch, its validation loss and AUROCs, speed
+
+Preprocessing caches go to ``<run_dir>/../.cache/<settings>-<image list hash>/`` so runs over
+the same images at the same resize settings share one.
+
+Resuming is exact: each epoch's order comes from a generator seeded by (seed, epoch), the
+batches an interrupted epoch already did are skipped, and weights, optimizer state and the
+global RNG come back from `last`. With ``config.deterministic`` a resumed run ends with the
+same weights, bit for bit, as one that was never interrupted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader
+
+from cxrlabel.cache import ImageCache, prepare_cache
+from cxrlabel.checkpoint import (
+    checkpoint_paths,
+    load_training_state,
+    save_checkpoint,
+)
+from cxrlabel.config import RunConfig, load_config
+from cxrlabel.data import CXRDataset, collate_skipping, resize_settings
+from cxrlabel.evaluate import metrics_table
+from cxrlabel.fileio import atomic_save, atomic_write_text
+from cxrlabel.formats import load_table
+from cxrlabel.labels import LabelTable, filter_certain, filter_view, resolve_labels
+from cxrlabel.models import CXRModel, create_model, masked_bce_loss
+from cxrlabel.splits import patient_split, save_split
+from cxrlabel.transforms import AugmentConfig
+
+log = logging.getLogger(__name__)
+
+# Without an explicit `checkpoint_every_steps`, `last` is also refreshed this often mid-epoch,
+# so a killed long epoch (DenseNet at 320 px: hours) loses at most this many steps.
+DEFAULT_CHECKPOINT_EVERY_STEPS = 200
+
+METRIC_COLUMNS = (
+    "kind",
+    "epoch",
+    "step",
+    "train_loss",
+    "val_loss",
+    "val_auroc",
+    "lr",
+    "images_per_s",
+    "loader_images_per_s",
+)
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """Where a run went and how its best epoch did on validation."""
+
+    run_dir: Path
+    best_checkpoint: Path  # the weights file; its metadata is the .json beside it
+    last_checkpoint: Path
+    metrics: Mapping[str, Any]  # summary.json's contents
+    completed: bool = True  # False when `stop_after_steps` ended the run early
+
+
+# --------------------------------------------------------------------------------------------
+# Execution: device, precision, memory format
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ExecutionPlan:
+    """Where and how the training step runs, and why it was chosen."""
+
+    device: str
+    amp_dtype: str | None  # "bfloat16" or None (fp32)
+    channels_last: bool
+    reason: str
+
+    @property
+    def precision(self) -> str:
+        return "bf16" if self.amp_dtype else "fp32"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "device": self.device,
+            "precision": self.precision,
+            "channels_last": self.channels_last,
+            "reason": self.reason,
+        }
+
+
+def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str]:
+    """The CPU feature flags Linux reports (empty where /proc/cpuinfo does not exist)."""
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return frozenset(line.partition(":")[2].split())
+    return frozenset()
+
+
+def cpu_name(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    import platform
+
+    try:
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_has_fast_bf16(flags: frozenset[str] | None = None) -> bool:
+    """True where bf16 matmuls/convolutions are native (AMX or AVX512-BF16).
+
+    Elsewhere bf16 on a CPU is emulated and slower than fp32, so "auto" must not pick it.
+    """
+    flags = cpu_flags() if flags is None else flags
+    if flags & {"amx_bf16", "avx512_bf16"}:
+        return True
+    # Without /proc/cpuinfo (macOS, Windows) oneDNN's own view is the best available.
+    if not flags:
+        with contextlib.suppress(Exception):
+            return torch.backends.cpu.get_cpu_capability() == "AVX512_BF16"
+    return False
+
+
+def choose_execution(
+    device: str = "auto", precision: str = "auto", *, flags: frozenset[str] | None = None
+) -> ExecutionPlan:
+    """device auto|cpu|cuda and precision auto|fp32|bf16 -> what the training step does."""
+    if device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"device must be auto, cpu or cuda, not {device!r}")
+    if precision not in ("auto", "fp32", "bf16"):
+        raise ValueError(f"precision must be auto, fp32 or bf16, not {precision!r}")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' was asked for but CUDA is not available")
+    if precision == "fp32":
+        return ExecutionPlan(device, None, False, "precision fp32 was asked for")
+    if precision == "bf16":
+        return ExecutionPlan(device, "bfloat16", True, "precision bf16 was asked for")
+    if device == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return ExecutionPlan(device, "bfloat16", True, "CUDA with bf16 support")
+        return ExecutionPlan(device, None, True, "CUDA without bf16 support")
+    if cpu_has_fast_bf16(flags):
+        return ExecutionPlan(device, "bfloat16", True, "CPU has AMX/AVX512-BF16")
+    return ExecutionPlan(device, None, False, "CPU lacks AMX/AVX512-BF16: bf16 would be slower")
+
+
+def autocast(plan: ExecutionPlan) -> contextlib.AbstractContextManager:
+    if plan.amp_dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(plan.device, dtype=getattr(torch, plan.amp_dtype))
+
+
+def to_device(batch: Mapping[str, torch.Tensor], plan: ExecutionPlan) -> dict[str, torch.Tensor]:
+    out = {k: v.to(plan.device, non_blocking=True) for k, v in batch.items()}
+    if plan.channels_last:
+        out["image"] = out["image"].contiguous(memory_format=torch.channels_last)
+    return out
+
+
+def train_step(
+    model: torch.nn.Module,
+    batch: Mapping[str, torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    plan: ExecutionPlan,
+) -> float:
+    """One optimisation step on a batch already on the device; returns the loss."""
+    model.train()
+    optimizer.zero_grad(set_to_none=True)
+    with autocast(plan):
+        logits = model(batch["image"])
+    # The loss in fp32: bf16 logits would round the small per-label terms away.
+    loss = masked_bce_loss(logits.float(), batch["target"], batch["mask"])
+    loss.backward()
+    optimizer.step()
+    return float(loss.detach())
+
+
+@torch.no_grad()
+def predict(
+    model: torch.nn.Module, loader: DataLoader, plan: ExecutionPlan
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    """Probabilities, targets and masks over a loader, and the mean masked BCE per image."""
+    model.eval()
+    scores, targets, masks = [], [], []
+    loss_sum, count = 0.0, 0
+    for raw in loader:
+        batch = to_device(raw, plan)
+        with autocast(plan):
+            logits = model(batch["image"]).float()
+        n = logits.shape[0]
+        loss_sum += float(masked_bce_loss(logits, batch["target"], batch["mask"])) * n
+        count += n
+        scores.append(torch.sigmoid(logits).cpu().numpy())
+        targets.append(raw["target"].numpy())
+        masks.append(raw["mask"].numpy())
+    if not count:
+        raise ValueError("validation set is empty")
+    return (
+        np.concatenate(scores),
+        np.concatenate(targets),
+        np.concatenate(masks),
+        loss_sum / count,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------------
+
+
+def _filtered(table: LabelTable, config: RunConfig, labels: Sequence[str]) -> LabelTable:
+    table = filter_view(table, config.view)
+    return filter_certain(table, labels) if config.require_certain else table
+
+
+def load_tables(config: RunConfig, run_dir: Path) -> tuple[LabelTable, LabelTable]:
+    """Training and validation tables, filtered; a split of train is saved under splits/."""
+    if not config.train_csv:
+        raise ValueError("config.train_csv is empty: nothing to train on")
+    labels = resolve_labels(config.labels)
+    train_table = _filtered(load_table(Path(config.train_csv), config.format), config, labels)
+    if config.valid_csv:
+        valid_table = _filtered(load_table(Path(config.valid_csv), config.format), config, labels)
+    else:
+        split = patient_split(train_table, config.valid_fraction, config.seed)
+        save_split(split, run_dir / "splits" / "split.csv")
+        train_table, valid_table = split.apply(train_table)
+    if not len(train_table) or not len(valid_table):
+        raise ValueError(
+            f"after filtering: {len(train_table)} training and {len(valid_table)} validation "
+            "images; both must be non-empty"
+        )
+    log.info("%d training and %d validation images", len(train_table), len(valid_table))
+    return train_table, valid_table
+
+
+def cache_dir_for(root: Path, paths: Sequence[Path], model: CXRModel) -> Path:
+    """A cache folder keyed by resize settings and the image list, so runs can share it."""
+    settings = resize_settings(model.preprocessing)
+    digest = hashlib.sha256("\n".join(str(p) for p in paths).encode()).hexdigest()[:16]
+    name = f"{settings.size}px-{settings.resize_mode}-{settings.interpolation}-{digest}"
+    return root / name
+
+
+def make_dataset(
+    table: LabelTable,
+    model: CXRModel,
+    config: RunConfig,
+    cache_root: Path,
+    *,
+    augmentation: AugmentConfig | None,
+) -> CXRDataset:
+    cache: ImageCache | None = None
+    if config.use_cache:
+        paths = table.image_paths()
+        settings = resize_settings(model.preprocessing)
+        cache = prepare_cache(
+            paths,
+            cache_dir_for(cache_root, paths, model),
+            settings,
+            workers=config.workers or None,
+        )
+    return CXRDataset(
+        table,
+        model.spec.labels,
+        model.preprocessing,
+        policy=config.policy,
+        cache=cache,
+        augmentation=augmentation,
+        on_error="skip",
+        seed=config.seed,
+    )
+
+
+def augmentation_from(config: RunConfig) -> AugmentConfig | None:
+    aug = AugmentConfig(
+        rotation_deg=config.rotation_deg,
+        translate=config.translate,
+        brightness=config.brightness,
+        contrast=config.contrast,
+        hflip=config.hflip,
+    )
+    return aug if aug.enabled else None
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """Seed for one epoch's order and augmentations: a function of (seed, epoch) only."""
+    return (seed * 1_000_003 + epoch * 7_919 + 1) % (2**63)
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    generator = torch.Generator().manual_seed(epoch_seed(seed, epoch))
+    return torch.randperm(n, generator=generator).tolist()
+
+
+def make_loader(
+    dataset: CXRDataset,
+    order: Sequence[int] | None,
+    config: RunConfig,
+    plan: ExecutionPlan,
+    *,
+    seed: int = 0,
+) -> DataLoader:
+    """A loader over `order` (a list of dataset indices), or over the dataset in sequence."""
+    # Its own generator: otherwise each new iterator draws its worker base seed from the
+    # global RNG, and a resumed run (one more iterator) would drift from an uninterrupted one.
+    return DataLoader(
+        dataset,
+        batch_size=config.batch_size,
+        sampler=list(order) if order is not None else None,
+        shuffle=False,
+        num_workers=config.workers,
+        collate_fn=collate_skipping,
+        pin_memory=plan.device == "cuda",
+        generator=torch.Generator().manual_seed(seed),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Run folder: metrics, plot, summary
+# --------------------------------------------------------------------------------------------
+
+
+def write_metrics(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
+    frame = pd.DataFrame(list(rows), columns=list(METRIC_COLUMNS))
+    atomic_write_text(path, frame.to_csv(index=False))
+
+
+def read_metrics(path: Path, up_to_step: int) -> list[dict[str, Any]]:
+    """Rows of an interrupted run's metrics.csv that its checkpoint covers."""
+    if not path.is_file():
+        return []
+    frame = pd.read_csv(path)
+    frame = frame[frame["step"] <= up_to_step]
+    rows = frame.to_dict("records")
+    return [{k: (None if _isnan(v) else v) for k, v in row.items()} for row in rows]
+
+
+def _isnan(value: Any) -> bool:
+    return isinstance(value, float) and math.isnan(value)
+
+
+def plot_losses(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
+    """Top: training loss per step. Bottom: mean training and validation loss per epoch."""
+    # Figure directly, not pyplot: no global backend or figure registry is touched.
+    from matplotlib.figure import Figure
+
+    steps = [r for r in rows if r["kind"] == "step"]
+    epochs = [r for r in rows if r["kind"] == "epoch"]
+    fig = Figure(figsize=(7, 6), tight_layout=True)
+    top, bottom = fig.subplots(2, 1)
+    top.plot([r["step"] for r in steps], [r["train_loss"] for r in steps], lw=0.8)
+    top.set(xlabel="step", ylabel="training loss", title="Training loss per step")
+    x = [r["epoch"] for r in epochs]
+    bottom.plot(x, [r["train_loss"] for r in epochs], "o-", label="train")
+    bottom.plot(x, [r["val_loss"] for r in epochs], "s-", label="validation")
+    bottom.set(xlabel="epoch", ylabel="loss", title="Loss per epoch")
+    bottom.legend()
+    atomic_save(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+
+
+def label_aurocs(table: pd.DataFrame) -> dict[str, float | None]:
+    return {
+        str(row["Label"]): None if _isnan(float(row["AUROC"])) else float(row["AUROC"])
+        for _, row in table.iterrows()
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------------------------
+
+
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def scheduled_lr(base_lr: float, schedule: str, step: int, total_steps: int) -> float:
+    """Learning rate for optimisation step `step` (0-based) of `total_steps`.
+
+    A pure function of the step, so a resumed run needs no scheduler state. "constant" is the
+    method's setup; "cosine" decays to zero over the run, which steadies short CPU runs whose
+    BatchNorm statistics otherwise keep jumping at a high constant rate.
+    """
+    if schedule == "constant":
+        return base_lr
+    if schedule == "cosine":
+        return base_lr * 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / total_steps))
+    raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, not {schedule!r}")
+
+
+@dataclass
+class Progress:
+    """Where training stands; saved in `last.json` so a resumed run picks up here."""
+
+    epoch: int = 0  # the epoch in progress (0-based)
+    batch: int = 0  # batches of that epoch already done
+    step: int = 0  # optimisation steps done over the whole run
+    best_epoch: int | None = None
+    best_value: float | None = None
+    best_metrics: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@contextlib.contextmanager
+def run_context(config: RunConfig) -> Iterator[None]:
+    """Seed the global RNG and set determinism for the run; put everything back afterwards."""
+    was_deterministic = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    cudnn_benchmark = torch.backends.cudnn.benchmark
+    devices = list(range(torch.cuda.device_count()))
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(config.seed)
+        try:
+            if config.deterministic:
+                torch.use_deterministic_algorithms(True)
+                torch.backends.cudnn.benchmark = False
+            yield
+        finally:
+            torch.use_deterministic_algorithms(was_deterministic, warn_only=warn_only)
+            torch.backends.cudnn.benchmark = cudnn_benchmark
+
+
+def _check_resumable(config: RunConfig, run_dir: Path) -> None:
+    saved = run_dir / "config.yaml"
+    if not saved.is_file():
+        return
+    old, new = load_config(saved).to_dict(), config.to_dict()
+    changed = sorted(k for k in new if old.get(k) != new[k])
+    if changed:
+        raise ValueError(f"{run_dir}: cannot resume with a different config (changed: {changed})")
+
+
+class _Run:
+    """State shared by the steps of one `train` call."""
+
+    def __init__(self, config: RunConfig, run_dir: Path, every: int | None) -> None:
+        self.config = config
+        self.run_dir = run_dir
+        self.every = every
+        self.ckpt_dir = run_dir / "checkpoints"
+        self.last = self.ckpt_dir / "last.safetensors"
+        self.best = self.ckpt_dir / "best.safetensors"
+        self.plan = choose_execution(config.device, config.precision)
+        log.info("execution: %s", self.plan.to_dict())
+        train_table, valid_table = load_tables(config, run_dir)
+        self.model = create_model(
+            config.backbone,
+            config.head,
+            resolve_labels(config.labels),
+            weights=config.weights,
+            hidden=config.hidden,
+            size=config.size or None,
+            resize_mode=config.resize_mode,
+        ).to(self.plan.device)
+        if self.plan.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        cache_root = run_dir.parent / ".cache"
+        self.train_set = make_dataset(
+            train_table, self.model, config, cache_root, augmentation=augmentation_from(config)
+        )
+        self.valid_set = make_dataset(
+            valid_table, self.model, config, cache_root, augmentation=None
+        )
+        self.optimizer = torch.optim.Adam(
+            self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay
+        )
+        self.total_steps = config.epochs * math.ceil(len(self.train_set) / config.batch_size)
+        self.progress = Progress()
+        self.rows: list[dict[str, Any]] = []
+        self.images_per_s: list[float] = []
+
+    def resume(self) -> None:
+        meta = load_training_state(self.last, self.model, self.optimizer)
+        self.progress = Progress(**meta["extra"]["progress"])
+        self.rows = read_metrics(self.run_dir / "metrics.csv", self.progress.step)
+        log.info(
+            "resumed %s at epoch %d, batch %d (step %d)",
+            self.run_dir,
+            self.progress.epoch,
+            self.progress.batch,
+            self.progress.step,
+        )
+
+    def save_last(self) -> None:
+        save_checkpoint(
+            self.last,
+            self.model,
+            config=self.config.to_dict(),
+            epoch=self.progress.epoch,
+            step=self.progress.step,
+            optimizer=self.optimizer,
+            extra={
+                "progress": self.progress.to_dict(),
+                "execution": self.plan.to_dict(),
+            },
+        )
+        # metrics.csv is written with `last`, so it always matches what a resume starts from.
+        write_metrics(self.run_dir / "metrics.csv", self.rows)
+
+    def run_epoch(self, stop_after_steps: int | None) -> bool:
+        """Train the rest of the current epoch; False if `stop_after_steps` cut it short."""
+        p, config = self.progress, self.config
+        order = epoch_order(len(self.train_set), config.seed, p.epoch)
+        # Augmentation is seeded per (dataset seed, row): a per-epoch seed varies it by epoch.
+        self.train_set.seed = epoch_seed(config.seed, p.epoch)
+        loader = make_loader(
+            self.train_set,
+            order[p.batch * config.batch_size :],
+            config,
+            self.plan,
+            seed=self.train_set.seed,
+        )
+        waited = time.perf_counter()
+        for raw in loader:
+            loaded = time.perf_counter()
+            batch = to_device(raw, self.plan)
+            lr = scheduled_lr(config.lr, config.lr_schedule, p.step, self.total_steps)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            loss = train_step(self.model, batch, self.optimizer, self.plan)
+            done = time.perf_counter()
+            n = int(raw["image"].shape[0])
+            p.batch += 1
+            p.step += 1
+            self.images_per_s.append(n / max(done - loaded, 1e-9))
+            self.rows.append(
+                {
+                    "kind": "step",
+                    "epoch": p.epoch,
+                    "step": p.step,
+                    "train_loss": loss,
+                    "lr": self.optimizer.param_groups[0]["lr"],
+                    "images_per_s": self.images_per_s[-1],
+                    "loader_images_per_s": n / max(loaded - waited, 1e-9),
+                }
+            )
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"training loss is {loss} at step {p.step}")
+            stop = stop_after_steps is not None and p.step >= stop_after_steps
+            if stop or (self.every and p.step % self.every == 0):
+                self.save_last()
+            if stop:
+                return False
+            waited = time.perf_counter()
+        return True
+
+    def end_epoch(self) -> None:
+        """Validate, record, keep the best, and move `last` to the next epoch's start."""
+        p, config = self.progress, self.config
+        scores, targets, masks, val_loss = predict(
+            self.model, make_loader(self.valid_set, None, config, self.plan), self.plan
+        )
+        table = metrics_table(targets, scores, masks, self.model.spec.labels)
+        aurocs = label_aurocs(table)
+        mean_auroc = aurocs.pop("Mean")
+        losses = [
+            r["train_loss"] for r in self.rows if r["kind"] == "step" and r["epoch"] == p.epoch
+        ]
+        self.rows.append(
+            {
+                "kind": "epoch",
+                "epoch": p.epoch,
+                "step": p.step,
+                "train_loss": float(np.mean(losses)) if losses else None,
+                "val_loss": val_loss,
+                "val_auroc": mean_auroc,
+                "lr": self.optimizer.param_groups[0]["lr"],
+            }
+        )
+        log.info(
+            "epoch %d: train loss %.4f, val loss %.4f, val AUROC %s",
+            p.epoch,
+            self.rows[-1]["train_loss"] or math.nan,
+            val_loss,
+            mean_auroc,
+        )
+        if config.select_best == "val_auroc":
+            value = -math.inf if mean_auroc is None else mean_auroc
+            better = p.best_value is None or value > p.best_value
+        else:
+            value = val_loss
+            better = p.best_value is None or value < p.best_value
+        metrics = {"val_loss": val_loss, "val_auroc_mean": mean_auroc, "val_auroc": aurocs}
+        if better:
+            p.best_epoch, p.best_value, p.best_metrics = p.epoch, value, metrics
+            save_checkpoint(
+                self.best,
+                self.model,
+                config=config.to_dict(),
+                epoch=p.epoch,
+                step=p.step,
+                extra={"metrics": metrics, "execution": self.plan.to_dict()},
+            )
+        p.epoch += 1
+        p.batch = 0
+        self.save_last()
+        plot_losses(self.run_dir / "plots" / "loss.png", self.rows)
+
+    def summary(self) -> dict[str, Any]:
+        p = self.progress
+        best = p.best_metrics or {}
+        speed = self.images_per_s[1:] or self.images_per_s  # the first step includes warm-up
+        return {
+            "labels": list(self.model.spec.labels),
+            "epochs": p.epoch,
+            "steps": p.step,
+            "select_best": self.config.select_best,
+            "best_epoch": p.best_epoch,
+            "val_loss": best.get("val_loss"),
+            "val_auroc_mean": best.get("val_auroc_mean"),
+            "val_auroc": best.get("val_auroc"),
+            "images_per_s": float(np.median(speed)) if speed else None,
+            "train_images": len(self.train_set),
+            "valid_images": len(self.valid_set),
+            "execution": self.plan.to_dict(),
+        }
+
+
+def train(
+    config: RunConfig,
+    *,
+    run_dir: Path | None = None,
+    resume: bool = False,
+    stop_after_steps: int | None = None,
+    checkpoint_every_steps: int | None = DEFAULT_CHECKPOINT_EVERY_STEPS,
+) -> TrainResult:
+    """Fine-tune `config`'s model end to end and write its run folder (see the module doc).
+
+    resume: continue from ``checkpoints/last`` (same data order, optimizer and RNG state);
+        the config must equal the saved one. Without a `last` checkpoint it starts afresh.
+        Without `resume`, a run folder that already holds a checkpoint is an error.
+    stop_after_steps: return after this many optimisation steps over the whole run, having
+        saved `last` (simulates a kill; the result has ``completed=False``).
+    checkpoint_every_steps: also save `last` every this many steps (None: only at epoch ends).
+    The learning-rate schedule is config.lr_schedule: "constant" (the method: Adam at config.lr
+    throughout) or "cosine" (decay to 0 over the run; see :func:`scheduled_lr`).
+    """
+    if config.lr_schedule not in LR_SCHEDULES:
+        raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, not {config.lr_schedule!r}")
+    run_dir = Path(run_dir) if run_dir is not None else Path(config.runs_dir) / config.name
+    last_meta = checkpoint_paths(run_dir / "checkpoints" / "last.safetensors")[2]
+    if resume:
+        _check_resumable(config, run_dir)
+    elif last_meta.is_file():
+        raise FileExistsError(f"{run_dir} holds a run already: resume it (--resume) or rename")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config.save(run_dir / "config.yaml")
+    with run_context(config):
+        run = _Run(config, run_dir, checkpoint_every_steps)
+        if resume and last_meta.is_file():
+            run.resume()
+        elif resume:
+            log.warning("%s: no checkpoint to resume from; starting afresh", run_dir)
+        completed = _train_epochs(run, stop_after_steps)
+    summary = run.summary()
+    summary["completed"] = completed
+    atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
+    if completed:
+        log.info("run %s done: best epoch %s", run_dir, summary["best_epoch"])
+    return TrainResult(run_dir, run.best, run.last, summary, completed)
+
+
+def _train_epochs(run: _Run, stop_after_steps: int | None) -> bool:
+    while run.progress.epoch < run.config.epochs:
+        if stop_after_steps is not None and run.progress.step >= stop_after_steps:
+            run.save_last()
+            return False
+        if not run.run_epoch(stop_after_steps):
+            return False
+        run.end_epoch()
+    return True

@@ -1,0 +1,227 @@
+"""End-to-end fine-tuning: run folder, exact resume, execution choice, and that models learn."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from cxrlabel.checkpoint import load_checkpoint, read_metadata
+from cxrlabel.config import RunConfig, build_config, load_config
+from cxrlabel.data import CXRDataset
+from cxrlabel.evaluate import metrics_table
+from cxrlabel.formats import load_table
+from cxrlabel.labels import filter_view
+from cxrlabel.synth import write_dataset
+from cxrlabel.train import (
+    METRIC_COLUMNS,
+    TrainResult,
+    choose_execution,
+    cpu_has_fast_bf16,
+    epoch_order,
+    make_loader,
+    predict,
+    scheduled_lr,
+    train,
+)
+
+
+def _config(dataset: Path, **overrides: object) -> RunConfig:
+    # Tiny CNN at 64 px, 2 epochs of 4-image batches.
+    values = {
+        "train_csv": str(dataset / "train.csv"),
+        "size": 64,
+        "epochs": 2,
+        "batch_size": 4,
+        "valid_fraction": 0.25,
+        "deterministic": True,
+        "seed": 3,
+        # Cosine, so the exact-resume test also covers the learning rate.
+        "lr_schedule": "cosine",
+        **overrides,
+    }
+    return build_config("tiny-cpu", values)
+
+
+@pytest.fixture(scope="module")
+def full_run(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> TrainResult:
+    """One uninterrupted run, shared by the tests that inspect a finished run."""
+    runs = tmp_path_factory.mktemp("runs")
+    return train(_config(tiny_dataset, runs_dir=str(runs), name="full"))
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    model, _ = load_checkpoint(path)
+    return model.state_dict()
+
+
+def test_run_folder_layout(full_run: TrainResult) -> None:
+    run = full_run.run_dir
+    assert run.name == "full" and full_run.completed
+    for name in ("config.yaml", "metrics.csv", "summary.json", "splits/split.csv"):
+        assert (run / name).is_file(), name
+    assert (run / "plots" / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for stem in ("last", "best"):
+        assert (run / "checkpoints" / f"{stem}.safetensors").is_file()
+        assert (run / "checkpoints" / f"{stem}.json").is_file()
+    assert (run / "checkpoints" / "last.state.safetensors").is_file()
+    assert full_run.best_checkpoint == run / "checkpoints" / "best.safetensors"
+    assert load_config(run / "config.yaml").train_csv.endswith("train.csv")
+    assert not list(run.rglob(".*.tmp")), "temporary files left behind"
+
+
+def test_metrics_and_summary(full_run: TrainResult) -> None:
+    metrics = pd.read_csv(full_run.run_dir / "metrics.csv")
+    assert tuple(metrics.columns) == METRIC_COLUMNS
+    steps, epochs = metrics[metrics.kind == "step"], metrics[metrics.kind == "epoch"]
+    assert list(steps.step) == list(range(1, len(steps) + 1))
+    assert list(epochs.epoch) == [0, 1]
+    assert epochs.val_loss.notna().all() and steps.train_loss.notna().all()
+    assert (steps.images_per_s > 0).all()
+    first = steps[steps.epoch == 0].train_loss.mean()
+    assert epochs.train_loss.iloc[0] == pytest.approx(first)
+
+    summary = json.loads((full_run.run_dir / "summary.json").read_text())
+    assert summary == dict(full_run.metrics)
+    assert summary["labels"] == list(full_run.metrics["labels"])
+    assert summary["best_epoch"] in (0, 1)
+    best = epochs[epochs.epoch == summary["best_epoch"]]
+    assert summary["val_loss"] == pytest.approx(best.val_loss.iloc[0])
+    assert summary["val_loss"] == pytest.approx(epochs.val_loss.min())
+    assert set(summary["val_auroc"]) == set(summary["labels"])
+    assert summary["execution"]["precision"] in ("fp32", "bf16")
+    assert summary["images_per_s"] > 0
+
+
+def test_best_checkpoint_metadata(full_run: TrainResult) -> None:
+    meta = read_metadata(full_run.best_checkpoint)
+    assert meta["epoch"] == full_run.metrics["best_epoch"]
+    assert meta["config"]["backbone"] == "tiny"
+    assert meta["preprocessing"]["size"] == 64
+    assert "state" not in meta["files"]  # best is for inference: no optimizer state
+
+
+def test_resume_mid_epoch_is_exact(
+    full_run: TrainResult, tiny_dataset: Path, tmp_path: Path
+) -> None:
+    config = _config(tiny_dataset, runs_dir=str(tmp_path), name="killed")
+    steps_per_epoch = full_run.metrics["steps"] // 2
+    stop = steps_per_epoch + 2  # two batches into the second epoch
+    rng_before = torch.get_rng_state()
+    killed = train(config, stop_after_steps=stop, checkpoint_every_steps=3)
+    assert not killed.completed
+    assert read_metadata(killed.last_checkpoint)["step"] == stop
+    # No global state is left behind by a run.
+    assert not torch.are_deterministic_algorithms_enabled()
+    assert torch.equal(torch.get_rng_state(), rng_before)
+
+    with pytest.raises(FileExistsError):
+        train(config)
+    with pytest.raises(ValueError, match="changed"):
+        train(_config(tiny_dataset, runs_dir=str(tmp_path), name="killed", lr=0.1), resume=True)
+
+    resumed = train(config, resume=True)
+    assert resumed.completed
+    full, again = _weights(full_run.last_checkpoint), _weights(resumed.last_checkpoint)
+    assert full.keys() == again.keys()
+    assert all(torch.equal(full[k], again[k]) for k in full)
+    # The same losses step by step, and the same epoch rows.
+    a = pd.read_csv(full_run.run_dir / "metrics.csv")
+    b = pd.read_csv(resumed.run_dir / "metrics.csv")
+    assert list(a.kind) == list(b.kind) and list(a.step) == list(b.step)
+    assert a.train_loss.tolist() == b.train_loss.tolist()
+    assert a.lr.tolist() == b.lr.tolist()
+    assert a.val_loss.dropna().tolist() == b.val_loss.dropna().tolist()
+
+
+def test_epoch_order_depends_on_seed_and_epoch_only() -> None:
+    assert epoch_order(20, 0, 1) == epoch_order(20, 0, 1)
+    assert sorted(epoch_order(20, 0, 1)) == list(range(20))
+    assert epoch_order(20, 0, 1) != epoch_order(20, 0, 2)
+    assert epoch_order(20, 0, 1) != epoch_order(20, 1, 1)
+
+
+def test_scheduled_lr() -> None:
+    assert scheduled_lr(0.1, "constant", 7, 10) == 0.1
+    assert scheduled_lr(0.1, "cosine", 0, 10) == pytest.approx(0.1)
+    assert scheduled_lr(0.1, "cosine", 5, 10) == pytest.approx(0.05)
+    assert scheduled_lr(0.1, "cosine", 10, 10) == pytest.approx(0.0)
+    with pytest.raises(ValueError):
+        scheduled_lr(0.1, "step", 0, 10)
+
+
+def test_execution_choice() -> None:
+    assert cpu_has_fast_bf16(frozenset({"avx2", "amx_bf16"}))
+    assert cpu_has_fast_bf16(frozenset({"avx512_bf16"}))
+    assert not cpu_has_fast_bf16(frozenset({"avx2", "fma"}))
+    fast = choose_execution("cpu", "auto", flags=frozenset({"amx_bf16"}))
+    assert (fast.precision, fast.channels_last) == ("bf16", True)
+    slow = choose_execution("cpu", "auto", flags=frozenset({"avx2"}))
+    assert (slow.precision, slow.channels_last) == ("fp32", False)
+    forced = choose_execution("cpu", "fp32", flags=frozenset({"amx_bf16"}))
+    assert forced.precision == "fp32"
+    assert choose_execution("cpu", "bf16").precision == "bf16"
+    with pytest.raises(ValueError):
+        choose_execution("tpu")
+
+
+def test_bf16_channels_last_step_runs(tiny_dataset: Path, tmp_path: Path) -> None:
+    """The bf16 + channels_last path trains and checkpoints (emulated where not native)."""
+    config = _config(
+        tiny_dataset, runs_dir=str(tmp_path), precision="bf16", epochs=1, deterministic=False
+    )
+    result = train(config)
+    assert result.metrics["execution"]["precision"] == "bf16"
+    assert result.metrics["execution"]["channels_last"]
+    model, _ = load_checkpoint(result.last_checkpoint)
+    assert all(
+        torch.isfinite(v).all() for v in model.state_dict().values() if v.is_floating_point()
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Evidence that the models learn
+# --------------------------------------------------------------------------------------------
+
+LEARN_LABELS = ("Cardiomegaly", "Pleural Effusion")
+
+
+def test_tiny_cnn_learns_synthetic_findings(tmp_path: Path) -> None:
+    """A tiny CNN trained on CPU (6 epochs of ~460 images at 96 px) separates Cardiomegaly and
+    Pleural Effusion on frontal films of 250 patients it never saw (AUROC ~0.88-0.90)."""
+    # Not named "train": CheXpert paths start with "train/", which would move the root up.
+    train_set = write_dataset(tmp_path / "synth_a", patients=300, size=96, seed=11)
+    held_out = write_dataset(tmp_path / "synth_b", patients=250, size=96, seed=12)
+    config = build_config(
+        "tiny-cpu",
+        {
+            "train_csv": str(train_set.train_csv),
+            "valid_csv": str(train_set.valid_csv),
+            "labels": ",".join(LEARN_LABELS),
+            # Blank is negative in CheXpert-format train labels; keep every image.
+            "require_certain": False,
+            "size": 96,
+            "epochs": 6,
+            "batch_size": 32,
+            "lr": 0.003,
+            # The validation split is ~40 images: its loss jumps with BatchNorm statistics
+            # from epoch to epoch, while its AUROC tracks what the test measures.
+            "select_best": "val_auroc",
+            # Cosine decay steadies the short run (constant lr: effusion ~0.85-0.92 across seeds).
+            "lr_schedule": "cosine",
+            "runs_dir": str(tmp_path / "runs"),
+        },
+    )
+    result = train(config)
+    model, _ = load_checkpoint(result.best_checkpoint)
+    table = filter_view(load_table(held_out.train_csv), "frontal")
+    dataset = CXRDataset(table, model.spec.labels, model.preprocessing)
+    plan = choose_execution("cpu", "fp32")
+    scores, targets, masks, _ = predict(model, make_loader(dataset, None, config, plan), plan)
+    aurocs = metrics_table(targets, scores, masks, model.spec.labels).set_index("Label")["AUROC"]
+    print(f"held-out AUROC: {aurocs.round(3).to_dict()}")
+    for label in LEARN_LABELS:
+        assert aurocs[label] >= 0.85, aurocs.to_dict()
