@@ -68,18 +68,25 @@ def test_unknown_subcommand_fails():
 
 def test_demo_runs_end_to_end(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--patients", "10", "--size", "64"]) == 0
+    args = ["demo", "--out", str(out), "--patients", "24", "--size", "64"]
+    assert main(args) == 0
     printed = capsys.readouterr().out
-    assert "SYNTHETIC" in printed and "no patient in both" in printed
+    assert "SYNTHETIC" in printed
+    for model in ("Tiny_1", "Tiny_3", "Tiny_3_D", "MobileNet_1", "MobileNet_3", "MobileNet_3_D"):
+        assert f"| {model} |" in printed
+    assert "| Pleural Effusion |" in printed and "| Mean |" in printed
     for name in (
         "report.txt",
         "contact_sheet.png",
         "stats/train_study.md",
-        "splits/train_valid.csv",
-        "data/train.csv",
-        "data/valid.csv",
+        "sweep.md",
+        "finetune_metrics.md",
+        "runs/finetune-tiny/plots/loss.png",
+        "runs/finetune-tiny/checkpoints/best.safetensors",
     ):
         assert (out / name).is_file(), name
+    # A second run into the same folder starts afresh instead of refusing the old run.
+    assert main(args) == 0
 
 
 def test_split_command(tiny_dataset, tmp_path, capsys):
@@ -92,3 +99,21 @@ def test_split_command(tiny_dataset, tmp_path, capsys):
         "train",
         "valid",
     }
+
+
+def test_train_then_evaluate(tiny_dataset, tmp_path, capsys):
+    run = tmp_path / "run"
+    overrides = [
+        f"train_csv={tiny_dataset / 'train.csv'}",
+        f"valid_csv={tiny_dataset / 'valid.csv'}",
+        "size=64",
+        "epochs=1",
+        "require_certain=false",
+    ]
+    assert main(["train", "--preset", "tiny-cpu", "--run-dir", str(run), *overrides]) == 0
+    assert "validation AUROC per label" in capsys.readouterr().out
+    assert main(["train", "--preset", "tiny-cpu", "--run-dir", str(run), *overrides]) == 2
+    best = run / "checkpoints" / "best.safetensors"
+    assert main(["evaluate", str(best), str(tiny_dataset / "valid.csv")]) == 0
+    printed = capsys.readouterr().out
+    assert "| Cardiomegaly |" in printed and "| Mean |" in printed

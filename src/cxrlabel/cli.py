@@ -164,6 +164,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from cxrlabel.evaluate import evaluate_checkpoint, format_metrics
+    from cxrlabel.labels import filter_view
+
+    table = filter_view(_load_table(args), args.view)
+    metrics = evaluate_checkpoint(args.checkpoint, table, threshold=args.threshold)
+    print(format_metrics(metrics))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from cxrlabel.demo import run_demo
 
@@ -256,9 +266,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from checkpoints/last")
     p.set_defaults(func=cmd_train)
 
+    p = sub.add_parser("evaluate", help="per-label metrics of a checkpoint on a labelled CSV")
+    p.add_argument("checkpoint", type=Path, help="a run's checkpoints/best.safetensors")
+    _add_table_args(p)
+    p.add_argument("--view", default="frontal", choices=["frontal", "lateral", "all"])
+    p.add_argument("--threshold", type=float, default=0.5)
+    p.set_defaults(func=cmd_evaluate)
+
     p = sub.add_parser("demo", help="the main job on built-in synthetic data")
     p.add_argument("--out", type=Path, default=Path("demo-output"))
-    p.add_argument("--patients", type=int, default=120)
+    p.add_argument("--patients", type=int, default=300)
     p.add_argument("--size", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_demo)

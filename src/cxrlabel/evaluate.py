@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from sklearn.metrics import roc_auc_score
+
+from cxrlabel.labels import LabelTable
 
 METRICS = ("Acc", "Prec", "Recall", "F Score", "AUROC")
 
@@ -57,3 +60,39 @@ def metrics_table(
     mean = {"Label": "Mean", **{m: table[m].mean(skipna=True) for m in METRICS}}
     mean.update(Positives=int(table["Positives"].sum()), Negatives=int(table["Negatives"].sum()))
     return pd.concat([table, pd.DataFrame([mean])], ignore_index=True)
+
+
+def evaluate_checkpoint(
+    checkpoint: Path,
+    table: LabelTable,
+    *,
+    policy: str = "U-Ignore",
+    batch_size: int = 64,
+    threshold: float = 0.5,
+) -> pd.DataFrame:
+    """Score a saved model on a table's images and return `metrics_table` for its labels."""
+    from torch.utils.data import DataLoader
+
+    from cxrlabel.checkpoint import load_checkpoint
+    from cxrlabel.data import CXRDataset, collate_skipping
+    from cxrlabel.train import choose_execution, predict
+
+    model, _ = load_checkpoint(checkpoint)
+    plan = choose_execution("auto", "auto")
+    model = model.to(plan.device)
+    dataset = CXRDataset(table, model.spec.labels, model.preprocessing, policy=policy)
+    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate_skipping)
+    scores, targets, masks, _ = predict(model, loader, plan)
+    return metrics_table(targets, scores, masks, model.spec.labels, threshold)
+
+
+def format_metrics(table: pd.DataFrame) -> str:
+    """Markdown in the method's layout (Table II/IV): one row per label, then the mean."""
+    header = "| Label | Acc | Prec | Recall | F Score | AUROC | Pos | Neg |"
+    rows = [header, "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in table.to_dict("records"):
+        cells = [f"{r[m]:.2f}" for m in METRICS[:4]]
+        cells.append("n/a" if math.isnan(r["AUROC"]) else f"{r['AUROC']:.3f}")
+        counts = f" | {r['Positives']} | {r['Negatives']} |"
+        rows.append(f"| {r['Label']} | " + " | ".join(cells) + counts)
+    return "\n".join(rows) + "\n"
