@@ -248,7 +248,8 @@ def to_model_input_batch(batch: torch.Tensor, prep: Preprocessing) -> torch.Tens
         batch = batch.float()
     mean = torch.tensor(prep.mean, dtype=batch.dtype, device=batch.device).view(1, 3, 1, 1)
     std = torch.tensor(prep.std, dtype=batch.dtype, device=batch.device).view(1, 3, 1, 1)
-    return (batch.expand(-1, 3, -1, -1) - mean) / std
+    # One allocation, then in place: large temporaries cost page faults on every call.
+    return batch.expand(-1, 3, -1, -1).sub(mean).div_(std)
 
 
 def preprocess(img: np.ndarray, prep: Preprocessing) -> torch.Tensor:
