@@ -110,9 +110,9 @@ def main() -> None:
     _, native = create_backbone("xception", "none")
     prep = Preprocessing(args.size, (0.5,) * 3, (0.5,) * 3, "pad", native.interpolation)
     start = time.perf_counter()
-    # bn_eps 1e-3: Keras' BatchNorm epsilon, which these weights were trained with.
+    # The weights were trained in Keras: compute exactly what Keras computes with them.
     feats = extract_features(
-        table, "xception", WEIGHTS, prep, args.cache_dir, batch_size=16, bn_eps=1e-3
+        table, "xception", WEIGHTS, prep, args.cache_dir, batch_size=16, keras_compat=True
     )
     took = time.perf_counter() - start
     print(f"features: {feats.features.shape} ({'reused cache' if feats.reused else 'extracted'}) "

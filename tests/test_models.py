@@ -9,6 +9,7 @@ from cxrlabel.models import (
     create_head,
     create_model,
     load_weights_file,
+    make_keras_compatible,
     masked_bce_loss,
     model_display_name,
 )
@@ -96,3 +97,14 @@ def test_shared_xception_weights_load():
     net.eval()
     with torch.no_grad():
         assert net(torch.zeros(1, 3, 96, 96)).shape == (1, 2048)
+
+
+def test_keras_compatibility_switch():
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.MaxPool2d(3, 2)
+    )
+    make_keras_compatible(net)
+    assert net[1].eps == 1e-3
+    assert type(net[2]).__name__ == "MaxPool2dSame"
+    # TensorFlow "same" padding: a 10 px map pooled 3/2 gives 5 px (symmetric timm pad: 4).
+    assert net(torch.randn(1, 3, 12, 12)).shape[-1] == 5

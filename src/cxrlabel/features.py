@@ -16,7 +16,7 @@ skipped, listed in meta.json and left out of the matrix.
 The fingerprint is a sha256 of: the cache format version; the dataset (every image's path, byte
 size and mtime, via `cache.fingerprint`, plus all 14 label columns of the table); the backbone
 name; the weights identity ('imagenet', 'none', or a file's resolved path, size and mtime); an
-optional BatchNorm epsilon override; and the full preprocessing dict (size, mean, std, resize
+Keras-compatibility switch; and the full preprocessing dict (size, mean, std, resize
 mode, interpolation). Rule: a cache directory whose fingerprint differs from the one asked for is
 refused with `StaleFeatureCacheError` (pass `overwrite=True` to rebuild it in place); a matching
 one is loaded instead of recomputing. `sweep` keeps one sub-directory per fingerprint, so changing
@@ -55,7 +55,14 @@ from cxrlabel.labels import (
     filter_view,
     resolve_labels,
 )
-from cxrlabel.models import HEADS, create_backbone, create_head, masked_bce_loss, model_display_name
+from cxrlabel.models import (
+    HEADS,
+    create_backbone,
+    create_head,
+    make_keras_compatible,
+    masked_bce_loss,
+    model_display_name,
+)
 from cxrlabel.transforms import Preprocessing
 
 log = logging.getLogger(__name__)
@@ -129,7 +136,7 @@ def feature_fingerprint(
     weights: WeightsSpec,
     preprocessing: Preprocessing,
     *,
-    bn_eps: float | None = None,
+    keras_compat: bool = False,
 ) -> str:
     """The key a feature cache is stored under (see the module docstring for what it covers)."""
     values = table.values(OBSERVATIONS)
@@ -140,7 +147,7 @@ def feature_fingerprint(
         "version": FEATURE_CACHE_VERSION,
         "backbone": backbone,
         "weights": weights_identity(weights),
-        "bn_eps": bn_eps,
+        "keras_compat": keras_compat,
         "preprocessing": preprocessing.to_dict(),
         "images": files_fingerprint(table.image_paths(), resize_settings(preprocessing)),
     }
@@ -205,13 +212,6 @@ def _collate_or_none(batch: list[dict | None]) -> dict[str, torch.Tensor] | None
     return default_collate(items) if items else None
 
 
-def _set_bn_eps(model: nn.Module, eps: float) -> None:
-    # Keras Xception uses BatchNorm epsilon 1e-3, timm 1e-5: setting it reproduces Keras features.
-    for module in model.modules():
-        if isinstance(module, nn.BatchNorm2d):
-            module.eps = eps
-
-
 @torch.inference_mode()
 def _run_backbone(
     model: nn.Module, dataset: CXRDataset, batch_size: int, progress: bool, desc: str
@@ -252,22 +252,22 @@ def extract_features(
     image_cache: ImageCache | None = None,
     progress: bool = True,
     overwrite: bool = False,
-    bn_eps: float | None = None,
+    keras_compat: bool = False,
     resize_mode: str = "pad",
 ) -> FeatureSet:
     """Pooled features of every readable image of `table`, computed once and cached.
 
     preprocessing None uses the backbone's own (native size). A cache in `cache_dir` with the
     same fingerprint is loaded; one with another fingerprint raises StaleFeatureCacheError unless
-    `overwrite` (then it is recomputed in place). `bn_eps` overrides every BatchNorm2d epsilon
-    (1e-3 reproduces Keras' Xception).
+    `overwrite` (then it is recomputed in place). `keras_compat` makes the backbone compute
+    exactly what Keras does with the same weights (see models.make_keras_compatible).
     """
     cache_dir = Path(cache_dir)
     model: nn.Module | None = None
     prep = preprocessing
     if prep is None:
         model, prep = _build_backbone(backbone_name, weights, resize_mode)
-    key = feature_fingerprint(table, backbone_name, weights, prep, bn_eps=bn_eps)
+    key = feature_fingerprint(table, backbone_name, weights, prep, keras_compat=keras_compat)
     if (cache_dir / FEATURES_META).is_file():
         try:
             found = load_features(cache_dir, key)
@@ -280,8 +280,8 @@ def extract_features(
 
     if model is None:
         model, _ = _build_backbone(backbone_name, weights, resize_mode)
-    if bn_eps is not None:
-        _set_bn_eps(model, bn_eps)
+    if keras_compat:
+        make_keras_compatible(model)
     model.eval()
     dataset = CXRDataset(
         table, OBSERVATIONS, prep, cache=image_cache, on_error="skip", policy="U-Ignore"
@@ -296,7 +296,7 @@ def extract_features(
         "backbone": backbone_name,
         "weights": str(weights),
         "weights_identity": weights_identity(weights),
-        "bn_eps": bn_eps,
+        "keras_compat": keras_compat,
         "preprocessing": prep.to_dict(),
         "table_rows": len(table),
         "count": len(rows),
@@ -410,7 +410,9 @@ def features_for(
     **kwargs,
 ) -> FeatureSet:
     """`extract_features` into `<cache_root>/<part>-<backbone>-<fingerprint[:16]>`."""
-    key = feature_fingerprint(table, backbone, weights, preprocessing, bn_eps=kwargs.get("bn_eps"))
+    key = feature_fingerprint(
+        table, backbone, weights, preprocessing, keras_compat=kwargs.get("keras_compat", False)
+    )
     cache_dir = Path(cache_root) / f"{part}-{backbone}-{key[:16]}"
     return extract_features(table, backbone, weights, preprocessing, cache_dir, **kwargs)
 
@@ -514,7 +516,7 @@ def run_extract(
     certain_only: bool = True,
     batch_size: int = 32,
     resize_mode: str = "pad",
-    bn_eps: float | None = None,
+    keras_compat: bool = False,
     overwrite: bool = False,
     progress: bool = True,
 ) -> FeatureSet:
@@ -526,7 +528,7 @@ def run_extract(
     prep = _preprocessing_for(backbone, size or default_size(backbone), resize_mode)
     return extract_features(
         table, backbone, weights, prep, Path(cache_dir),
-        batch_size=batch_size, progress=progress, overwrite=overwrite, bn_eps=bn_eps,
+        batch_size=batch_size, progress=progress, overwrite=overwrite, keras_compat=keras_compat,
         resize_mode=resize_mode,
     )  # fmt: skip
 
@@ -556,7 +558,9 @@ def run_train_head(
     table = _load_filtered(csv, fmt, view, labels, certain_only)
     meta = json.loads((Path(cache_dir) / FEATURES_META).read_text())
     prep = Preprocessing.from_dict(meta["preprocessing"])
-    key = feature_fingerprint(table, meta["backbone"], meta["weights"], prep, bn_eps=meta["bn_eps"])
+    key = feature_fingerprint(
+        table, meta["backbone"], meta["weights"], prep, keras_compat=meta["keras_compat"]
+    )
     features = load_features(Path(cache_dir), key)
     label_names = resolve_labels(labels)
     y, m = features.targets(table, label_names, policy)
