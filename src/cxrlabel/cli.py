@@ -182,6 +182,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from cxrlabel.formats import FORMATS
+
     parser = argparse.ArgumentParser(prog="cxrlabel", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -218,7 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("extract", help="run a frozen backbone once and cache its features")
-    _add_table_args(p)
+    p.add_argument("csv", type=Path, help="label CSV")
+    p.add_argument("--format", default="auto", choices=FORMATS)
     p.add_argument("--backbone", required=True)
     p.add_argument("--weights", default="imagenet", help="imagenet, none or a weights file")
     p.add_argument("--size", type=int, help="input size (default: 224 MobileNet, 220 others)")
@@ -230,7 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_extract)
 
     p = sub.add_parser("train-head", help="train a feed-forward head on cached features")
-    _add_table_args(p)
+    p.add_argument("csv", type=Path, help="the label CSV the features were extracted from")
+    p.add_argument("--format", default="auto", choices=FORMATS)
     p.add_argument("--features", type=Path, required=True, help="folder written by extract")
     p.add_argument("--head", default="mlp3_dropout", choices=["linear", "mlp3", "mlp3_dropout"])
     p.add_argument("--epochs", type=int, default=30)
@@ -245,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sweep", help="the method's backbone x head experiment (Table I)")
     p.add_argument("train_csv", type=Path)
     p.add_argument("valid_csv", type=Path)
-    p.add_argument("--format", default="auto")
+    p.add_argument("--format", default="auto", choices=FORMATS)
     p.add_argument("--backbones", default="xception,densenet121,resnet50,vgg19,mobilenet")
     p.add_argument("--heads", default="linear,mlp3,mlp3_dropout")
     p.add_argument("--weights", default="imagenet", help="imagenet, none or a weights file")
