@@ -77,6 +77,7 @@ def test_skip_bad_images(tmp_path, table):
     batches = list(DataLoader(lenient, batch_size=4, collate_fn=collate_skipping))
     assert sum(len(b["index"]) for b in batches) == 5
     assert [s.path for s in lenient.skipped] == [str(tmp_path / "p3" / "view1_frontal.png")]
+    assert collate_skipping([None, None]) is None  # a batch of only bad images: loops skip it
 
     cache = prepare_cache(
         table.image_paths(), tmp_path / "cache", ResizeSettings(32, "pad", "bilinear"), workers=1

@@ -102,6 +102,12 @@ class CXRDataset(Dataset):
         }
 
 
-def collate_skipping(batch: list[dict[str, torch.Tensor] | None]) -> dict[str, torch.Tensor]:
-    """default_collate, minus the items a skipping dataset returned as None."""
-    return default_collate([item for item in batch if item is not None])
+def collate_skipping(
+    batch: list[dict[str, torch.Tensor] | None],
+) -> dict[str, torch.Tensor] | None:
+    """default_collate, minus the items a skipping dataset returned as None.
+
+    A batch made only of unreadable images becomes None: loops skip it.
+    """
+    items = [item for item in batch if item is not None]
+    return default_collate(items) if items else None

@@ -38,12 +38,12 @@ import pandas as pd
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from torch.utils.data import DataLoader, default_collate
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from cxrlabel.cache import ImageCache, Skipped
 from cxrlabel.cache import fingerprint as files_fingerprint
-from cxrlabel.data import CXRDataset, resize_settings
+from cxrlabel.data import CXRDataset, collate_skipping, resize_settings
 from cxrlabel.evaluate import METRICS, metrics_table
 from cxrlabel.fileio import atomic_path, atomic_write_text
 from cxrlabel.formats import load_table
@@ -206,18 +206,12 @@ def _save_features(features: FeatureSet) -> None:
 # Extraction
 
 
-def _collate_or_none(batch: list[dict | None]) -> dict[str, torch.Tensor] | None:
-    """Drop unreadable images (None); a batch of only bad images becomes None."""
-    items = [item for item in batch if item is not None]
-    return default_collate(items) if items else None
-
-
 @torch.inference_mode()
 def _run_backbone(
     model: nn.Module, dataset: CXRDataset, batch_size: int, progress: bool, desc: str
 ) -> tuple[np.ndarray, np.ndarray]:
     loader = DataLoader(
-        dataset, batch_size=batch_size, shuffle=False, num_workers=0, collate_fn=_collate_or_none
+        dataset, batch_size=batch_size, shuffle=False, num_workers=0, collate_fn=collate_skipping
     )
     chunks: list[np.ndarray] = []
     rows: list[np.ndarray] = []

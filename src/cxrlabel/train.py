@@ -216,6 +216,8 @@ def predict(
     scores, targets, masks = [], [], []
     loss_sum, count = 0.0, 0
     for raw in loader:
+        if raw is None:  # every image of the batch was unreadable (and reported)
+            continue
         batch = to_device(raw, plan)
         with autocast(plan):
             logits = model(batch["image"]).float()
@@ -547,6 +549,10 @@ class _Run:
         waited = time.perf_counter()
         for raw in loader:
             loaded = time.perf_counter()
+            if raw is None:  # every image of the batch was unreadable (and reported)
+                p.batch += 1  # keeps a resume's position in the epoch's order right
+                waited = time.perf_counter()
+                continue
             batch = to_device(raw, self.plan)
             lr = scheduled_lr(config.lr, config.lr_schedule, p.step, self.total_steps)
             for group in self.optimizer.param_groups:
