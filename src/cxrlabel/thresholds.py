@@ -129,10 +129,9 @@ def choose_threshold(y_true: np.ndarray, y_score: np.ndarray, rule: str) -> floa
     last = np.r_[scores[1:] != scores[:-1], True]
     tp, fp, cand = tp[last], fp[last], scores[last]
     pos, neg = truth.sum(), (~truth).sum()
-    if rule == "youden":
-        value = tp / pos - fp / neg
-    else:
-        value = 2 * tp / (2 * tp + fp + (pos - tp))
+    youden = tp / pos - fp / neg
+    f1 = 2 * tp / (2 * tp + fp + (pos - tp))
+    value = youden if rule == "youden" else f1
     best = float(cand[int(np.argmax(value))])
     return min(max(best, 0.0), 1.0)
 
