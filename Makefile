@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= demo-output
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench clean browser-deps
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -16,9 +16,17 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/cxrlabel demo --out $(DEMO_DIR)
 
-test: $(STAMP)
+test: $(STAMP) browser-deps
 	$(BIN)/ruff check .
 	$(BIN)/pytest -q
+
+# tests/test_browser.py drives Debian's chromium headless (Playwright, no browser download):
+# install the package when it is missing, with sudo unless we are root.
+browser-deps:
+	@test -x /usr/bin/chromium || { \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update && $$SUDO env DEBIAN_FRONTEND=noninteractive \
+			apt-get install -y --no-install-recommends chromium; }
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -29,6 +37,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_loading.py
 	$(BIN)/python benchmarks/bench_sweep.py
 	$(BIN)/python benchmarks/bench_train.py
+	$(BIN)/python benchmarks/bench_serve.py
 
 clean:
 	rm -rf $(DEMO_DIR) .pytest_cache

@@ -24,10 +24,10 @@ from torch.utils.data import DataLoader
 
 from cxrlabel.cache import prepare_cache
 from cxrlabel.data import CXRDataset, collate_skipping, resize_settings
-from cxrlabel.evaluate import metrics_table
 from cxrlabel.features import default_size, sweep
 from cxrlabel.formats import load_table
 from cxrlabel.labels import LABEL_SETS, filter_certain
+from cxrlabel.metrics import metrics_table
 from cxrlabel.models import HEADS, create_backbone, create_head, masked_bce_loss
 from cxrlabel.splits import patient_split
 from cxrlabel.synth import write_dataset

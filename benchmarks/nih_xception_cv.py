@@ -23,10 +23,10 @@ import torch
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
-from cxrlabel.evaluate import metrics_table
 from cxrlabel.features import FeatureSet, extract_features, predict_head, train_head
 from cxrlabel.formats import load_table
 from cxrlabel.labels import LABEL_SETS, OBSERVATIONS, LabelTable
+from cxrlabel.metrics import metrics_table
 from cxrlabel.models import HEADS, create_backbone, model_display_name
 from cxrlabel.splits import patient_folds
 from cxrlabel.transforms import Preprocessing

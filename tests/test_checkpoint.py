@@ -15,10 +15,17 @@ from cxrlabel.checkpoint import (
     flatten_optimizer_state,
     load_checkpoint,
     load_training_state,
+    read_metadata,
+    remove_checkpoint,
+    rename_checkpoint,
     save_checkpoint,
+    set_thresholds,
+    thresholds_from_metadata,
     unflatten_optimizer_state,
+    update_metadata,
 )
 from cxrlabel.models import CXRModel, create_model, masked_bce_loss
+from cxrlabel.thresholds import Thresholds
 
 LABELS = ("Cardiomegaly", "Edema", "Pleural Effusion")
 
@@ -138,3 +145,73 @@ def test_load_is_strict(tmp_path: Path) -> None:
 def test_missing_checkpoint(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="not found"):
         load_checkpoint(tmp_path / "nothing.safetensors")
+
+
+# --------------------------------------------------------------------------------------------
+# Metadata updates and thresholds
+# --------------------------------------------------------------------------------------------
+
+
+def test_update_metadata_keeps_weights_and_refuses_weight_keys(tmp_path: Path) -> None:
+    model, _ = _trained()
+    save_checkpoint(tmp_path / "best", model, config={}, epoch=0, step=1, extra={"a": 1})
+    weights = (tmp_path / "best.safetensors").read_bytes()
+    meta = update_metadata(tmp_path / "best.json", note="checked", extra=None)
+    assert meta["note"] == "checked" and "extra" not in meta
+    again = read_metadata(tmp_path / "best.safetensors")  # hashes still verify
+    assert again["note"] == "checked" and "extra" not in again
+    assert (tmp_path / "best.safetensors").read_bytes() == weights
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.json", "best.safetensors"]
+    for key in ("sha256", "files", "model", "preprocessing"):
+        with pytest.raises(CheckpointError, match="describe the weights"):
+            update_metadata(tmp_path / "best.json", **{key: {}})
+    # A torn checkpoint is reported, not patched.
+    (tmp_path / "best.safetensors").write_bytes(weights[:-8] + b"\0" * 8)
+    with pytest.raises(CheckpointError, match="do not match"):
+        update_metadata(tmp_path / "best.json", note="x")
+
+
+def test_thresholds_are_stored_and_read_back(tmp_path: Path) -> None:
+    model, _ = _trained()
+    save_checkpoint(tmp_path / "best", model, config={}, epoch=0, step=1)
+    meta = read_metadata(tmp_path / "best.json")
+    assert "thresholds" not in meta
+    assert thresholds_from_metadata(meta) == Thresholds.fixed(LABELS)  # the method's 0.5
+    # Given in another order and with a band: stored in the model's label order.
+    chosen = Thresholds(
+        tuple(reversed(LABELS)), (0.7, 0.4, 0.2), "youden", chosen_on="valid.csv"
+    ).with_band(0.05)
+    set_thresholds(tmp_path / "best.safetensors", chosen)
+    meta = read_metadata(tmp_path / "best.json")
+    assert list(meta["thresholds"]["values"]) == list(LABELS)
+    back = thresholds_from_metadata(meta)
+    assert back == chosen.subset(LABELS)
+    assert back.values == (0.2, 0.4, 0.7) and back.rule == "youden"
+    _, loaded_meta = load_checkpoint(tmp_path / "best.json")
+    assert Thresholds.from_dict(loaded_meta["thresholds"]) == back
+    with pytest.raises(CheckpointError, match="no threshold stored"):
+        set_thresholds(tmp_path / "best.json", Thresholds.fixed(["Edema"]))
+
+
+def test_save_checkpoint_with_thresholds(tmp_path: Path) -> None:
+    model, _ = _trained()
+    chosen = Thresholds(LABELS, (0.3, 0.5, 0.6), "max_f1")
+    save_checkpoint(tmp_path / "best", model, config={}, epoch=0, step=1, thresholds=chosen)
+    assert thresholds_from_metadata(read_metadata(tmp_path / "best.json")) == chosen
+
+
+def test_rename_and_remove_checkpoint(tmp_path: Path) -> None:
+    model, opt = _trained()
+    save_checkpoint(tmp_path / "best-1", model, config={}, epoch=3, step=9, optimizer=opt)
+    rename_checkpoint(tmp_path / "best-1.safetensors", tmp_path / "best-2.safetensors")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "best-2.json",
+        "best-2.safetensors",
+        "best-2.state.safetensors",
+    ]
+    loaded, meta = load_checkpoint(tmp_path / "best-2.json")
+    assert meta["epoch"] == 3 and meta["files"]["weights"] == "best-2.safetensors"
+    original = model.state_dict()
+    assert all(torch.equal(original[k], v) for k, v in loaded.state_dict().items())
+    remove_checkpoint(tmp_path / "best-2.json")
+    assert not list(tmp_path.iterdir())

@@ -1,3 +1,6 @@
+import json
+import shutil
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -83,8 +86,18 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
         "finetune_metrics.md",
         "runs/finetune-tiny/plots/loss.png",
         "runs/finetune-tiny/checkpoints/best.safetensors",
+        "runs/finetune-tiny/report/report.md",
+        "runs/finetune-tiny/report/report.html",
+        "runs/finetune-tiny/report/evaluation.json",
     ):
         assert (out / name).is_file(), name
+    # The report's paths are printed; it covers images and studies.
+    assert str(out / "runs/finetune-tiny/report/report.html") in printed
+    row = "| validation (per image, frontal) | Tiny_1 (finetune-tiny) | single model | image |"
+    assert row in printed
+    assert "| validation (per study, max over all views) |" in printed
+    assert "| study (max) |" in printed
+    assert "200 bootstrap resamples" in printed
     # A second run into the same folder starts afresh instead of refusing the old run.
     assert main(args) == 0
 
@@ -113,7 +126,90 @@ def test_train_then_evaluate(tiny_dataset, tmp_path, capsys):
     assert main(["train", "--preset", "tiny-cpu", "--run-dir", str(run), *overrides]) == 0
     assert "validation AUROC per label" in capsys.readouterr().out
     assert main(["train", "--preset", "tiny-cpu", "--run-dir", str(run), *overrides]) == 2
+    capsys.readouterr()
     best = run / "checkpoints" / "best.safetensors"
-    assert main(["evaluate", str(best), str(tiny_dataset / "valid.csv")]) == 0
+    data = ["--data", str(tiny_dataset / "valid.csv"), "--data", str(tiny_dataset / "train.csv")]
+    assert main(["evaluate", "--model", str(best), *data, "--bootstrap", "20"]) == 0
     printed = capsys.readouterr().out
     assert "| Cardiomegaly |" in printed and "| Mean |" in printed
+    assert "| validation | Tiny_1" in printed and "| test | Tiny_1" in printed
+    # The report goes to the run folder of the checkpoint, with the numbers beside it.
+    report = run / "report"
+    for name in ("report.md", "report.html", "evaluation.json"):
+        assert (report / name).is_file(), name
+        assert str(report / name) in printed
+    html = (report / "report.html").read_text()
+    assert "data:image/png;base64," in html
+    saved = json.loads((report / "evaluation.json").read_text())
+    assert [e["dataset"] for e in saved["evaluations"]] == ["validation", "test"]
+    assert all(e["unit"] == "image" and e["n_resamples"] == 20 for e in saved["evaluations"])
+
+
+def test_evaluate_study_level_ensemble_with_out(tiny_run, tiny_dataset, tmp_path, capsys):
+    out = tmp_path / "report"
+    args = [
+        "evaluate", "--model", f"{tiny_run.run_dir}:best2", "--data",
+        f"train={tiny_dataset / 'train.csv'}", "--unit", "study", "--view", "all",
+        "--bootstrap", "20", "--out", str(out), "--device", "cpu",
+    ]  # fmt: skip
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "| train | Tiny_1 (tiny-run) | ensemble of 2 checkpoints | study (max) |" in printed
+    assert (out / "report.md").is_file() and (out / "report.html").is_file()
+    record = json.loads((out / "evaluation.json").read_text())["evaluations"][0]
+    assert record["unit"] == "study" and record["aggregate"] == "max"
+    assert record["kind"] == "ensemble of 2 checkpoints"
+
+
+def test_evaluate_outside_a_run_needs_out(tiny_run, tiny_dataset, tmp_path, caplog):
+    loose = tmp_path / "model"
+    for suffix in (".safetensors", ".json"):
+        shutil.copy(tiny_run.run_dir / "checkpoints" / f"best{suffix}", f"{loose}{suffix}")
+    args = ["evaluate", "--model", f"{loose}.safetensors", "--data", str(tiny_dataset / "a.csv")]
+    assert main(args) == 2
+    assert "give --out" in caplog.text
+
+
+def _threshold_cells(printed: str, label: str) -> list[str]:
+    """The Threshold column of `label`'s rows in printed per-label tables."""
+    return [line.split("|")[2].strip() for line in printed.splitlines() if line.startswith(
+        f"| {label} |"
+    )]  # fmt: skip
+
+
+def test_thresholds_command_changes_later_evaluations(tiny_run, tiny_dataset, tmp_path, capsys):
+    run = shutil.copytree(tiny_run.run_dir, tmp_path / "run")
+    data = ["--data", str(tiny_dataset / "train.csv")]
+    evaluate = ["evaluate", "--model", str(run), *data, "--bootstrap", "10", "--device", "cpu"]
+    assert main(evaluate) == 0
+    before = capsys.readouterr().out
+    assert "thresholds fixed" in before
+    assert set(_threshold_cells(before, "Pleural Effusion")) == {"0.500"}
+
+    assert main(["thresholds", str(run), *data, "--rule", "max_f1", "--band", "0.05"]) == 0
+    printed = capsys.readouterr().out
+    assert "stored max_f1 thresholds chosen on synthetic train.csv" in printed
+    assert "uncertain in [" in printed
+    meta = json.loads((run / "checkpoints" / "best.json").read_text())
+    assert meta["thresholds"]["rule"] == "max_f1"
+
+    assert main(evaluate) == 0
+    after = capsys.readouterr().out
+    assert "thresholds max_f1, with an uncertainty band" in after
+    stored = meta["thresholds"]["values"]
+    cells = _threshold_cells(after, "Pleural Effusion")
+    assert cells == [f"{stored['Pleural Effusion']:.3f}"]
+    assert any(f"{v:.3f}" != "0.500" for v in stored.values())
+
+
+def test_compare_prints_a_row_per_run(tiny_run, tmp_path, capsys):
+    other = shutil.copytree(tiny_run.run_dir, tmp_path / "second-run")
+    out = tmp_path / "compare.md"
+    assert main(["compare", str(tiny_run.run_dir), str(other), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    rows = [line for line in printed.splitlines() if line.startswith("| ")]
+    assert rows[0].startswith("| Run | Model | Epochs | Best epoch |")
+    assert "Accuracy | Precision | Recall | F1 | AUROC |" in rows[0]
+    assert [r.split("|")[1].strip() for r in rows[1:]] == ["tiny-run", "second-run"]
+    assert out.read_text() in printed
+    assert main(["compare", str(tmp_path)]) == 2  # not a run folder

@@ -31,3 +31,23 @@ def test_config_is_frozen_and_round_trips(tmp_path):
     cfg.save(tmp_path / "config.yaml")
     assert load_config(tmp_path / "config.yaml") == cfg
     assert isinstance(load_config(tmp_path / "config.yaml"), RunConfig)
+
+
+def test_evaluation_options_defaults_presets_and_errors(tmp_path):
+    cfg = build_config()
+    assert (cfg.threshold_rule, cfg.uncertainty_band, cfg.keep_best) == ("fixed", 0.0, 1)
+    cfg = build_config("tiny-cpu", ["threshold_rule=youden", "uncertainty_band=0.1", "keep_best=3"])
+    assert (cfg.threshold_rule, cfg.uncertainty_band, cfg.keep_best) == ("youden", 0.1, 3)
+    assert build_config("finetune-densenet121").keep_best == 3
+    with pytest.raises(ConfigError, match="threshold_rule must be one of"):
+        build_config(None, ["threshold_rule=median"])
+    with pytest.raises(ConfigError, match="uncertainty_band"):
+        build_config(None, ["uncertainty_band=0.6"])
+    with pytest.raises(ConfigError, match="keep_best"):
+        build_config(None, ["keep_best=0"])
+    with pytest.raises(ConfigError, match="keep_best must be int"):
+        build_config(None, ["keep_best=two"])
+    # A saved config.yaml is checked the same way.
+    (tmp_path / "config.yaml").write_text("threshold_rule: best\n")
+    with pytest.raises(ConfigError, match="threshold_rule"):
+        load_config(tmp_path / "config.yaml")

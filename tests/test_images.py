@@ -553,3 +553,18 @@ def test_dicom_voi_lut_sequence_preferred_over_window(tmp_path: Path, vr: str, b
     )
     img = read_image(path)
     np.testing.assert_allclose(img, lut[pixels] / top, atol=1e-6)
+
+
+@pytest.mark.parametrize("implicit", [True, False])
+def test_bare_dicom_without_preamble_or_file_meta(tmp_path: Path, implicit: bool) -> None:
+    """A raw data set (no 128-byte preamble, no file meta, so no transfer syntax) still
+    decodes: it was parsed with some encoding, which is all uncompressed pixels need."""
+    pixels = _ramp(high=4095)
+    full = _write_dicom(tmp_path / "full.dcm", pixels, bits_stored=12)
+    ds = pydicom.dcmread(full)
+    del ds.file_meta
+    ds.preamble = None
+    bare = tmp_path / "bare.dcm"
+    ds.save_as(bare, implicit_vr=implicit, little_endian=True, enforce_file_format=False)
+    assert b"DICM" not in bare.read_bytes()[:132]
+    np.testing.assert_allclose(read_image(bare), pixels / 4095.0, atol=1e-6)

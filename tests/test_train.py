@@ -12,10 +12,11 @@ import torch
 from cxrlabel.checkpoint import load_checkpoint, read_metadata
 from cxrlabel.config import RunConfig, build_config, load_config
 from cxrlabel.data import CXRDataset
-from cxrlabel.evaluate import metrics_table
 from cxrlabel.formats import load_table
 from cxrlabel.labels import filter_view
+from cxrlabel.metrics import metrics_table
 from cxrlabel.synth import write_dataset
+from cxrlabel.thresholds import Thresholds
 from cxrlabel.train import (
     METRIC_COLUMNS,
     TrainResult,
@@ -24,6 +25,7 @@ from cxrlabel.train import (
     epoch_order,
     make_loader,
     predict,
+    rank_kept,
     scheduled_lr,
     train,
 )
@@ -41,6 +43,10 @@ def _config(dataset: Path, **overrides: object) -> RunConfig:
         "seed": 3,
         # Cosine, so the exact-resume test also covers the learning rate.
         "lr_schedule": "cosine",
+        # Chosen thresholds with a band and two kept epochs, so resuming covers them too.
+        "threshold_rule": "youden",
+        "uncertainty_band": 0.05,
+        "keep_best": 2,
         **overrides,
     }
     return build_config("tiny-cpu", values)
@@ -135,6 +141,69 @@ def test_resume_mid_epoch_is_exact(
     assert a.train_loss.tolist() == b.train_loss.tolist()
     assert a.lr.tolist() == b.lr.tolist()
     assert a.val_loss.dropna().tolist() == b.val_loss.dropna().tolist()
+    # The same kept checkpoints with the same thresholds.
+    assert full_run.metrics["kept_checkpoints"] == resumed.metrics["kept_checkpoints"]
+    for name in ("best", "best-1", "best-2"):
+        x = read_metadata(full_run.run_dir / "checkpoints" / f"{name}.json")
+        y = read_metadata(resumed.run_dir / "checkpoints" / f"{name}.json")
+        assert x["thresholds"] == y["thresholds"] and x["epoch"] == y["epoch"]
+
+
+def test_best_checkpoints_carry_chosen_thresholds(full_run: TrainResult) -> None:
+    meta = read_metadata(full_run.best_checkpoint)
+    thresholds = Thresholds.from_dict(meta["thresholds"])
+    assert thresholds.labels == tuple(full_run.metrics["labels"])
+    assert thresholds.rule == "youden" and thresholds.band is not None
+    assert "patient split of train.csv" in thresholds.chosen_on
+    assert f"epoch {meta['epoch']}" in thresholds.chosen_on
+    for (low, high), value in zip(thresholds.band, thresholds.values, strict=True):
+        assert low == pytest.approx(max(0.0, value - 0.05))
+        assert high == pytest.approx(min(1.0, value + 0.05))
+    assert full_run.metrics["thresholds"] == meta["thresholds"]
+    assert set(full_run.metrics["val_mean"]) >= {"Accuracy", "Precision", "Recall", "F1"}
+    assert "thresholds" not in read_metadata(full_run.last_checkpoint)  # last is for resuming
+
+
+def test_rank_kept_orders_and_truncates() -> None:
+    kept = [{"epoch": 0, "value": 0.5}, {"epoch": 1, "value": 0.7}]
+    new = {"epoch": 2, "value": 0.6}
+    assert [e["epoch"] for e in rank_kept(kept, new, 2, "val_loss")] == [0, 2]
+    assert [e["epoch"] for e in rank_kept(kept, new, 3, "val_loss")] == [0, 2, 1]
+    assert [e["epoch"] for e in rank_kept(kept, new, 2, "val_auroc")] == [1, 2]
+    tie = {"epoch": 3, "value": 0.5}  # a tie ranks below the earlier epoch
+    assert [e["epoch"] for e in rank_kept(kept[:1], tie, 2, "val_loss")] == [0, 3]
+    nan = {"epoch": 4, "value": float("nan")}  # never displaces a real value
+    assert [e["epoch"] for e in rank_kept(kept, nan, 2, "val_loss")] == [0, 1]
+    assert [e["epoch"] for e in rank_kept(kept, nan, 3, "val_auroc")] == [1, 0, 4]
+
+
+def test_keep_best_keeps_exactly_k_ranked_checkpoints(tiny_dataset: Path, tmp_path: Path) -> None:
+    config = _config(
+        tiny_dataset, runs_dir=str(tmp_path), epochs=4, batch_size=8, keep_best=2,
+        deterministic=False, name="kept",
+    )  # fmt: skip
+    result = train(config)
+    ckpts = result.run_dir / "checkpoints"
+    names = sorted(p.name for p in ckpts.iterdir() if p.name.startswith("best"))
+    assert names == [
+        "best-1.json", "best-1.safetensors", "best-2.json", "best-2.safetensors",
+        "best.json", "best.safetensors",
+    ]  # fmt: skip
+    epochs = pd.read_csv(result.run_dir / "metrics.csv").query("kind == 'epoch'")
+    ranked = epochs.sort_values(["val_loss", "epoch"]).epoch.tolist()[:2]
+    assert [read_metadata(ckpts / f"best-{r}.json")["epoch"] for r in (1, 2)] == ranked
+    assert read_metadata(ckpts / "best.json")["epoch"] == ranked[0]
+    best, first = _weights(ckpts / "best.json"), _weights(ckpts / "best-1.json")
+    assert all(torch.equal(best[k], first[k]) for k in best)
+    kept = result.metrics["kept_checkpoints"]
+    assert [k["epoch"] for k in kept] == ranked and [k["rank"] for k in kept] == [1, 2]
+    assert [k["path"] for k in kept] == [
+        "checkpoints/best-1.safetensors", "checkpoints/best-2.safetensors",
+    ]  # fmt: skip
+    # Each kept checkpoint carries the thresholds chosen on its own epoch's predictions.
+    for r in (1, 2):
+        meta = read_metadata(ckpts / f"best-{r}.json")
+        assert f"epoch {meta['epoch']}" in meta["thresholds"]["chosen_on"]
 
 
 def test_epoch_order_depends_on_seed_and_epoch_only() -> None:
@@ -169,10 +238,13 @@ def test_execution_choice() -> None:
 
 
 def test_bf16_channels_last_step_runs(tiny_dataset: Path, tmp_path: Path) -> None:
-    """The bf16 + channels_last path trains and checkpoints (emulated where not native)."""
+    """The bf16 + channels_last path trains and checkpoints (emulated where not native).
+
+    The run also uses the default threshold rule and keep_best (one run instead of two)."""
     config = _config(
-        tiny_dataset, runs_dir=str(tmp_path), precision="bf16", epochs=1, deterministic=False
-    )
+        tiny_dataset, runs_dir=str(tmp_path), precision="bf16", epochs=1, deterministic=False,
+        threshold_rule="fixed", uncertainty_band=0.0, keep_best=1,
+    )  # fmt: skip
     result = train(config)
     assert result.metrics["execution"]["precision"] == "bf16"
     assert result.metrics["execution"]["channels_last"]
@@ -180,6 +252,15 @@ def test_bf16_channels_last_step_runs(tiny_dataset: Path, tmp_path: Path) -> Non
     assert all(
         torch.isfinite(v).all() for v in model.state_dict().values() if v.is_floating_point()
     )
+    # threshold_rule fixed: the best checkpoint still carries thresholds, the method's 0.5.
+    stored = Thresholds.from_dict(read_metadata(result.best_checkpoint)["thresholds"])
+    assert stored == Thresholds.fixed(result.metrics["labels"])
+    names = sorted(p.name for p in (result.run_dir / "checkpoints").iterdir())
+    assert not [n for n in names if n.startswith("best-")]  # keep_best=1: best.* only
+    assert result.metrics["kept_checkpoints"] == [
+        {"rank": 1, "epoch": 0, "val_loss": pytest.approx(result.metrics["val_loss"]),
+         "path": "checkpoints/best.safetensors"}
+    ]  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
@@ -29,6 +30,7 @@ from safetensors.torch import load_file, save_file
 import cxrlabel
 from cxrlabel.fileio import atomic_path, atomic_write_text
 from cxrlabel.models import CXRModel, ModelSpec, create_model
+from cxrlabel.thresholds import Thresholds
 from cxrlabel.transforms import Preprocessing
 
 log = logging.getLogger(__name__)
@@ -37,6 +39,10 @@ CHECKPOINT_FORMAT = 1
 WEIGHTS_SUFFIX = ".safetensors"
 STATE_SUFFIX = ".state.safetensors"
 META_SUFFIX = ".json"
+# Keys that describe the tensor files or how to rebuild the model: changing them in place would
+# pair the weights with metadata they were not saved with, so `update_metadata` refuses them.
+PROTECTED_KEYS = frozenset({"format", "files", "sha256", "model", "preprocessing", "optimizer"})
+THRESHOLDS_KEY = "thresholds"
 
 
 class CheckpointError(ValueError):
@@ -159,11 +165,13 @@ def save_checkpoint(
     step: int,
     optimizer: torch.optim.Optimizer | None = None,
     extra: Mapping[str, Any] | None = None,
+    thresholds: Thresholds | None = None,
 ) -> Path:
     """Write weights (and, with `optimizer`, resumable training state); return the JSON path.
 
     `extra` is stored as-is under "extra" (it must be JSON-serialisable), e.g. training
-    progress or validation metrics.
+    progress or validation metrics. `thresholds` (for the model's labels) are stored under
+    "thresholds"; without them readers use the method's fixed 0.5.
     """
     weights_path, state_path, meta_path = checkpoint_paths(path)
     meta: dict[str, Any] = {
@@ -178,6 +186,8 @@ def save_checkpoint(
         "sha256": {"weights": _save_tensors(weights_path, model.state_dict())},
         "extra": dict(extra or {}),
     }
+    if thresholds is not None:
+        meta[THRESHOLDS_KEY] = thresholds.subset(model.spec.labels).to_dict()
     if optimizer is not None:
         tensors, scalars = flatten_optimizer_state(optimizer.state_dict())
         tensors.update(rng_tensors())
@@ -215,6 +225,74 @@ def read_metadata(path: Path) -> dict[str, Any]:
         if _sha256(file) != meta["sha256"][kind]:
             raise CheckpointError(f"{file}: contents do not match {meta_path} (interrupted save?)")
     return meta
+
+
+def update_metadata(path: Path, **changes: Any) -> dict[str, Any]:
+    """Set top-level metadata keys of a saved checkpoint; the tensor files are not touched.
+
+    The hashes are verified first (a torn checkpoint is not patched), keys that describe the
+    weights (`PROTECTED_KEYS`) are refused, and the JSON is replaced atomically. A value of
+    None removes the key. Returns the new metadata.
+    """
+    refused = sorted(set(changes) & PROTECTED_KEYS)
+    if refused:
+        raise CheckpointError(f"{path}: metadata keys {refused} describe the weights; not changed")
+    meta = read_metadata(path)
+    for key, value in changes.items():
+        if value is None:
+            meta.pop(key, None)
+        else:
+            meta[key] = value
+    _, _, meta_path = checkpoint_paths(path)
+    atomic_write_text(meta_path, json.dumps(meta, indent=2, default=_json_default))
+    return meta
+
+
+def set_thresholds(path: Path, thresholds: Thresholds) -> dict[str, Any]:
+    """Store `thresholds` (one per label the model predicts, in its order) in a checkpoint."""
+    meta = read_metadata(path)
+    labels = meta["model"]["labels"]
+    try:
+        ordered = thresholds.subset(labels)
+    except KeyError as exc:
+        raise CheckpointError(f"{path}: {exc.args[0]} (the model predicts {labels})") from exc
+    return update_metadata(path, **{THRESHOLDS_KEY: ordered.to_dict()})
+
+
+def thresholds_from_metadata(meta: Mapping[str, Any]) -> Thresholds:
+    """A checkpoint's stored thresholds, or the method's fixed 0.5 for its labels."""
+    labels = tuple(meta["model"]["labels"])
+    stored = meta.get(THRESHOLDS_KEY)
+    if not stored:
+        return Thresholds.fixed(labels)
+    return Thresholds.from_dict(stored).subset(labels)
+
+
+def rename_checkpoint(src: Path, dst: Path) -> Path:
+    """Move a checkpoint's files to another stem, rewriting the file names in its metadata.
+
+    Tensor files move first, then the new JSON (naming them and their unchanged hashes) is
+    written, then the old JSON is removed: a crash leaves at worst a JSON whose files are
+    missing, which `read_metadata` reports, never weights paired with the wrong metadata.
+    """
+    meta = read_metadata(src)
+    src_paths, dst_paths = checkpoint_paths(src), checkpoint_paths(dst)
+    kinds = {"weights": 0, "state": 1}
+    for kind in meta["files"]:
+        os.replace(src_paths[kinds[kind]], dst_paths[kinds[kind]])
+        meta["files"][kind] = dst_paths[kinds[kind]].name
+    if "state" not in meta["files"]:
+        dst_paths[1].unlink(missing_ok=True)  # a stale state file must not pass for this one's
+    atomic_write_text(dst_paths[2], json.dumps(meta, indent=2, default=_json_default))
+    src_paths[2].unlink()
+    return dst_paths[2]
+
+
+def remove_checkpoint(path: Path) -> None:
+    """Delete a checkpoint's files (metadata first, so no half-deleted set looks complete)."""
+    weights, state, meta = checkpoint_paths(path)
+    for file in (meta, weights, state):
+        file.unlink(missing_ok=True)
 
 
 def model_from_metadata(meta: Mapping[str, Any]) -> CXRModel:

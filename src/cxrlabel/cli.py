@@ -41,6 +41,39 @@ def _load_table(args: argparse.Namespace) -> LabelTable:
     )
 
 
+def _add_eval_model_args(parser: argparse.ArgumentParser, *, positional: bool = False) -> None:
+    """The model(s) for evaluate / thresholds: run folders, RUN:bestK or checkpoint files."""
+    what = "run folder (its best checkpoint), RUN:bestK (its K best) or checkpoint file"
+    if positional:
+        parser.add_argument("model", nargs="+", help=what)
+    else:
+        parser.add_argument(
+            "--model", nargs="+", required=True, help=f"{what}; several: an ensemble"
+        )
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+
+
+def _add_eval_table_args(parser: argparse.ArgumentParser) -> None:
+    """Label-file and scoring options shared by evaluate and thresholds."""
+    from cxrlabel.formats import FORMATS
+
+    parser.add_argument("--format", default="auto", choices=FORMATS, help="label file format")
+    parser.add_argument("--mimic-metadata", type=Path, help="MIMIC-CXR metadata CSV")
+    parser.add_argument("--nih-image-dir", default="images", help="NIH image folder")
+    parser.add_argument(
+        "--blank",
+        choices=[b.value for b in BlankMeaning],
+        help="what an empty label cell means (default: the format's own)",
+    )
+    parser.add_argument("--unit", default="image", choices=["image", "study"])
+    parser.add_argument(
+        "--aggregate", default="max", choices=["max", "mean"],
+        help="a study's probability from its views (with --unit study)",
+    )  # fmt: skip
+    parser.add_argument("--view", default="frontal", choices=["frontal", "lateral", "all"])
+    parser.add_argument("--policy", default="U-Ignore", help="U-Ignore, U-Zeros or U-Ones")
+
+
 def cmd_stats(args: argparse.Namespace) -> int:
     from cxrlabel.fileio import atomic_write_text
     from cxrlabel.stats import label_stats
@@ -164,13 +197,112 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_evaluate(args: argparse.Namespace) -> int:
-    from cxrlabel.evaluate import evaluate_checkpoint, format_metrics
-    from cxrlabel.labels import filter_view
+def _named_csvs(items: Sequence[str]) -> list[tuple[str | None, Path]]:
+    """`--data` values: CSV or NAME=CSV (a path containing '=' needs the NAME= form)."""
+    out: list[tuple[str | None, Path]] = []
+    for item in items:
+        name, sep, path = item.partition("=")
+        out.append((name, Path(path)) if sep and name and path else (None, Path(item)))
+    return out
 
-    table = filter_view(_load_table(args), args.view)
-    metrics = evaluate_checkpoint(args.checkpoint, table, threshold=args.threshold)
-    print(format_metrics(metrics))
+
+def _load_csv(args: argparse.Namespace, csv: Path) -> LabelTable:
+    from cxrlabel.formats import load_table
+
+    return load_table(
+        csv,
+        args.format,
+        mimic_metadata=args.mimic_metadata,
+        nih_image_dir=args.nih_image_dir,
+        blank=args.blank,
+    )
+
+
+def _report_dir(args: argparse.Namespace) -> Path:
+    from cxrlabel.evaluate import run_dir_of
+
+    if args.out is not None:
+        return args.out
+    run = run_dir_of(args.model[0])
+    if run is None:
+        raise ValueError(
+            f"{args.model[0]} is not in a run folder: give --out for the report folder"
+        )
+    return run / "report"
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from cxrlabel.evaluate import (
+        data_names,
+        evaluate,
+        format_evaluations,
+        run_dir_of,
+        save_evaluations,
+    )
+    from cxrlabel.report import write_report
+    from cxrlabel.stats import label_stats
+
+    out = _report_dir(args)  # before the slow part: a missing --out fails at once
+    named = _named_csvs(args.data)
+    names = data_names(len(named), [name for name, _ in named])
+    tables = [_load_csv(args, csv) for _, csv in named]
+    evaluations = evaluate(
+        args.model,
+        list(zip(names, tables, strict=True)),
+        unit=args.unit,
+        aggregate=args.aggregate,
+        policy=args.policy,
+        view=args.view,
+        n_resamples=args.bootstrap,
+        seed=args.seed,
+        device=args.device,
+        batch_size=args.batch_size,
+    )
+    print(format_evaluations(evaluations, names))
+    pred = evaluations[0].predictions
+    run_dirs = [r for r in dict.fromkeys(run_dir_of(m) for m in args.model) if r is not None]
+    report_md, report_html = write_report(
+        evaluations,
+        out,
+        title=f"Evaluation of {pred.model} ({pred.kind})",
+        dataset_names=names,
+        run_dirs=run_dirs,
+        label_stats=label_stats(tables[0], unit=args.unit, view=args.view),
+        chexpert_valid=args.chexpert_valid,
+    )
+    saved = save_evaluations(out / "evaluation.json", evaluations, names, models=args.model)
+    print(f"report: {report_md}\n        {report_html}\nnumbers: {saved}")
+    return 0
+
+
+def cmd_thresholds(args: argparse.Namespace) -> int:
+    from cxrlabel.ensemble import resolve_model_paths
+    from cxrlabel.evaluate import choose_and_store_thresholds
+
+    table = _load_csv(args, args.data)
+    for path in resolve_model_paths(args.model):
+        stored, thresholds = choose_and_store_thresholds(
+            path, table, rule=args.rule, band=args.band, unit=args.unit,
+            aggregate=args.aggregate, policy=args.policy, view=args.view, device=args.device,
+        )  # fmt: skip
+        where = f" chosen on {thresholds.chosen_on}" if thresholds.chosen_on else ""
+        print(f"{stored}: stored {thresholds.rule} thresholds{where}")
+        bands = thresholds.band or [None] * len(thresholds.labels)
+        for label, value, band in zip(thresholds.labels, thresholds.values, bands, strict=True):
+            extra = "" if band is None else f"  uncertain in [{band[0]:.3f}, {band[1]:.3f})"
+            print(f"  {label:<28}{value:.3f}{extra}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from cxrlabel.evaluate import compare_runs, format_comparison
+    from cxrlabel.fileio import atomic_write_text
+
+    text = format_comparison(compare_runs(args.runs))
+    print(text)
+    if args.out is not None:
+        atomic_write_text(args.out, text)
+        print(f"wrote {args.out}")
     return 0
 
 
@@ -179,6 +311,57 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     print(run_demo(args.out, patients=args.patients, size=args.size, seed=args.seed))
     return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from cxrlabel.serve import load_model, serve, token_from_env
+
+    token = token_from_env(args.token_env)
+    model = load_model(args.model, device=args.device)
+    print(f"serving {model.name} ({model.kind}) at http://{args.host}:{args.port}/")
+    print("auth: bearer token required" if token else "auth: none (set CXRLABEL_TOKEN to add it)")
+    serve(
+        model, host=args.host, port=args.port, token=token,
+        max_upload_bytes=int(args.max_upload_mb * 2**20), heatmap_cache=args.heatmap_cache,
+    )  # fmt: skip
+    return 0
+
+
+def cmd_label(args: argparse.Namespace) -> int:
+    from cxrlabel.labels import resolve_labels
+    from cxrlabel.predict import label_inputs, load_model
+
+    model = load_model(args.model, backend=args.backend, device=args.device)
+    lateral = None
+    if args.lateral_model:
+        lateral = load_model(args.lateral_model, backend=args.backend, device=args.device)
+    chosen = resolve_labels(args.heatmap_labels) if args.heatmap_labels else None
+    summary = label_inputs(
+        args.inputs, model, args.out, batch_size=args.batch_size,
+        heatmaps=args.heatmaps or chosen is not None, heatmap_labels=chosen,
+        lateral_model=lateral, progress=not args.no_progress,
+    )  # fmt: skip
+    print(summary.to_text())
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from cxrlabel.export import export_onnx
+
+    if args.onnx is None:
+        raise ValueError("choose an export format: --onnx [FILE]")
+    out = Path(args.onnx) if args.onnx else _default_onnx_path(Path(args.model[0]))
+    export_onnx(args.model, out)
+    print(f"wrote {out}")
+    return 0
+
+
+def _default_onnx_path(spec: Path) -> Path:
+    """RUN/model.onnx for a run folder, else beside the checkpoint (its stem + .onnx)."""
+    if spec.is_dir():
+        return spec / "model.onnx"
+    name = spec.name.removesuffix(".safetensors").removesuffix(".json")
+    return spec.with_name(f"{name}.onnx")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -270,12 +453,87 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from checkpoints/last")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("evaluate", help="per-label metrics of a checkpoint on a labelled CSV")
-    p.add_argument("checkpoint", type=Path, help="a run's checkpoints/best.safetensors")
-    _add_table_args(p)
-    p.add_argument("--view", default="frontal", choices=["frontal", "lateral", "all"])
-    p.add_argument("--threshold", type=float, default=0.5)
+    p = sub.add_parser(
+        "evaluate", help="metrics with CIs of a model or ensemble; writes report.md/.html"
+    )
+    _add_eval_model_args(p)
+    p.add_argument(
+        "--data", action="append", required=True, metavar="[NAME=]CSV",
+        help="labelled CSV; repeat for more (default names: validation, then test)",
+    )  # fmt: skip
+    _add_eval_table_args(p)
+    p.add_argument("--bootstrap", type=int, default=1000, help="resamples for AUROC CIs")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--out", type=Path, help="report folder (default: <first run>/report)")
+    p.add_argument(
+        "--chexpert-valid", action="store_true",
+        help="the first data ARE CheXpert's validation set (compare with the paper as such)",
+    )  # fmt: skip
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("thresholds", help="choose per-label thresholds and store them")
+    _add_eval_model_args(p, positional=True)
+    p.add_argument("--data", type=Path, required=True, help="labelled CSV to choose them on")
+    p.add_argument("--rule", required=True, choices=["youden", "max_f1", "fixed"])
+    p.add_argument("--band", type=float, default=0.0, help="+/- uncertainty band (label -1)")
+    _add_eval_table_args(p)
+    p.set_defaults(func=cmd_thresholds)
+
+    p = sub.add_parser("compare", help="one table of several runs' best checkpoints")
+    p.add_argument("runs", nargs="+", type=Path, help="run folders")
+    p.add_argument("--out", type=Path, help="also write the table to this .md file")
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("serve", help="HTTP labelling API and web page for a model")
+    p.add_argument(
+        "--model",
+        nargs="+",
+        required=True,
+        help="run folders, RUN:bestK or checkpoint files, or one exported .onnx file",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to listen on every interface")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--max-upload-mb", type=float, default=20.0, help="largest image file")
+    p.add_argument("--heatmap-cache", type=int, default=64, help="recent results kept")
+    p.add_argument(
+        "--token-env",
+        metavar="NAME",
+        help="require 'Authorization: Bearer <token>' with the token read from environment "
+        "variable NAME (default: CXRLABEL_TOKEN when set; never pass a token as an argument)",
+    )
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("label", help="label films (files, folders, a CSV) with a model")
+    p.add_argument("inputs", nargs="+", help="image files, folders (recursive) or a CSV with Path")
+    p.add_argument(
+        "--model", nargs="+", action="extend", required=True,
+        help="run folders, RUN:bestK, checkpoint files or one .onnx; several: an ensemble",
+    )  # fmt: skip
+    p.add_argument(
+        "--lateral-model", nargs="+", action="extend",
+        help="model for lateral films (else they are labelled by --model and flagged)",
+    )  # fmt: skip
+    p.add_argument("--out", type=Path, default=Path("labels"), help="output folder")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument(
+        "--backend", default="auto", choices=["auto", "torch", "onnx"],
+        help="auto: ONNX Runtime on CPU (fastest measured), PyTorch on CUDA",
+    )  # fmt: skip
+    p.add_argument("--heatmaps", action="store_true", help="Grad-CAM PNGs of positive labels")
+    p.add_argument("--heatmap-labels", help="draw heatmaps for these labels (comma list or set)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_label)
+
+    p = sub.add_parser("export", help="export a model (ONNX with preprocessing and thresholds)")
+    p.add_argument("model", nargs="+", help="run folders, RUN:bestK or checkpoint files")
+    p.add_argument(
+        "--onnx", nargs="?", const="", metavar="FILE",
+        help="write ONNX (default FILE: RUN/model.onnx or beside the checkpoint)",
+    )  # fmt: skip
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("demo", help="the main job on built-in synthetic data")
     p.add_argument("--out", type=Path, default=Path("demo-output"))

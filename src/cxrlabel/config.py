@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from cxrlabel.fileio import atomic_write_text
+from cxrlabel.thresholds import RULES
 
 PRESET_DIR = Path(__file__).parent / "presets"
 _FLOAT_RE = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
@@ -54,6 +55,11 @@ class RunConfig:
     weight_decay: float = 0.0
     lr_schedule: str = "constant"  # constant (the method) | cosine (decay to 0 over the run)
     select_best: str = "val_loss"  # or "val_auroc"
+    keep_best: int = 1  # >1: also keep the best k epochs as checkpoints/best-1 .. best-k
+    # Decision thresholds stored with the best checkpoint(s): fixed (the method's 0.5), or
+    # chosen per label on the validation predictions by youden or max_f1.
+    threshold_rule: str = "fixed"
+    uncertainty_band: float = 0.0  # >0: probabilities within +/- this of a threshold -> -1
     # Augmentation (off by default; never a horizontal flip unless asked for)
     rotation_deg: float = 0.0
     translate: float = 0.0
@@ -68,6 +74,15 @@ class RunConfig:
     deterministic: bool = False
     use_cache: bool = True
     runs_dir: str = "runs"
+
+    def __post_init__(self) -> None:
+        # Checked here so a preset, an override and a saved config.yaml all fail the same way.
+        if self.threshold_rule not in RULES:
+            raise ConfigError(f"threshold_rule must be one of {RULES}, not {self.threshold_rule!r}")
+        if not 0.0 <= self.uncertainty_band < 0.5:
+            raise ConfigError(f"uncertainty_band must be in [0, 0.5), not {self.uncertainty_band}")
+        if self.keep_best < 1:
+            raise ConfigError(f"keep_best must be at least 1, not {self.keep_best}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -1,98 +1,504 @@
-"""Metrics as pure functions of (y_true, y_score, mask): per label and averaged.
+"""Evaluating saved models on labelled data: one model or an ensemble, per image or per study.
 
-Masked entries (uncertain or unknown labels) are left out. A label whose certain entries hold
-only one class has no AUROC ("n/a"); it is left out of the AUROC mean.
+`evaluate(models, [(name, table), ...])` loads the checkpoints named by `models` (run folders,
+`RUN:bestK`, checkpoint files; several make an ensemble that averages probabilities), scores
+every dataset, optionally forms studies (max or mean over a study's views, as the CheXpert
+paper scores its validation set) and returns one `metrics.Evaluation` per dataset. Decision
+thresholds are the ones stored with the model (`cxrlabel thresholds` / `RunConfig.
+threshold_rule`), or chosen here on the first dataset by a named rule.
+
+Each evaluation's `Predictions` say which model and kind ("single model", "ensemble of N
+checkpoints"), which data (and whether they are cxrlabel's synthetic films, recognised by the
+marker file `synth.write_dataset` leaves beside its CSVs), and which unit.
+
+`evaluation_record` / `save_evaluations` write the JSON that `compare_runs` reads beside a
+report; `markdown_table` is the one formatter for the command-line tables (evaluate, compare
+and the sweep).
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
-from sklearn.metrics import roc_auc_score
 
-from cxrlabel.labels import LabelTable
+from cxrlabel.fileio import atomic_write_text
+from cxrlabel.labels import LabelTable, filter_view
+from cxrlabel.metrics import METRIC_NAMES, Evaluation, evaluate_predictions
+from cxrlabel.results import STUDY_AGGREGATES, UNITS, Predictions
+from cxrlabel.synth import is_synthetic_dataset
+from cxrlabel.thresholds import RULES, Thresholds, choose_thresholds
 
-METRICS = ("Acc", "Prec", "Recall", "F Score", "AUROC")
+if TYPE_CHECKING:
+    from cxrlabel.ensemble import Ensemble
 
+log = logging.getLogger(__name__)
 
-def _safe_div(a: float, b: float) -> float:
-    return a / b if b else 0.0
+DEFAULT_DATA_NAMES = ("validation", "test")
+EVALUATION_FILE = "evaluation.json"
+# The method's summary columns (Table I / II: Acc, Prec, Recall, F Score, AUROC).
+SUMMARY_METRICS = ("Accuracy", "Precision", "Recall", "F1", "AUROC")
 
-
-def label_metrics(y_true: np.ndarray, y_score: np.ndarray, threshold: float = 0.5) -> dict:
-    """Accuracy, precision, recall, F1 at `threshold`, and AUROC, for one label's certain rows."""
-    y_true = np.asarray(y_true, dtype=bool)
-    y_pred = np.asarray(y_score) >= threshold
-    tp = float(np.sum(y_pred & y_true))
-    fp = float(np.sum(y_pred & ~y_true))
-    fn = float(np.sum(~y_pred & y_true))
-    precision = _safe_div(tp, tp + fp)
-    recall = _safe_div(tp, tp + fn)
-    both = len(np.unique(y_true)) == 2
-    return {
-        "Acc": float(np.mean(y_pred == y_true)) if len(y_true) else math.nan,
-        "Prec": precision,
-        "Recall": recall,
-        "F Score": _safe_div(2 * precision * recall, precision + recall),
-        "AUROC": float(roc_auc_score(y_true, y_score)) if both else math.nan,
-        "Positives": int(y_true.sum()),
-        "Negatives": int((~y_true).sum()),
-    }
+ModelSpecs = Sequence[str | Path]
 
 
-def metrics_table(
-    y_true: np.ndarray,
-    y_score: np.ndarray,
-    mask: np.ndarray,
-    labels: Sequence[str],
-    threshold: float = 0.5,
-) -> pd.DataFrame:
-    """One row per label plus a final 'Mean' row (means over labels; NaN AUROCs skipped)."""
-    rows = []
-    for k, name in enumerate(labels):
-        keep = np.asarray(mask[:, k], dtype=bool)
-        rows.append({"Label": name, **label_metrics(y_true[keep, k], y_score[keep, k], threshold)})
-    table = pd.DataFrame(rows)
-    mean = {"Label": "Mean", **{m: table[m].mean(skipna=True) for m in METRICS}}
-    mean.update(Positives=int(table["Positives"].sum()), Negatives=int(table["Negatives"].sum()))
-    return pd.concat([table, pd.DataFrame([mean])], ignore_index=True)
+# --------------------------------------------------------------------------------------------
+# What the data are
+# --------------------------------------------------------------------------------------------
+
+
+def is_synthetic(table: LabelTable) -> bool:
+    """True when the table's CSV came from cxrlabel's generator (see `synth.SYNTHETIC_MARKER`)."""
+    return is_synthetic_dataset(Path(table.source))
+
+
+def describe_data(table: LabelTable, view: str) -> str:
+    """E.g. "synthetic valid.csv (cxrlabel generator), frontal views: 58 images, 50 studies"."""
+    name = Path(table.source).name
+    what = f"synthetic {name} (cxrlabel generator)" if is_synthetic(table) else name
+    views = "all views" if view == "all" else f"{view} views"
+    frame = table.frame
+    studies = frame["study_id"].nunique() if "study_id" in frame else len(frame)
+    return f"{what}, {views}: {len(frame)} images, {studies} studies"
+
+
+# --------------------------------------------------------------------------------------------
+# Scoring
+# --------------------------------------------------------------------------------------------
+
+
+def predict_datasets(
+    ensemble: Ensemble,
+    data: Sequence[tuple[str, LabelTable]],
+    *,
+    policy: str = "U-Ignore",
+    view: str = "frontal",
+    batch_size: int = 32,
+) -> list[Predictions]:
+    """Image-level predictions of `ensemble` on each (name, table), described and marked."""
+    out = []
+    for name, table in data:
+        table = filter_view(table, view)
+        if not len(table):
+            raise ValueError(f"{table.source}: no {view} images to evaluate ({name})")
+        pred = ensemble.predict_table(table, policy=policy, batch_size=batch_size)
+        out.append(
+            pred.replace(
+                model=ensemble.name,
+                kind=ensemble.kind,
+                data=describe_data(table, view),
+                synthetic=is_synthetic(table),
+            )
+        )
+        log.info("%s: scored %d images with %s (%s)", name, len(pred), ensemble.name, pred.kind)
+    return out
+
+
+def check_unit(unit: str, aggregate: str) -> None:
+    if unit not in UNITS:
+        raise ValueError(f"unit must be one of {UNITS}, not {unit!r}")
+    if aggregate not in STUDY_AGGREGATES:
+        raise ValueError(f"aggregate must be one of {STUDY_AGGREGATES}, not {aggregate!r}")
+
+
+def at_unit(pred: Predictions, unit: str, aggregate: str) -> Predictions:
+    """`pred` per image, or per study with the study's max (or mean) probability."""
+    check_unit(unit, aggregate)
+    return pred.to_study_level(aggregate) if unit == "study" else pred
+
+
+def rechoose_thresholds(
+    preds: Sequence[Predictions], rule: str, *, band: float = 0.0, chosen_on: str = ""
+) -> list[Predictions]:
+    """All `preds` with thresholds chosen by `rule` on the first one (e.g. the validation set)."""
+    if rule not in RULES:
+        raise ValueError(f"unknown threshold rule {rule!r}; choose from {RULES}")
+    first = preds[0]
+    thresholds = choose_thresholds(
+        first.y_true,
+        first.y_score,
+        first.mask,
+        first.labels,
+        rule,
+        # Fixed thresholds are not chosen on any data.
+        chosen_on="" if rule == "fixed" else chosen_on or f"{first.data} ({first.unit} level)",
+    )
+    if band > 0:
+        thresholds = thresholds.with_band(band)
+    return [p.replace(thresholds=thresholds) for p in preds]
+
+
+def score_predictions(
+    preds: Sequence[Predictions],
+    *,
+    unit: str = "image",
+    aggregate: str = "max",
+    n_resamples: int = 1000,
+    seed: int = 0,
+    thresholds_rule: str | None = None,
+    band: float = 0.0,
+) -> list[Evaluation]:
+    """Metrics, bootstrap CIs and calibration of image-level predictions at `unit`."""
+    at = [at_unit(p, unit, aggregate) for p in preds]
+    if thresholds_rule is not None:
+        at = rechoose_thresholds(at, thresholds_rule, band=band)
+    return [evaluate_predictions(p, n_resamples=n_resamples, seed=seed) for p in at]
+
+
+def evaluate(
+    model_specs: ModelSpecs,
+    data: Sequence[tuple[str, LabelTable]],
+    *,
+    unit: str = "image",
+    aggregate: str = "max",
+    policy: str = "U-Ignore",
+    view: str = "frontal",
+    n_resamples: int = 1000,
+    seed: int = 0,
+    thresholds_rule: str | None = None,
+    band: float = 0.0,
+    device: str = "auto",
+    batch_size: int = 32,
+) -> list[Evaluation]:
+    """Evaluate one model or an ensemble (several specs) on each (name, table) in `data`.
+
+    thresholds_rule None uses the thresholds stored with the model(s); a rule (fixed, youden,
+    max_f1) chooses them on the first dataset at `unit` instead (in memory only; `band` adds a
+    +/- uncertainty band). Returns one Evaluation per dataset, in order.
+    """
+    from cxrlabel.ensemble import load_ensemble
+
+    if not data:
+        raise ValueError("no data to evaluate on")
+    check_unit(unit, aggregate)  # argument errors before loading any model
+    ensemble = load_ensemble(model_specs, device=device)
+    preds = predict_datasets(ensemble, data, policy=policy, view=view, batch_size=batch_size)
+    return score_predictions(
+        preds,
+        unit=unit,
+        aggregate=aggregate,
+        n_resamples=n_resamples,
+        seed=seed,
+        thresholds_rule=thresholds_rule,
+        band=band,
+    )
 
 
 def evaluate_checkpoint(
-    checkpoint: Path,
+    checkpoint: str | Path, table: LabelTable, *, name: str = "validation", **kwargs: Any
+) -> Evaluation:
+    """`evaluate` for one model on one table (keyword arguments as for `evaluate`)."""
+    return evaluate([checkpoint], [(name, table)], **kwargs)[0]
+
+
+def choose_and_store_thresholds(
+    checkpoint: str | Path,
     table: LabelTable,
     *,
+    rule: str,
+    band: float = 0.0,
+    unit: str = "image",
+    aggregate: str = "max",
     policy: str = "U-Ignore",
-    batch_size: int = 64,
-    threshold: float = 0.5,
-) -> pd.DataFrame:
-    """Score a saved model on a table's images and return `metrics_table` for its labels."""
-    from torch.utils.data import DataLoader
+    view: str = "frontal",
+    device: str = "auto",
+) -> tuple[Path, Thresholds]:
+    """Choose one checkpoint's thresholds on `table` by `rule` and store them in its metadata.
 
-    from cxrlabel.checkpoint import load_checkpoint
-    from cxrlabel.data import CXRDataset, collate_skipping
-    from cxrlabel.train import choose_execution, predict
+    Every later command (evaluate, label, serve, export) then uses them. Returns the
+    checkpoint's weights path and the thresholds stored.
+    """
+    from cxrlabel.checkpoint import set_thresholds
+    from cxrlabel.ensemble import load_ensemble
 
-    model, _ = load_checkpoint(checkpoint)
-    plan = choose_execution("auto", "auto")
-    model = model.to(plan.device)
-    dataset = CXRDataset(table, model.spec.labels, model.preprocessing, policy=policy)
-    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate_skipping)
-    scores, targets, masks, _ = predict(model, loader, plan)
-    return metrics_table(targets, scores, masks, model.spec.labels, threshold)
+    ensemble = load_ensemble([checkpoint], device=device)
+    (member,) = ensemble.members
+    pred = predict_datasets(ensemble, [("thresholds", table)], policy=policy, view=view)[0]
+    pred = at_unit(pred, unit, aggregate)
+    (pred,) = rechoose_thresholds([pred], rule, band=band)
+    set_thresholds(member.path, pred.thresholds)
+    log.info("stored %s thresholds in %s", rule, member.path)
+    return member.path, pred.thresholds
 
 
-def format_metrics(table: pd.DataFrame) -> str:
-    """Markdown in the method's layout (Table II/IV): one row per label, then the mean."""
-    header = "| Label | Acc | Prec | Recall | F Score | AUROC | Pos | Neg |"
-    rows = [header, "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in table.to_dict("records"):
-        cells = [f"{r[m]:.2f}" for m in METRICS[:4]]
-        cells.append("n/a" if math.isnan(r["AUROC"]) else f"{r['AUROC']:.3f}")
-        counts = f" | {r['Positives']} | {r['Negatives']} |"
-        rows.append(f"| {r['Label']} | " + " | ".join(cells) + counts)
-    return "\n".join(rows) + "\n"
+# --------------------------------------------------------------------------------------------
+# Tables for the terminal and JSON beside the report
+# --------------------------------------------------------------------------------------------
+
+
+def _number(value: Any, digits: int) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        return str(int(value))
+    number = float(value)
+    return "n/a" if math.isnan(number) else f"{number:.{digits}f}"
+
+
+def markdown_table(
+    frame: pd.DataFrame,
+    columns: Sequence[str] | None = None,
+    *,
+    digits: int | Mapping[str, int] = 2,
+) -> str:
+    """A markdown table: text columns left-aligned, numeric ones right-aligned, NaN as n/a.
+
+    `digits` is one number of decimals for every float, or one per column (default 2).
+    """
+    columns = list(frame.columns if columns is None else columns)
+    numeric = [pd.api.types.is_numeric_dtype(frame[c]) for c in columns]
+    lines = [
+        "| " + " | ".join(columns) + " |",
+        "|" + "|".join("---:" if n else "---" for n in numeric) + "|",
+    ]
+    # Records, not iterrows: a row Series of numbers only would turn every int into a float.
+    for row in frame.to_dict("records"):
+        cells = []
+        for column, is_number in zip(columns, numeric, strict=True):
+            value = row[column]
+            places = digits.get(column, 2) if isinstance(digits, Mapping) else digits
+            cells.append(_number(value, places) if is_number else str(value))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _mean_row(evaluation: Evaluation) -> pd.Series:
+    return evaluation.table.set_index("Label").loc["Mean"]
+
+
+def _ci_row(evaluation: Evaluation, label: str) -> pd.Series | None:
+    ci = evaluation.ci.set_index("Label")
+    return ci.loc[label] if label in ci.index else None
+
+
+def summary_frame(evaluations: Sequence[Evaluation], names: Sequence[str]) -> pd.DataFrame:
+    """One row per evaluation: dataset, model, kind, unit, N and the method's mean metrics."""
+    rows = []
+    for name, ev in zip(names, evaluations, strict=True):
+        pred, mean, ci = ev.predictions, _mean_row(ev), _ci_row(ev, "Mean")
+        unit = pred.unit if pred.unit == "image" else f"study ({pred.aggregate})"
+        row: dict[str, Any] = {
+            "Dataset": name,
+            "Model": pred.model,
+            "Kind": pred.kind,
+            "Unit": unit,
+            "N": len(pred),
+            **{m: float(mean[m]) for m in SUMMARY_METRICS},
+        }
+        row["AUROC 95% CI"] = _ci_text(ci)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _ci_text(ci: pd.Series | None) -> str:
+    if ci is None or not all(math.isfinite(float(ci[c])) for c in ("Low", "High")):
+        return "n/a"
+    return f"{float(ci['Low']):.3f}-{float(ci['High']):.3f}"
+
+
+def per_label_frame(evaluation: Evaluation) -> pd.DataFrame:
+    """The metrics table with each label's AUROC CI beside it."""
+    table = evaluation.table.copy()
+    table.insert(table.columns.get_loc("AUROC") + 1, "AUROC 95% CI", "n/a")
+    for i, label in enumerate(table["Label"]):
+        table.loc[i, "AUROC 95% CI"] = _ci_text(_ci_row(evaluation, label))
+    return table
+
+
+def format_evaluations(evaluations: Sequence[Evaluation], names: Sequence[str]) -> str:
+    """Summary table, then per-label tables: what `cxrlabel evaluate` prints."""
+    digits = {"AUROC": 3, "AUPRC": 3, "Threshold": 3}
+    parts = [markdown_table(summary_frame(evaluations, names), digits=digits)]
+    for name, ev in zip(names, evaluations, strict=True):
+        pred = ev.predictions
+        t = pred.thresholds
+        band = "" if t.band is None else ", with an uncertainty band"
+        parts.append(
+            f"\n{name}: {pred.data}; {pred.model} ({pred.kind}), {pred.unit} level; "
+            f"thresholds {t.rule}{band}"
+            + (f" (chosen on {t.chosen_on})" if t.chosen_on else "")
+            + f"; AUROC CIs from {ev.n_resamples} bootstrap resamples of studies\n"
+        )
+        parts.append(markdown_table(per_label_frame(ev), digits=digits))
+        missing = ev.table.attrs.get("auroc_na") or []
+        if missing:
+            parts.append(
+                f"AUROC n/a (one class only), left out of the mean: {', '.join(missing)}\n"
+            )
+    return "".join(parts)
+
+
+def _json_value(value: Any) -> Any:
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(float(value)) else None
+    return value
+
+
+def _records(frame: pd.DataFrame) -> list[dict[str, Any]]:
+    return [{k: _json_value(v) for k, v in row.items()} for row in frame.to_dict("records")]
+
+
+def evaluation_record(evaluation: Evaluation, name: str) -> dict[str, Any]:
+    """One evaluation as JSON-able data: what, how, and the numbers (NaN as null)."""
+    pred, mean, ci = evaluation.predictions, _mean_row(evaluation), _ci_row(evaluation, "Mean")
+    return {
+        "dataset": name,
+        "data": pred.data,
+        "synthetic": pred.synthetic,
+        "model": pred.model,
+        "kind": pred.kind,
+        "unit": pred.unit,
+        "aggregate": pred.aggregate,
+        "n": len(pred),
+        "thresholds": pred.thresholds.to_dict(),
+        "mean": {m: _json_value(mean[m]) for m in METRIC_NAMES},
+        "auroc_ci": None if ci is None else [_json_value(ci["Low"]), _json_value(ci["High"])],
+        "auroc_na": list(evaluation.table.attrs.get("auroc_na") or []),
+        "labels": _records(evaluation.table),
+        "ci": _records(evaluation.ci),
+        "n_resamples": evaluation.n_resamples,
+        "seed": evaluation.seed,
+    }
+
+
+def save_evaluations(
+    path: Path,
+    evaluations: Sequence[Evaluation],
+    names: Sequence[str],
+    *,
+    models: Sequence[str | Path] = (),
+) -> Path:
+    """Write `evaluation.json` (read by `compare_runs`) atomically; return its path."""
+    data = {
+        "models": [str(m) for m in models],
+        "evaluations": [
+            evaluation_record(ev, name) for ev, name in zip(evaluations, names, strict=True)
+        ],
+    }
+    atomic_write_text(Path(path), json.dumps(data, indent=2))
+    return Path(path)
+
+
+def data_names(count: int, given: Sequence[str | None] = ()) -> list[str]:
+    """Names for `count` datasets: given ones, else validation, test, data3, ..."""
+    names = []
+    for i in range(count):
+        name = given[i] if i < len(given) else None
+        default = DEFAULT_DATA_NAMES[i] if i < len(DEFAULT_DATA_NAMES) else f"data{i + 1}"
+        names.append(name or default)
+    if len(set(names)) != len(names):
+        raise ValueError(f"dataset names must differ: {names}")
+    return names
+
+
+# --------------------------------------------------------------------------------------------
+# Comparing runs
+# --------------------------------------------------------------------------------------------
+
+
+def run_dir_of(spec: str | Path) -> Path | None:
+    """The run folder a model spec belongs to (a run, `RUN:bestK`, or a checkpoint in
+    `RUN/checkpoints/`), or None for a checkpoint outside any run folder."""
+    text = str(spec)
+    run, sep, rest = text.rpartition(":")
+    if sep and rest.startswith("best") and rest[4:].isdigit():
+        text = run
+    path = Path(text)
+    if path.is_dir():
+        return path if (path / "config.yaml").is_file() else None
+    if path.parent.name == "checkpoints" and (path.parent.parent / "config.yaml").is_file():
+        return path.parent.parent
+    return None
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path}: cannot read ({exc})") from exc
+
+
+def compare_row(run_dir: Path, *, report_dir: str = "report") -> dict[str, Any]:
+    """One run's row: model, epochs, best epoch, and its best checkpoint's mean metrics.
+
+    The metrics come from the run's saved evaluation (`<run>/<report_dir>/evaluation.json`,
+    its first dataset) when there is one, else from summary.json (validation during training,
+    at the stored thresholds).
+    """
+    from cxrlabel.config import load_config
+    from cxrlabel.models import model_display_name
+
+    run_dir = Path(run_dir)
+    summary_path = run_dir / "summary.json"
+    if not summary_path.is_file():
+        raise FileNotFoundError(f"{run_dir}: not a finished run folder (no summary.json)")
+    summary = _read_json(summary_path)
+    config = load_config(run_dir / "config.yaml")
+    row: dict[str, Any] = {
+        "Run": run_dir.name,
+        "Model": model_display_name(config.backbone, config.head),
+        "Epochs": int(summary.get("epochs") or 0),
+        "Best epoch": "n/a" if summary.get("best_epoch") is None else str(summary["best_epoch"]),
+    }
+    saved = run_dir / report_dir / EVALUATION_FILE
+    if saved.is_file():
+        first = _read_json(saved)["evaluations"][0]
+        mean, thresholds = first["mean"], first["thresholds"]
+        source = f"evaluate: {first['dataset']} ({first['unit']} level, {first['kind']})"
+    else:
+        mean = summary.get("val_mean") or {"AUROC": summary.get("val_auroc_mean")}
+        thresholds = summary.get("thresholds") or {"rule": "fixed"}
+        source = f"training validation ({summary.get('validation', 'images')})"
+    row["Thresholds"] = thresholds.get("rule", "fixed")
+    row["Metrics from"] = source
+    for metric in SUMMARY_METRICS:
+        value = mean.get(metric)
+        row[metric] = math.nan if value is None else float(value)
+    return row
+
+
+def compare_runs(run_dirs: Sequence[Path]) -> pd.DataFrame:
+    """One row per run (see `compare_row`), in the order given."""
+    if not run_dirs:
+        raise ValueError("no run folders to compare")
+    return pd.DataFrame([compare_row(Path(r)) for r in run_dirs])
+
+
+def format_comparison(frame: pd.DataFrame) -> str:
+    return markdown_table(frame, digits={"AUROC": 3})
+
+
+__all__ = [
+    "DEFAULT_DATA_NAMES",
+    "EVALUATION_FILE",
+    "SUMMARY_METRICS",
+    "at_unit",
+    "check_unit",
+    "choose_and_store_thresholds",
+    "compare_row",
+    "compare_runs",
+    "data_names",
+    "describe_data",
+    "evaluate",
+    "evaluate_checkpoint",
+    "evaluation_record",
+    "format_comparison",
+    "format_evaluations",
+    "is_synthetic",
+    "markdown_table",
+    "per_label_frame",
+    "predict_datasets",
+    "rechoose_thresholds",
+    "run_dir_of",
+    "save_evaluations",
+    "score_predictions",
+    "summary_frame",
+]

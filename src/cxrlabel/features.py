@@ -28,7 +28,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,7 +43,7 @@ from tqdm.auto import tqdm
 from cxrlabel.cache import ImageCache, Skipped
 from cxrlabel.cache import fingerprint as files_fingerprint
 from cxrlabel.data import CXRDataset, collate_skipping, resize_settings
-from cxrlabel.evaluate import METRICS, metrics_table
+from cxrlabel.evaluate import markdown_table
 from cxrlabel.fileio import atomic_path, atomic_write_text
 from cxrlabel.formats import load_table
 from cxrlabel.labels import (
@@ -55,6 +54,7 @@ from cxrlabel.labels import (
     filter_view,
     resolve_labels,
 )
+from cxrlabel.metrics import metrics_table
 from cxrlabel.models import (
     HEADS,
     create_backbone,
@@ -68,6 +68,10 @@ from cxrlabel.transforms import Preprocessing
 log = logging.getLogger(__name__)
 
 FEATURE_CACHE_VERSION = 1
+# The sweep's columns in the method's Table I layout, and the metrics.metrics_table column each
+# one is read from.
+METRICS = ("Acc", "Prec", "Recall", "F Score", "AUROC")
+_METRIC_SOURCE = {"Acc": "Accuracy", "Prec": "Precision", "Recall": "Recall", "F Score": "F1"}
 FEATURES_FILE, FEATURES_META = "features.safetensors", "meta.json"
 
 WeightsSpec = str | Path
@@ -331,10 +335,29 @@ def train_head(
         raise ValueError(
             f"features, targets and mask differ in length: {len(x)}, {len(y)}, {len(m)}"
         )
-    # fork_rng: seeding the head's init must not change the caller's global RNG state.
+    # fork_rng + seed: init and dropout masks are reproducible for a seed, and the caller's
+    # global RNG state is left as it was.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         head = create_head(head_kind, x.shape[1], y.shape[1], hidden)
+        _fit_head(head, x, y, m, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
+                  name=head_kind, on_epoch=on_epoch)  # fmt: skip
+    return head.eval()
+
+
+def _fit_head(
+    head: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    m: torch.Tensor,
+    *,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    seed: int,
+    name: str,
+    on_epoch: Callable[[int, float], None] | None,
+) -> None:
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.Adam(head.parameters(), lr=lr)
     head.train()
@@ -349,10 +372,9 @@ def train_head(
             optimizer.step()
             total += loss.item() * len(idx)
         mean_loss = total / max(len(x), 1)
-        log.debug("%s epoch %d: loss %.4f", head_kind, epoch + 1, mean_loss)
+        log.debug("%s epoch %d: loss %.4f", name, epoch + 1, mean_loss)
         if on_epoch is not None:
             on_epoch(epoch, mean_loss)
-    return head.eval()
 
 
 @torch.inference_mode()
@@ -414,7 +436,7 @@ def features_for(
 def evaluate_head(
     head: nn.Module, features: np.ndarray, targets: np.ndarray, mask: np.ndarray, labels
 ) -> pd.DataFrame:
-    """evaluate.metrics_table for a head's predictions (per label + 'Mean', threshold 0.5)."""
+    """metrics.metrics_table for a head's predictions (per label + 'Mean', threshold 0.5)."""
     return metrics_table(targets, predict_head(head, features), mask, resolve_labels(labels))
 
 
@@ -466,7 +488,7 @@ def sweep(
             table = evaluate_head(head, valid.features, y_valid, m_valid, labels)
             mean = table.set_index("Label").loc["Mean"]
             row = {"Model": model_display_name(backbone, head_kind)}
-            row.update({metric: float(mean[metric]) for metric in METRICS})
+            row.update({m: float(mean[_METRIC_SOURCE.get(m, m)]) for m in METRICS})
             rows.append(row)
             log.info("%s: mean AUROC %.3f", row["Model"], row["AUROC"])
     return pd.DataFrame(rows, columns=["Model", *METRICS])
@@ -474,16 +496,7 @@ def sweep(
 
 def format_sweep_table(df: pd.DataFrame) -> str:
     """Markdown in the layout of the method's Table I: Model | Acc | Prec | Recall | F | AUROC."""
-    columns = ["Model", *METRICS]
-    lines = [
-        "| " + " | ".join(columns) + " |",
-        "|" + "|".join(["---"] + ["---:"] * len(METRICS)) + "|",
-    ]
-    for _, row in df.iterrows():
-        cells = [str(row["Model"])]
-        cells += ["n/a" if math.isnan(float(row[m])) else f"{float(row[m]):.2f}" for m in METRICS]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    return markdown_table(df, ["Model", *METRICS], digits=2)
 
 
 # ---------------------------------------------------------------------------------------------

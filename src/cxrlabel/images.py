@@ -403,18 +403,37 @@ def _dcmread(path: Path, head: bytes, *, stop_before_pixels: bool = False) -> py
     return ds
 
 
+def _assume_transfer_syntax(ds: pydicom.Dataset) -> None:
+    """A bare data set (no preamble, no file meta) has no transfer syntax, but it was parsed
+    with one: record that so pixel decoding knows the (uncompressed) encoding."""
+    meta = getattr(ds, "file_meta", None)
+    if meta is not None and "TransferSyntaxUID" in meta:
+        return
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    if meta is None:
+        ds.file_meta = meta = FileMetaDataset()
+    explicit = ds.original_encoding[0] is False
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian if explicit else ImplicitVRLittleEndian
+
+
 def _read_dicom(path: Path, head: bytes, max_pixels: int) -> np.ndarray:
     ds = _dcmread(path, head)
     _check_dicom_pixels_present(path, ds)
     rows, columns = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
     _check_size(path, columns, rows, max_pixels)
     _check_decoder(path, ds)
+    _assume_transfer_syntax(ds)
     frames = int(ds.get("NumberOfFrames") or 1)
     if frames > 1:
         logger.debug("%s: %d frames, using the first only", path, frames)
     try:
         arr = pydicom.pixels.pixel_array(ds, index=0)
-    except (ValueError, RuntimeError, OSError, EOFError, KeyError, IndexError) as exc:
+    except (
+        ValueError, RuntimeError, OSError, EOFError, KeyError, IndexError, AttributeError,
+        TypeError,
+    ) as exc:  # fmt: skip
         raise _decode_error(path, exc) from exc
     if arr.ndim == 3 and arr.shape[-1] == 1:
         arr = arr[..., 0]

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import logging
 import math
 import os
@@ -1880,6 +1881,36 @@ def _write_csv_atomic(path: Path, rows: Sequence[Sequence[str]]) -> None:
     atomic_write_bytes(path, buf.getvalue().encode("utf-8"))
 
 
+# Written beside train.csv / valid.csv so any later reader (evaluation reports) can tell that
+# the films are synthetic: `is_synthetic_dataset(csv_path)` looks for it in the CSV's folder.
+SYNTHETIC_MARKER = "synthetic.json"
+
+
+def write_synthetic_marker(out: Path, *, patients: int, size: int, seed: int) -> Path:
+    marker = {
+        "generator": "cxrlabel.synth",
+        "synthetic": True,
+        "note": "synthetic chest radiographs drawn by cxrlabel, not patients",
+        "patients": patients,
+        "size": size,
+        "seed": seed,
+    }
+    path = Path(out) / SYNTHETIC_MARKER
+    atomic_write_bytes(path, (json.dumps(marker, indent=2) + "\n").encode("utf-8"))
+    return path
+
+
+def is_synthetic_dataset(csv_path: Path) -> bool:
+    """True when `csv_path` lies in a folder written by `write_dataset` (its marker file)."""
+    marker = Path(csv_path).parent / SYNTHETIC_MARKER
+    if not marker.is_file():
+        return False
+    try:
+        return json.loads(marker.read_text(encoding="utf-8")).get("generator") == "cxrlabel.synth"
+    except (ValueError, AttributeError):
+        return False
+
+
 def write_dataset(
     out: Path,
     patients: int,
@@ -1908,6 +1939,7 @@ def write_dataset(
         n_images = sum(_render_and_write(job) for job in jobs)
     train = [p for p in plans if p.split == "train"]
     valid = [p for p in plans if p.split == "valid"]
+    write_synthetic_marker(out, patients=patients, size=size, seed=seed)
     _write_csv_atomic(out / "train.csv", _csv_rows(train))
     _write_csv_atomic(out / "valid.csv", _csv_rows(valid))
     summary = SynthSummary(

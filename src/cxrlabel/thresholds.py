@@ -37,6 +37,10 @@ class Thresholds:
             raise ValueError(f"unknown threshold rule {self.rule!r}; choose from {RULES}")
         if len(self.values) != len(self.labels):
             raise ValueError("one threshold per label is needed")
+        for label, t in zip(self.labels, self.values, strict=True):
+            # A NaN threshold would silently turn every prediction negative.
+            if not 0.0 <= t <= 1.0:
+                raise ValueError(f"{label}: threshold {t} must lie in [0, 1]")
         if self.band is not None:
             if len(self.band) != len(self.labels):
                 raise ValueError("one (low, high) band per label is needed")

@@ -10,7 +10,16 @@ Run folder layout (default ``<config.runs_dir>/<config.name>``)::
     checkpoints/last.*            end of every epoch and every `checkpoint_every_steps` steps,
                                   with optimizer and RNG state for `resume=True`
     checkpoints/best.*            best epoch by validation loss (or mean AUROC)
-    summary.json                  labels, best epoch, its validation loss and AUROCs, speed
+    checkpoints/best-1.* ..       with keep_best=k>1: the k best epochs, ranked (best-1 = best);
+      best-k.*                    a displaced one moves down a rank or is deleted
+    summary.json                  labels, best epoch, its validation loss, AUROCs and mean
+                                  metrics at its thresholds, the kept checkpoints, speed
+
+Every best / best-k checkpoint carries decision thresholds in its metadata ("thresholds"):
+chosen per label by `config.threshold_rule` (fixed 0.5, youden, max_f1) on that epoch's
+validation predictions (image level), optionally with a +/- `uncertainty_band`. They are chosen
+when the checkpoint is saved, from the very predictions that ranked it, so no extra pass over
+the validation set is needed and a resumed run stores the same thresholds.
 
 Preprocessing caches go to ``<run_dir>/../.cache/<settings>-<image list hash>/`` so runs over
 the same images at the same resize settings share one.
@@ -30,7 +39,7 @@ import logging
 import math
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -43,16 +52,19 @@ from cxrlabel.cache import ImageCache, prepare_cache
 from cxrlabel.checkpoint import (
     checkpoint_paths,
     load_training_state,
+    remove_checkpoint,
+    rename_checkpoint,
     save_checkpoint,
 )
 from cxrlabel.config import RunConfig, load_config
 from cxrlabel.data import CXRDataset, collate_skipping, resize_settings
-from cxrlabel.evaluate import metrics_table
 from cxrlabel.fileio import atomic_save, atomic_write_text
 from cxrlabel.formats import load_table
 from cxrlabel.labels import LabelTable, filter_certain, filter_view, resolve_labels
+from cxrlabel.metrics import METRIC_NAMES, metrics_table
 from cxrlabel.models import CXRModel, create_model, masked_bce_loss
 from cxrlabel.splits import patient_split, save_split
+from cxrlabel.thresholds import Thresholds, choose_thresholds
 from cxrlabel.transforms import AugmentConfig
 
 log = logging.getLogger(__name__)
@@ -374,6 +386,12 @@ def _isnan(value: Any) -> bool:
     return isinstance(value, float) and math.isnan(value)
 
 
+def _json_float(value: Any) -> float | None:
+    """A float for JSON, None for NaN / infinite (no AUROC, or no value to rank by)."""
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
 def plot_losses(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
     """Top: training loss per step. Bottom: mean training and validation loss per epoch."""
     # Figure directly, not pyplot: no global backend or figure registry is touched.
@@ -432,6 +450,8 @@ class Progress:
     best_epoch: int | None = None
     best_value: float | None = None
     best_metrics: dict[str, Any] | None = None
+    # The keep_best ranking, best first: {"epoch", "value"} per kept epoch.
+    kept: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -454,6 +474,34 @@ def run_context(config: RunConfig) -> Iterator[None]:
         finally:
             torch.use_deterministic_algorithms(was_deterministic, warn_only=warn_only)
             torch.backends.cudnn.benchmark = cudnn_benchmark
+
+
+def validation_source(config: RunConfig) -> str:
+    """What the run validates on, in words (for thresholds' `chosen_on` and reports)."""
+    if config.valid_csv:
+        return Path(config.valid_csv).name
+    return f"{config.valid_fraction:.0%} patient split of {Path(config.train_csv).name}"
+
+
+def rank_kept(
+    kept: Sequence[Mapping[str, Any]], new: Mapping[str, Any], k: int, select_best: str
+) -> list[dict[str, Any]]:
+    """The best `k` of `kept` plus `new` ({"epoch", "value"}), best first.
+
+    Lower is better for val_loss, higher for val_auroc; on a tie the earlier epoch ranks first,
+    as a later epoch only becomes `best` when strictly better. A NaN value ranks last.
+    """
+    sign = -1.0 if select_best == "val_auroc" else 1.0
+
+    def key(entry: Mapping[str, Any]) -> tuple[float, int]:
+        value = float(entry["value"])
+        return (math.inf if math.isnan(value) else sign * value, int(entry["epoch"]))
+
+    return sorted((dict(e) for e in (*kept, new)), key=key)[:k]
+
+
+def ranked_path(ckpt_dir: Path, rank: int) -> Path:
+    return ckpt_dir / f"best-{rank}.safetensors"
 
 
 def _check_resumable(config: RunConfig, run_dir: Path) -> None:
@@ -502,6 +550,7 @@ class _Run:
         )
         self.total_steps = config.epochs * math.ceil(len(self.train_set) / config.batch_size)
         self.progress = Progress()
+        self.valid_source = validation_source(config)
         self.rows: list[dict[str, Any]] = []
         self.images_per_s: list[float] = []
 
@@ -590,7 +639,9 @@ class _Run:
         scores, targets, masks, val_loss = predict(
             self.model, make_loader(self.valid_set, None, config, self.plan), self.plan
         )
-        table = metrics_table(targets, scores, masks, self.model.spec.labels)
+        labels = self.model.spec.labels
+        thresholds = self.choose_thresholds(scores, targets, masks)
+        table = metrics_table(targets, scores, masks, labels, thresholds)
         aurocs = label_aurocs(table)
         mean_auroc = aurocs.pop("Mean")
         losses = [
@@ -620,21 +671,90 @@ class _Run:
         else:
             value = val_loss
             better = p.best_value is None or value < p.best_value
-        metrics = {"val_loss": val_loss, "val_auroc_mean": mean_auroc, "val_auroc": aurocs}
+        mean = table.set_index("Label").loc["Mean"]
+        metrics = {
+            "val_loss": val_loss,
+            "val_auroc_mean": mean_auroc,
+            "val_auroc": aurocs,
+            "val_mean": {m: _json_float(mean[m]) for m in METRIC_NAMES},
+            "thresholds": thresholds.to_dict(),
+        }
         if better:
             p.best_epoch, p.best_value, p.best_metrics = p.epoch, value, metrics
-            save_checkpoint(
-                self.best,
-                self.model,
-                config=config.to_dict(),
-                epoch=p.epoch,
-                step=p.step,
-                extra={"metrics": metrics, "execution": self.plan.to_dict()},
-            )
+        self.keep_ranked(value, metrics, thresholds, better)
         p.epoch += 1
         p.batch = 0
         self.save_last()
         plot_losses(self.run_dir / "plots" / "loss.png", self.rows)
+
+    def choose_thresholds(
+        self, scores: np.ndarray, targets: np.ndarray, masks: np.ndarray
+    ) -> Thresholds:
+        """This epoch's thresholds by config.threshold_rule on its validation predictions."""
+        config, labels = self.config, self.model.spec.labels
+        chosen_on = (
+            ""  # fixed thresholds are not chosen on any data
+            if config.threshold_rule == "fixed"
+            else f"{self.valid_source} ({len(scores)} images, image level, "
+            f"epoch {self.progress.epoch})"
+        )
+        thresholds = choose_thresholds(
+            targets, scores, masks, labels, config.threshold_rule, chosen_on=chosen_on
+        )
+        if config.uncertainty_band > 0:
+            thresholds = thresholds.with_band(config.uncertainty_band)
+        return thresholds
+
+    def save_best(self, path: Path, metrics: Mapping[str, Any], thresholds: Thresholds) -> None:
+        p = self.progress
+        save_checkpoint(
+            path,
+            self.model,
+            config=self.config.to_dict(),
+            epoch=p.epoch,
+            step=p.step,
+            extra={"metrics": dict(metrics), "execution": self.plan.to_dict()},
+            thresholds=thresholds,
+        )
+
+    def keep_ranked(
+        self, value: float, metrics: Mapping[str, Any], thresholds: Thresholds, better: bool
+    ) -> None:
+        """Save `best` when this epoch is the best, and keep the top `keep_best` epochs ranked
+        as best-1 .. best-k (only when keep_best > 1; best-1 is then a copy of best)."""
+        p, k = self.progress, self.config.keep_best
+        if better:
+            self.save_best(self.best, metrics, thresholds)
+        ranking = rank_kept(p.kept, {"epoch": p.epoch, "value": value}, k, self.config.select_best)
+        ranks = [e["epoch"] for e in ranking]
+        if p.epoch not in ranks:
+            return
+        rank = ranks.index(p.epoch) + 1
+        if k > 1:
+            # Move the ones below the new entry down a rank, bottom first; the last may drop.
+            for old in range(len(p.kept), rank - 1, -1):
+                src = ranked_path(self.ckpt_dir, old)
+                if old + 1 <= k:
+                    rename_checkpoint(src, ranked_path(self.ckpt_dir, old + 1))
+                else:
+                    remove_checkpoint(src)
+            self.save_best(ranked_path(self.ckpt_dir, rank), metrics, thresholds)
+        p.kept = ranking
+
+    def kept_checkpoints(self) -> list[dict[str, Any]]:
+        """summary.json's list of kept checkpoints, best first, paths relative to the run."""
+        out = []
+        for rank, entry in enumerate(self.progress.kept, start=1):
+            path = self.best if self.config.keep_best == 1 else ranked_path(self.ckpt_dir, rank)
+            out.append(
+                {
+                    "rank": rank,
+                    "epoch": entry["epoch"],
+                    self.config.select_best: _json_float(entry["value"]),
+                    "path": str(path.relative_to(self.run_dir)),
+                }
+            )
+        return out
 
     def summary(self) -> dict[str, Any]:
         p = self.progress
@@ -649,6 +769,11 @@ class _Run:
             "val_loss": best.get("val_loss"),
             "val_auroc_mean": best.get("val_auroc_mean"),
             "val_auroc": best.get("val_auroc"),
+            "val_mean": best.get("val_mean"),
+            "thresholds": best.get("thresholds"),
+            "validation": self.valid_source,
+            "keep_best": self.config.keep_best,
+            "kept_checkpoints": self.kept_checkpoints(),
             "images_per_s": float(np.median(speed)) if speed else None,
             "train_images": len(self.train_set),
             "valid_images": len(self.valid_set),
