@@ -37,6 +37,8 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_loading.py
 	$(BIN)/python benchmarks/bench_sweep.py
 	$(BIN)/python benchmarks/bench_train.py
+	$(BIN)/python benchmarks/bench_eval.py
+	$(BIN)/python benchmarks/bench_label.py
 	$(BIN)/python benchmarks/bench_serve.py
 
 clean:

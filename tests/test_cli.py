@@ -2,11 +2,12 @@ import json
 import shutil
 
 import numpy as np
+import pandas as pd
 import pytest
 from PIL import Image
 
 from cxrlabel.cli import main
-from tests.helpers import chexpert_csv
+from tests.helpers import SHARED_DATA, chexpert_csv
 
 
 def _rows():
@@ -71,7 +72,10 @@ def test_unknown_subcommand_fails():
 
 def test_demo_runs_end_to_end(tmp_path, capsys):
     out = tmp_path / "demo"
-    args = ["demo", "--out", str(out), "--patients", "24", "--size", "64"]
+    # Real fixture films are labelled too where ../shared/data exists (none otherwise).
+    real = sorted((SHARED_DATA / "fixtures" / "nih_320").glob("*.jpg"))
+    also = [str(real[0].parent)] if real else []
+    args = ["demo", "--out", str(out), "--patients", "24", "--size", "64", "--also-label", *also]
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert "SYNTHETIC" in printed
@@ -98,8 +102,17 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     assert "| validation (per study, max over all views) |" in printed
     assert "| study (max) |" in printed
     assert "200 bootstrap resamples" in printed
+    # It ends by labelling the synthetic validation films (and a folder of real ones here).
+    assert str(out / "labels" / "labels.csv") in printed
+    labels = pd.read_csv(out / "labels" / "labels.csv")
+    films = sorted((out / "data" / "valid").rglob("*.jpg"))
+    assert len(labels) == len(films) + len(real)
+    assert set(labels["Cardiomegaly"].dropna()) <= {0.0, 1.0, -1.0}
+    assert labels["Fracture"].isna().all()  # not predicted by this model: blank
+    assert list((out / "labels" / "heatmaps").rglob("contact_sheet.png"))
     # A second run into the same folder starts afresh instead of refusing the old run.
-    assert main(args) == 0
+    assert main([*args[: args.index("--also-label") + 1]]) == 0
+    assert len(pd.read_csv(out / "labels" / "labels.csv")) == len(films)
 
 
 def test_split_command(tiny_dataset, tmp_path, capsys):

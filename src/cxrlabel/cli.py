@@ -14,6 +14,9 @@ from cxrlabel.labels import BlankMeaning, LabelTable
 
 log = logging.getLogger("cxrlabel")
 
+# Real films beside a checkout (see ../shared/data/README.md); the demo labels them when present.
+DEMO_REAL_FILMS = Path("../shared/data/fixtures")
+
 
 def _add_table_args(parser: argparse.ArgumentParser) -> None:
     from cxrlabel.formats import FORMATS
@@ -309,7 +312,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from cxrlabel.demo import run_demo
 
-    print(run_demo(args.out, patients=args.patients, size=args.size, seed=args.seed))
+    also = [p for p in args.also_label if p.is_dir()]
+    for missing in set(args.also_label) - set(also):
+        log.info("not labelling %s: no such folder", missing)
+    report = run_demo(
+        args.out, patients=args.patients, size=args.size, seed=args.seed, also_label=also
+    )
+    print(report)
     return 0
 
 
@@ -540,6 +549,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--patients", type=int, default=300)
     p.add_argument("--size", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--also-label",
+        type=Path,
+        nargs="*",
+        default=[DEMO_REAL_FILMS],
+        help="folders of films the trained model also labels (default: the real fixtures "
+        "in ../shared/data/fixtures when that folder exists)",
+    )
     p.set_defaults(func=cmd_demo)
     return parser
 

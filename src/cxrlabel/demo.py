@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 
 from cxrlabel.config import build_config
@@ -24,6 +25,7 @@ from cxrlabel.evaluate import (
 from cxrlabel.features import format_sweep_table, run_sweep
 from cxrlabel.fileio import atomic_write_text
 from cxrlabel.formats import load_table
+from cxrlabel.predict import label_inputs, load_model
 from cxrlabel.report import write_report
 from cxrlabel.stats import label_stats
 from cxrlabel.synth import contact_sheet, write_dataset
@@ -45,8 +47,19 @@ SWEEP_SIZES = {"tiny": 96, "mobilenet": 224}
 DEMO_RESAMPLES = 200
 
 
-def run_demo(out: Path, *, patients: int = 300, size: int = 128, seed: int = 0) -> str:
-    """Run the demo into `out` and return the report text."""
+def run_demo(
+    out: Path,
+    *,
+    patients: int = 300,
+    size: int = 128,
+    seed: int = 0,
+    also_label: Sequence[Path] = (),
+) -> str:
+    """Run the demo into `out` and return the report text.
+
+    The trained model finally labels the synthetic validation films and every folder in
+    `also_label` (e.g. the real fixtures in ../shared/data/fixtures), with heatmaps.
+    """
     out = Path(out)
     data = out / "data"
     write_dataset(data, patients=patients, size=size, seed=seed)
@@ -92,9 +105,20 @@ def run_demo(out: Path, *, patients: int = 300, size: int = 128, seed: int = 0) 
     result = train(config)
     parts.append(f"run folder: {result.run_dir} (loss plot: plots/loss.png)\n")
     parts.append(evaluate_finetuned(result.run_dir, valid_csv, config.view, seed=seed, out=out))
+    parts.append(label_films(result.run_dir, [data / "valid", *also_label], out / "labels"))
     report = "\n".join(parts)
     atomic_write_text(out / "report.txt", report)
     return report
+
+
+def label_films(run_dir: Path, inputs: Sequence[Path], out: Path) -> str:
+    """What users come for: label folders of films with the trained model, with heatmaps."""
+    # The demo owns its output folder: a rerun labels afresh rather than resuming.
+    shutil.rmtree(out, ignore_errors=True)
+    model = load_model([run_dir])
+    summary = label_inputs(inputs, model, out, heatmaps=True, progress=False)
+    names = ", ".join(str(p) for p in inputs)
+    return f"## Labelling films with the fine-tuned model\ninputs: {names}\n{summary.to_text()}\n"
 
 
 def evaluate_finetuned(run_dir: Path, valid_csv: Path, view: str, *, seed: int, out: Path) -> str:
