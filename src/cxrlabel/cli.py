@@ -44,14 +44,16 @@ def _load_table(args: argparse.Namespace) -> LabelTable:
     )
 
 
-def _add_eval_model_args(parser: argparse.ArgumentParser, *, positional: bool = False) -> None:
+def _add_eval_model_args(
+    parser: argparse.ArgumentParser, *, positional: bool = False, required: bool = True
+) -> None:
     """The model(s) for evaluate / thresholds: run folders, RUN:bestK or checkpoint files."""
     what = "run folder (its best checkpoint), RUN:bestK (its K best) or checkpoint file"
     if positional:
         parser.add_argument("model", nargs="+", help=what)
     else:
         parser.add_argument(
-            "--model", nargs="+", required=True, help=f"{what}; several: an ensemble"
+            "--model", nargs="+", required=required, help=f"{what}; several: an ensemble"
         )
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
 
@@ -226,11 +228,10 @@ def _report_dir(args: argparse.Namespace) -> Path:
 
     if args.out is not None:
         return args.out
-    run = run_dir_of(args.model[0])
+    run = run_dir_of(args.model[0]) if args.model else None
     if run is None:
-        raise ValueError(
-            f"{args.model[0]} is not in a run folder: give --out for the report folder"
-        )
+        what = args.model[0] if args.model else "predictions files"
+        raise ValueError(f"{what} not in a run folder: give --out for the report folder")
     return run / "report"
 
 
@@ -239,41 +240,47 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         data_names,
         evaluate,
         format_evaluations,
+        read_predictions,
         run_dir_of,
         save_evaluations,
+        score_predictions,
     )
     from cxrlabel.report import write_report
     from cxrlabel.stats import label_stats
 
+    if not args.model and not args.predictions:
+        raise ValueError("nothing to evaluate: give --model and/or --predictions")
     out = _report_dir(args)  # before the slow part: a missing --out fails at once
     named = _named_csvs(args.data)
     names = data_names(len(named), [name for name, _ in named])
     tables = [_load_csv(args, csv) for _, csv in named]
-    evaluations = evaluate(
-        args.model,
-        list(zip(names, tables, strict=True)),
-        unit=args.unit,
-        aggregate=args.aggregate,
-        policy=args.policy,
-        view=args.view,
-        n_resamples=args.bootstrap,
-        seed=args.seed,
-        device=args.device,
-        batch_size=args.batch_size,
-    )
-    print(format_evaluations(evaluations, names))
-    pred = evaluations[0].predictions
-    run_dirs = [r for r in dict.fromkeys(run_dir_of(m) for m in args.model) if r is not None]
+    scoring = {"unit": args.unit, "aggregate": args.aggregate, "n_resamples": args.bootstrap,
+               "seed": args.seed}  # fmt: skip
+    evaluations, rows = [], []
+    if args.model:
+        evaluations += evaluate(
+            args.model, list(zip(names, tables, strict=True)), policy=args.policy,
+            view=args.view, device=args.device, batch_size=args.batch_size, **scoring,
+        )  # fmt: skip
+        rows += names
+    # Predictions files (another model's output, out-of-fold scores) on the first data.
+    for model, csv in _named_csvs(args.predictions or []):
+        pred = read_predictions(csv, tables[0], model=model, policy=args.policy, view=args.view)
+        evaluations += score_predictions([pred], **scoring)
+        rows.append(names[0])
+    print(format_evaluations(evaluations, rows))
+    models = list(dict.fromkeys(e.predictions.model for e in evaluations))
+    run_dirs = [r for r in dict.fromkeys(run_dir_of(m) for m in args.model or []) if r]
     report_md, report_html = write_report(
         evaluations,
         out,
-        title=f"Evaluation of {pred.model} ({pred.kind})",
-        dataset_names=names,
+        title=args.title or f"Evaluation of {', '.join(models)}",
+        dataset_names=rows,
         run_dirs=run_dirs,
         label_stats=label_stats(tables[0], unit=args.unit, view=args.view),
         chexpert_valid=args.chexpert_valid,
     )
-    saved = save_evaluations(out / "evaluation.json", evaluations, names, models=args.model)
+    saved = save_evaluations(out / "evaluation.json", evaluations, rows, models=args.model or [])
     print(f"report: {report_md}\n        {report_html}\nnumbers: {saved}")
     return 0
 
@@ -465,7 +472,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "evaluate", help="metrics with CIs of a model or ensemble; writes report.md/.html"
     )
-    _add_eval_model_args(p)
+    _add_eval_model_args(p, required=False)
+    p.add_argument(
+        "--predictions", action="append", metavar="[NAME=]CSV",
+        help="probabilities CSV (Path or Image Index + a column per label, e.g. cxrlabel "
+        "label's probabilities.csv) scored on the first --data; repeat for more",
+    )  # fmt: skip
+    p.add_argument("--title", help="report title")
     p.add_argument(
         "--data", action="append", required=True, metavar="[NAME=]CSV",
         help="labelled CSV; repeat for more (default names: validation, then test)",

@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 
 from cxrlabel.fileio import atomic_write_text
-from cxrlabel.labels import LabelTable, filter_view
+from cxrlabel.labels import OBSERVATIONS, LabelTable, ensure_ids, filter_view
 from cxrlabel.metrics import METRIC_NAMES, Evaluation, evaluate_predictions
 from cxrlabel.results import STUDY_AGGREGATES, UNITS, Predictions
 from cxrlabel.synth import is_synthetic_dataset
@@ -98,6 +98,105 @@ def predict_datasets(
         )
         log.info("%s: scored %d images with %s (%s)", name, len(pred), ensemble.name, pred.kind)
     return out
+
+
+def prediction_columns(columns: Sequence[str]) -> dict[str, str]:
+    """Probability columns -> observations: the observation's own name, optionally prefixed
+    `prob_`, or an NIH name (`prob_Effusion`) that maps to exactly one observation."""
+    from cxrlabel.formats import NIH_TO_CHEXPERT
+
+    targets: dict[str, list[str]] = {}
+    for column in columns:
+        raw = column.removeprefix("prob_")
+        spaced = raw.replace("_", " ")
+        observation = spaced if spaced in OBSERVATIONS else NIH_TO_CHEXPERT.get(raw)
+        if observation is not None:
+            targets.setdefault(observation, []).append(column)
+    # Several columns for one observation (NIH Mass and Nodule -> Lung Lesion) are ambiguous.
+    return {obs: cols[0] for obs, cols in targets.items() if len(cols) == 1}
+
+
+def _match_rows(keys: pd.Series, table: LabelTable, source: Path) -> np.ndarray:
+    """For each table row, the index of its prediction row (-1 if none): by the path as the
+    label file writes it, else by file stem where stems are unique on both sides."""
+
+    def by(values: pd.Series) -> dict[str, int]:
+        values = values.astype(str).str.replace("\\", "/", regex=False)
+        dup = values.duplicated(keep=False).to_numpy()
+        return {v: i for i, (v, d) in enumerate(zip(values, dup, strict=True)) if not d}
+
+    table_paths = table.frame["Path"].astype(str).str.replace("\\", "/", regex=False)
+    exact = by(keys)
+    # File stems, since a film may have been converted (NIH's PNGs shared as JPEGs).
+    names = by(keys.map(lambda k: Path(str(k)).stem))
+    table_names = table_paths.map(lambda p: Path(p).stem)
+    unique_name = ~table_names.duplicated(keep=False)
+    rows = []
+    for path, name, unique in zip(table_paths, table_names, unique_name, strict=True):
+        rows.append(exact.get(path, names.get(name, -1) if unique else -1))
+    if all(r < 0 for r in rows):
+        raise ValueError(f"{source}: no prediction row matches an image of {table.source}")
+    return np.asarray(rows)
+
+
+def read_predictions(
+    path: Path,
+    table: LabelTable,
+    *,
+    model: str | None = None,
+    policy: str = "U-Ignore",
+    view: str = "all",
+) -> Predictions:
+    """Probabilities from a CSV scored against a label table's labels.
+
+    The CSV has a `Path` (or NIH `Image Index`) column and one probability column per
+    observation (`cxrlabel label`'s probabilities.csv, or another model's output such as the
+    NIH reference predictions). Rows are matched on the path, else on the file stem. A JSON
+    file beside it (same name, .json) may give "model", "kind" and "notes" for the report.
+    Labelled images without a prediction are left out, and the Predictions' notes say so.
+    """
+    path = Path(path)
+    frame = pd.read_csv(path)
+    key = next((c for c in ("Path", "Image Index") if c in frame.columns), None)
+    if key is None:
+        raise ValueError(f"{path}: predictions need a 'Path' or 'Image Index' column")
+    table = ensure_ids(filter_view(table, view))
+    columns = prediction_columns(list(frame.columns))
+    labels = [o for o in OBSERVATIONS if o in columns]
+    targets, mask = table.targets(labels, policy) if labels else (None, None)
+    if labels:  # only observations the label file actually labels
+        keep = [k for k in range(len(labels)) if mask[:, k].any()]
+        labels = [labels[k] for k in keep]
+        targets, mask = targets[:, keep], mask[:, keep]
+    if not labels:
+        raise ValueError(f"{path}: no probability column matches a labelled observation")
+    rows = _match_rows(frame[key], table, path)
+    found = rows >= 0
+    scores = frame[[columns[o] for o in labels]].to_numpy(np.float64)[rows[found]]
+    if not np.isfinite(scores).all() or (scores < 0).any() or (scores > 1).any():
+        raise ValueError(f"{path}: probabilities must be finite and within [0, 1]")
+    side = path.with_suffix(".json")
+    about = json.loads(side.read_text(encoding="utf-8")) if side.is_file() else {}
+    notes = list(about.get("notes", []))
+    if not found.all():
+        notes.append(f"{int((~found).sum())} labelled image(s) had no prediction in {path.name}")
+        log.warning("%s: %s", path, notes[-1])
+    kept = table.frame[found]
+    return Predictions(
+        labels=tuple(labels),
+        paths=tuple(kept["Path"].astype(str)),
+        patient_ids=tuple(kept["patient_id"].astype(str)),
+        study_ids=tuple(kept["study_id"].astype(str)),
+        y_score=scores,
+        y_true=np.asarray(targets[found], dtype=np.float64),
+        mask=np.asarray(mask[found], dtype=bool),
+        thresholds=Thresholds.fixed(labels),
+        model=model or about.get("model") or path.stem,
+        kind=about.get("kind", "external predictions"),
+        data=describe_data(table, view),
+        synthetic=is_synthetic(table),
+        notes=tuple(notes),
+    )
 
 
 def check_unit(unit: str, aggregate: str) -> None:
