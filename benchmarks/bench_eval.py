@@ -17,22 +17,12 @@ import os
 import platform
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 
 from cxrlabel.labels import OBSERVATIONS
 from cxrlabel.metrics import bootstrap_auroc, calibration_table, metrics_table
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+from cxrlabel.train import cpu_name
 
 
 def random_predictions(

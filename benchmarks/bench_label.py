@@ -41,6 +41,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from cxrlabel.checkpoint import save_checkpoint
+from cxrlabel.fileio import atomic_write_text
 from cxrlabel.images import read_image
 from cxrlabel.labels import OBSERVATIONS
 from cxrlabel.models import CXRModel, create_model
@@ -250,7 +251,7 @@ def main() -> None:
             subprocess.run(command, check=True)
             results["memory"] = json.loads(out.read_text())["memory"]
     if args.out is not None:
-        args.out.write_text(json.dumps(results, indent=2))
+        atomic_write_text(args.out, json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":

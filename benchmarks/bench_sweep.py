@@ -13,7 +13,6 @@ Goal: ratio >= 10x.
 from __future__ import annotations
 
 import argparse
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -31,19 +30,10 @@ from cxrlabel.metrics import metrics_table
 from cxrlabel.models import HEADS, create_backbone, create_head, masked_bce_loss
 from cxrlabel.splits import patient_split
 from cxrlabel.synth import write_dataset
+from cxrlabel.train import cpu_name
 from cxrlabel.transforms import Preprocessing
 
 LABELS = LABEL_SETS["competition"]
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def prep_for(backbone: str, size: int) -> Preprocessing:

@@ -226,3 +226,28 @@ def test_compare_prints_a_row_per_run(tiny_run, tmp_path, capsys):
     assert [r.split("|")[1].strip() for r in rows[1:]] == ["tiny-run", "second-run"]
     assert out.read_text() in printed
     assert main(["compare", str(tmp_path)]) == 2  # not a run folder
+
+
+def test_evaluate_label_output_as_predictions_with_a_rule(tiny_run, tiny_dataset, tmp_path, capsys):
+    """`cxrlabel label`'s probabilities.csv scores against the labels like the model itself,
+    side by side with it in one report; --rule chooses thresholds for that report only."""
+    labelled = tmp_path / "labelled"
+    csv = tiny_dataset / "train.csv"
+    assert main(["label", str(csv), "--model", str(tiny_run.run_dir), "--out", str(labelled),
+                 "--backend", "torch", "--device", "cpu", "--no-progress"]) == 0  # fmt: skip
+    capsys.readouterr()
+    out = tmp_path / "report"
+    args = ["evaluate", "--model", str(tiny_run.run_dir), "--predictions",
+            f"labelled={labelled / 'probabilities.csv'}", "--data", str(csv), "--view", "all",
+            "--bootstrap", "20", "--out", str(out), "--device", "cpu",
+            "--rule", "youden"]  # fmt: skip
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    records = json.loads((out / "evaluation.json").read_text())["evaluations"]
+    assert [r["model"] for r in records] == ["Tiny_1 (tiny-run)", "labelled"]
+    model, labelled_record = ({r["Label"]: r for r in rec["labels"]} for rec in records)
+    for label, row in model.items():
+        if row["AUROC"] is not None:
+            assert labelled_record[label]["AUROC"] == pytest.approx(row["AUROC"], abs=1e-5)
+    assert records[0]["thresholds"]["rule"] == "youden" and "thresholds youden" in printed
+    assert (out / "report.html").is_file()

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -32,17 +33,30 @@ def _checkpoint(path: Path, seed: int, size: int = 64, thresholds: Thresholds | 
 
 def test_resolve_run_folder_best_k_and_files(tmp_path: Path) -> None:
     run = tmp_path / "run"
-    for name in ("best", "best-1", "best-2"):
-        _checkpoint(run / "checkpoints" / f"{name}.safetensors", seed=0)
-    assert resolve_model_paths([run]) == [run / "checkpoints" / "best.safetensors"]
-    assert [p.name for p in resolve_model_paths([f"{run}:best2"])] == [
-        "best-1.safetensors",
-        "best-2.safetensors",
+    ckpts = run / "checkpoints"
+    for name in ("best", "epoch-0000", "epoch-0003"):
+        _checkpoint(ckpts / f"{name}.safetensors", seed=0)
+    assert resolve_model_paths([run]) == [ckpts / "best.safetensors"]
+    with pytest.raises(FileNotFoundError, match=r"kept\.json"):
+        resolve_model_paths([f"{run}:best2"])
+    # RUN:bestK follows the ranking training recorded in kept.json, not the file names.
+    kept = [
+        {"rank": 1, "epoch": 3, "val_loss": 0.2, "path": "checkpoints/epoch-0003.safetensors"},
+        {"rank": 2, "epoch": 0, "val_loss": 0.3, "path": "checkpoints/epoch-0000.safetensors"},
     ]
-    json_path = run / "checkpoints" / "best-2.json"
-    assert resolve_model_paths([json_path]) == [run / "checkpoints" / "best-2.safetensors"]
-    with pytest.raises(FileNotFoundError, match="best-3"):
+    (ckpts / "kept.json").write_text(json.dumps({"keep_best": 2, "kept": kept}))
+    assert resolve_model_paths([f"{run}:best2"]) == [
+        ckpts / "epoch-0003.safetensors",
+        ckpts / "epoch-0000.safetensors",
+    ]
+    assert resolve_model_paths([f"{run}:best1"]) == [ckpts / "epoch-0003.safetensors"]
+    json_path = ckpts / "epoch-0000.json"
+    assert resolve_model_paths([json_path]) == [ckpts / "epoch-0000.safetensors"]
+    with pytest.raises(ValueError, match="keeps 2 checkpoint"):
         resolve_model_paths([f"{run}:best3"])
+    (ckpts / "epoch-0000.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="epoch-0000"):
+        resolve_model_paths([f"{run}:best2"])
     with pytest.raises(FileNotFoundError, match="not a run folder or a checkpoint"):
         resolve_model_paths([tmp_path / "nothing.safetensors"])
 

@@ -36,13 +36,10 @@ from tests.helpers import chexpert_csv
 FAST = {"n_resamples": 20, "device": "cpu"}
 
 
-def _ckpt(run: TrainResult, name: str) -> Path:
-    return run.run_dir / "checkpoints" / f"{name}.safetensors"
-
-
 def test_ensemble_averages_member_probabilities(tiny_run: TrainResult, tiny_dataset: Path):
     data = [("validation", load_table(tiny_dataset / "train.csv"))]
-    a, b = _ckpt(tiny_run, "best-1"), _ckpt(tiny_run, "best-2")
+    # The run's two kept checkpoints, best first (files named by epoch, see summary.json).
+    a, b = (tiny_run.run_dir / k["path"] for k in tiny_run.metrics["kept_checkpoints"])
     (single_a,) = evaluate([a], data, **FAST)
     (single_b,) = evaluate([b], data, **FAST)
     (both,) = evaluate([f"{tiny_run.run_dir}:best2"], data, **FAST)
@@ -124,13 +121,25 @@ def test_thresholds_rule_is_chosen_on_the_first_dataset(tiny_run, tiny_dataset: 
 def test_choose_and_store_thresholds(tiny_run: TrainResult, tiny_dataset: Path, tmp_path: Path):
     run = Path(shutil.copytree(tiny_run.run_dir, tmp_path / "run"))
     table = load_table(tiny_dataset / "train.csv")
-    path, chosen = choose_and_store_thresholds(run, table, rule="youden", band=0.1, device="cpu")
-    assert path == run / "checkpoints" / "best.safetensors"
-    meta = read_metadata(path)
+    paths, chosen = choose_and_store_thresholds([run], table, rule="youden", band=0.1,
+                                                device="cpu")  # fmt: skip
+    assert paths == [run / "checkpoints" / "best.safetensors"]
+    meta = read_metadata(paths[0])
     assert Thresholds.from_dict(meta["thresholds"]) == chosen
     (ev,) = evaluate([run], [("validation", table)], **FAST)
     assert ev.predictions.thresholds == chosen
     assert ev.band is not None  # the band's summary is part of the evaluation
+
+    # An ensemble's thresholds are chosen on its averaged probabilities and stored in every
+    # member, so the ensemble uses exactly those (not a mean of per-member choices).
+    members = [f"{run}:best2"]
+    paths, chosen = choose_and_store_thresholds(members, table, rule="max_f1", device="cpu")
+    assert len(paths) == 2
+    for path in paths:
+        assert Thresholds.from_dict(read_metadata(path)["thresholds"]) == chosen
+    (ev,) = evaluate(members, [("validation", table)], **FAST)
+    assert ev.predictions.kind == "ensemble of 2 checkpoints"
+    assert ev.predictions.thresholds == chosen
 
 
 def test_evaluation_record_is_json(tiny_run: TrainResult, tiny_dataset: Path, tmp_path: Path):
@@ -171,7 +180,7 @@ def test_run_dir_of(tiny_run: TrainResult, tmp_path: Path):
     run = tiny_run.run_dir
     assert run_dir_of(run) == run
     assert run_dir_of(f"{run}:best2") == run
-    assert run_dir_of(run / "checkpoints" / "best-2.json") == run
+    assert run_dir_of(run / "checkpoints" / "epoch-0002.json") == run
     assert run_dir_of(tmp_path / "model.safetensors") is None
 
 
@@ -237,6 +246,13 @@ def test_read_predictions_matches_rows_and_scores_like_sklearn(tiny_dataset: Pat
     (evaluation,) = score_predictions([pred], n_resamples=20)
     row = evaluation.table.set_index("Label").loc["Cardiomegaly"]
     assert row["AUROC"] == pytest.approx(expected, abs=1e-12)
+
+    # `cxrlabel label` writes the paths it was given (absolute, or under the dataset folder),
+    # where every file is named view1_frontal.jpg: the label paths' suffix still matches.
+    moved = frame.assign(Path=str(tmp_path / "copy" / "data") + "/" + frame["Path"])
+    moved.to_csv(tmp_path / "moved.csv", index=False)
+    np.testing.assert_array_equal(read_predictions(tmp_path / "moved.csv", table).y_score,
+                                  pred.y_score)  # fmt: skip
 
     # Converted films (NIH's PNGs shared as JPEGs) match on the file stem when stems are unique.
     rows = [{"Path": f"images/{i:05d}_000.jpg", "Edema": str(i % 2)} for i in range(6)]

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
 import torch
+from torch import nn
 
+from cxrlabel import export
 from cxrlabel.checkpoint import save_checkpoint
 from cxrlabel.cli import main
 from cxrlabel.ensemble import load_ensemble
@@ -152,3 +155,96 @@ def test_heatmaps_with_an_onnx_file_use_its_checkpoint_and_notice_changes(
         label_inputs(
             [tiny_dataset / "valid"], onnx_model, tmp_path / "out2", heatmaps=True, progress=False
         )
+
+
+def test_default_onnx_path_stays_inside_the_run(tmp_path: Path) -> None:
+    from cxrlabel.cli import _default_onnx_path
+
+    run = tmp_path / "runs" / "foo"
+    (run / "checkpoints").mkdir(parents=True)
+    assert _default_onnx_path(f"{run}:best3") == run / "model-best3.onnx"
+    assert _default_onnx_path(run) == run / "model.onnx"
+    ckpts = run / "checkpoints"
+    for given in ("best-2.safetensors", "best-2.json", "best-2.state.safetensors"):
+        assert _default_onnx_path(ckpts / given) == ckpts / "best-2.onnx"
+
+    kept = []
+    for rank, epoch in enumerate((3, 1), start=1):
+        make_checkpoint(ckpts / f"epoch-{epoch:04d}.safetensors", seed=10 + epoch)
+        kept.append(
+            {"rank": rank, "epoch": epoch, "path": f"checkpoints/epoch-{epoch:04d}.safetensors"}
+        )
+    (ckpts / "kept.json").write_text(json.dumps({"keep_best": 2, "kept": kept}))
+    assert main(["export", f"{run}:best2", "--onnx"]) == 0
+    assert (run / "model-best2.onnx").is_file()
+    assert OnnxModel(run / "model-best2.onnx").kind == "ensemble of 2 checkpoints"
+    assert not list(run.parent.glob("*:*"))
+
+
+class _TracingTypeError(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        raise TypeError("a bug in the model's forward")
+
+
+def test_a_type_error_while_tracing_is_not_retried_with_the_other_exporter() -> None:
+    module = _TracingTypeError()
+    with pytest.raises(TypeError, match="a bug in the model's forward"):
+        export._export_bytes(module, torch.rand(2, 1, 8, 8), export.OPSET)
+    assert module.calls == 1
+
+
+def test_a_torch_without_the_torchscript_exporter_uses_torch_export(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    calls: list[dict] = []
+
+    class Program:
+        model_proto = onnx.ModelProto(doc_string="dynamo")
+
+    def export_without_torchscript(model, args=(), f=None, *, dynamo=True, **kwargs):
+        calls.append({"dynamo": dynamo, **kwargs})
+        return Program()
+
+    monkeypatch.setattr(torch.onnx, "export", export_without_torchscript)
+    assert not export._torchscript_exporter_available()
+    data = export._export_bytes(nn.Identity(), torch.rand(2, 1, 8, 8), export.OPSET)
+    assert onnx.load_from_string(data).doc_string == "dynamo"
+    assert calls[0]["dynamo"] is True and "dynamic_shapes" in calls[0]
+
+
+def _fail_export(*args, **kwargs) -> bytes:
+    raise RuntimeError("exporter broke")
+
+
+def _fail_check(*args, **kwargs) -> None:
+    raise onnx.checker.ValidationError("graph is invalid")
+
+
+@pytest.mark.parametrize(
+    ("target", "replacement", "error"),
+    [
+        ("cxrlabel.export._export_bytes", _fail_export, RuntimeError),
+        ("onnx.checker.check_model", _fail_check, onnx.checker.ValidationError),
+    ],
+)
+def test_auto_backend_falls_back_to_torch_when_the_export_fails(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    target: str,
+    replacement,
+    error: type[Exception],
+) -> None:
+    ckpt = make_checkpoint(tmp_path / "a" / "best.safetensors", seed=7)
+    monkeypatch.setattr(target, replacement)
+    with caplog.at_level(logging.WARNING, logger="cxrlabel.predict"):
+        model = load_model([ckpt], backend="auto", device="cpu")
+    assert type(model).__name__ == "Ensemble"
+    assert error.__name__ in caplog.text and "labelling with PyTorch" in caplog.text
+    with pytest.raises(error):
+        load_model([ckpt], backend="onnx", device="cpu")

@@ -6,6 +6,7 @@ import csv
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -298,3 +299,56 @@ def test_dicom_views_and_study_ids_from_tags(model, tmp_path: Path) -> None:
     siim_study = next(r for r in studies if r["Path"] == str(ds.StudyInstanceUID))
     # The SIIM film, its MONOCHROME1 twin and the lateral copy share one study.
     assert int(siim_study["images"]) == 3
+
+
+def test_a_fresh_run_removes_old_heatmaps_and_a_resume_keeps_them(
+    tiny_dataset: Path, model, tmp_path: Path
+) -> None:
+    inputs = [tiny_dataset / "valid.csv"]
+    out = tmp_path / "out"
+    label_inputs(inputs, model, out, heatmaps=True, heatmap_labels=["Edema"], progress=False)
+    stale = out / predict.HEATMAP_DIR / "999999_old_run"
+    stale.mkdir()
+    (stale / "Edema.png").write_bytes(b"old")
+    # A new (not resumed) run into the same folder: nothing of the old run's heatmaps is left.
+    label_inputs(inputs, model, out, heatmaps=True, heatmap_labels=["Edema"], progress=False)
+    assert not stale.exists()
+    folders = {r["heatmaps"] for r in read_rows(out / "images.csv")}
+    assert {p.relative_to(out).as_posix() for p in (out / "heatmaps").iterdir()} == folders
+    label_inputs(inputs, model, out, progress=False)
+    assert not (out / "heatmaps").exists()
+
+    # A resume keeps the heatmaps its finished batches drew (images.csv points at them).
+    def stop(done: int) -> None:
+        raise KeyboardInterrupt
+
+    resumed = tmp_path / "resumed"
+    with pytest.raises(KeyboardInterrupt):
+        label_inputs(
+            inputs, model, resumed, batch_size=1, heatmaps=True, progress=False, on_batch=stop
+        )
+    assert len(list((resumed / "heatmaps").iterdir())) == 1
+    summary = label_inputs(inputs, model, resumed, batch_size=1, heatmaps=True, progress=False)
+    assert summary.resumed_after == 1
+    for row in read_rows(resumed / "images.csv"):
+        assert (resumed / row["heatmaps"] / "contact_sheet.png").is_file()
+
+    # A heatmaps/ folder in an --out that holds no earlier run is not ours to delete.
+    theirs = tmp_path / "theirs"
+    (theirs / "heatmaps").mkdir(parents=True)
+    (theirs / "heatmaps" / "keep.txt").write_text("mine")
+    label_inputs(inputs, model, theirs, progress=False)
+    assert (theirs / "heatmaps" / "keep.txt").is_file()
+
+
+def test_heatmap_films_are_kept_at_display_size_only(tmp_path: Path) -> None:
+    from PIL import Image
+
+    path = tmp_path / "big.png"
+    Image.fromarray(np.full((1500, 1200), 128, np.uint8)).save(path)
+    item = predict.InputItem(path, str(path))
+    film = predict.read_film(0, item, None, True)
+    assert film.pixels is not None and film.pixels.shape == (1500, 1200)
+    assert film.display_image is not None
+    assert film.display_image.shape == (predict.HEATMAP_MAX_SIDE, 819)
+    assert predict.read_film(0, item, None, False).display_image is None

@@ -5,7 +5,11 @@ from __future__ import annotations
 import asyncio
 import io
 import os
+import shutil
 import struct
+import threading
+import time
+import weakref
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -30,6 +34,7 @@ from cxrlabel.serve import (
     TOKEN_ENV,
     UploadLimit,
     create_app,
+    decode_upload,
     load_model,
     serve_in_thread,
     sniff_format,
@@ -411,7 +416,36 @@ def test_stored_film_gives_the_scored_model_input(ensemble: Ensemble, mode: str)
     assert torch.equal(preprocess(kept, prep), preprocess(image, prep))
 
 
-def test_onnx_model_serves_without_heatmaps(
+def test_heatmaps_find_the_target_layer_once(
+    ensemble: Ensemble, film: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each heatmap request reuses the layer found at startup: finding it hooks every module
+    and runs an extra forward pass, under the model lock."""
+    import cxrlabel.heatmaps
+
+    client = TestClient(create_app(ensemble))
+    searches: list[object] = []
+    real = cxrlabel.heatmaps.find_target_layer
+    monkeypatch.setattr(
+        cxrlabel.heatmaps, "find_target_layer", lambda m: searches.append(m) or real(m)
+    )
+    links = _post(client, film.read_bytes(), heatmaps="true").json()["heatmaps"]["links"]
+    for label in ("Edema", "Cardiomegaly", "Pleural Effusion"):
+        assert client.get(links[label]).status_code == 200
+    assert searches == []
+
+
+def _copy_checkpoint(checkpoint: Path, folder: Path) -> Path:
+    from cxrlabel.checkpoint import checkpoint_paths
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for path in checkpoint_paths(checkpoint):
+        if path.is_file():
+            shutil.copy2(path, folder / path.name)
+    return folder / checkpoint.name
+
+
+def test_onnx_model_has_heatmaps_from_its_checkpoint(
     checkpoint: Path, ensemble: Ensemble, film: Path
 ) -> None:
     from cxrlabel.export import OnnxModel
@@ -421,8 +455,31 @@ def test_onnx_model_serves_without_heatmaps(
     body = _post(client, film.read_bytes(), heatmaps="true").json()
     expected = ensemble.predict_images([read_image(film)])[0]
     assert np.allclose([body["probabilities"][k] for k in OBSERVATIONS], expected, atol=1e-5)
+    assert body["heatmaps"]["available"] is True and set(body["heatmaps"]["links"]) == set(
+        OBSERVATIONS
+    )
+    png = client.get(body["heatmaps"]["links"]["Edema"])
+    assert png.status_code == 200 and Image.open(io.BytesIO(png.content)).size == (64, 64)
+    assert client.get("/model").json()["heatmaps"] == {"available": True, "reason": None}
+
+
+def test_onnx_model_without_its_checkpoint_serves_without_heatmaps(
+    checkpoint: Path, ensemble: Ensemble, film: Path, tmp_path: Path
+) -> None:
+    from cxrlabel.checkpoint import checkpoint_paths
+    from cxrlabel.export import export_onnx
+
+    copy = _copy_checkpoint(checkpoint, tmp_path / "gone")
+    onnx_path = export_onnx([copy], tmp_path / "model.onnx")
+    for path in checkpoint_paths(copy):
+        path.unlink(missing_ok=True)
+    client = TestClient(create_app(load_model([onnx_path], device="cpu")))
+    body = _post(client, film.read_bytes(), heatmaps="true").json()
+    expected = ensemble.predict_images([read_image(film)])[0]
+    assert np.allclose([body["probabilities"][k] for k in OBSERVATIONS], expected, atol=1e-5)
     assert body["heatmaps"]["available"] is False and body["heatmaps"]["links"] == {}
-    assert "PyTorch" in body["heatmaps"]["reason"]
+    assert "PyTorch checkpoint" in body["heatmaps"]["reason"]
+    assert "was not found" in body["heatmaps"]["reason"]
     assert Image.open(io.BytesIO(client.get(body["heatmaps"]["film"]).content)).size == (64, 64)
     missing = client.get(f"/heatmaps/{body['result_id']}/Edema.png")
     assert missing.status_code == 404 and missing.json()["error"] == "heatmaps_unavailable"
@@ -434,9 +491,12 @@ def test_load_model_picks_the_backend(checkpoint: Path, tmp_path: Path) -> None:
 
     onnx_path = export_onnx([checkpoint], tmp_path / "model.onnx")
     assert isinstance(load_model([onnx_path], device="cpu"), OnnxModel)
+    upper = onnx_path.rename(tmp_path / "MODEL.ONNX")  # the suffix is matched in any case
+    assert isinstance(load_model([upper], device="cpu"), OnnxModel)
+    # Checkpoints stay on PyTorch (not exported on the fly as `label --backend auto` may).
     assert isinstance(load_model([checkpoint], device="cpu"), Ensemble)
-    with pytest.raises(ValueError, match=r"one \.onnx file on its own"):
-        load_model([onnx_path, checkpoint])
+    with pytest.raises(ValueError, match=r"give one \.onnx file"):
+        load_model([upper, checkpoint])
 
 
 # --------------------------------------------------------------------------------------------
@@ -466,6 +526,154 @@ def test_concurrent_requests_get_their_own_results(ensemble: Ensemble, tiny_data
     assert [status for *_, status in results] == [200] * 32
     for path, probs, _ in results:
         assert probs == expected[path]
+
+
+class _LiveFilms:
+    """Counts the decoded full-size films alive at once: serve's decode_upload, wrapped."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, pause: float = 0.0) -> None:
+        import cxrlabel.serve
+
+        self.live = self.peak = 0
+        self.shapes: list[tuple[int, ...]] = []
+        self._lock = threading.Lock()
+        real = cxrlabel.serve.decode_upload
+
+        def decode(data: bytes, filename: str) -> tuple[np.ndarray, str]:
+            image, fmt = real(data, filename)
+            with self._lock:
+                self.live += 1
+                self.peak = max(self.peak, self.live)
+                self.shapes.append(image.shape)
+            weakref.finalize(image, self._release)
+            time.sleep(pause)  # so that decodes overlap whenever they are allowed to
+            return image, fmt
+
+        monkeypatch.setattr(cxrlabel.serve, "decode_upload", decode)
+
+    def _release(self) -> None:
+        with self._lock:
+            self.live -= 1
+
+
+def _large_film() -> bytes:
+    """A 1200 x 900 film (a few KB of PNG): far larger decoded than the 64 px model input."""
+    yy, xx = np.mgrid[0:1200, 0:900]
+    return _png(((xx + yy) % 256).astype(np.uint8))
+
+
+def test_decoded_films_held_at_once_never_exceed_the_bound(
+    ensemble: Ensemble, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    films = _LiveFilms(monkeypatch, pause=0.05)
+    data = _large_film()
+    app = create_app(ensemble, max_concurrent=2, max_queue=16)
+    with serve_in_thread(app) as url, httpx.Client(base_url=url, timeout=60) as http:
+
+        def one(job: int) -> int:
+            params = {"heatmaps": "true"} if job % 2 else {}
+            return http.post(
+                "/predict", params=params, files={"file": ("big.png", data)}
+            ).status_code
+
+        with ThreadPoolExecutor(12) as pool:
+            statuses = list(pool.map(one, range(12)))
+    assert statuses == [200] * 12
+    assert films.shapes == [(1200, 900)] * 12
+    assert 1 <= films.peak <= 2 and films.live == 0
+    assert app.state.service.admitted == 0
+
+
+def test_full_size_film_is_dropped_before_the_model_runs(
+    ensemble: Ensemble, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The model (and the wait for its lock) sees only the model-sized film, and gives the
+    same probabilities as from the full-size one."""
+    films = _LiveFilms(monkeypatch)
+    seen: list[tuple[int, tuple[int, ...]]] = []
+    real_predict = ensemble.predict_images
+
+    def predict_images(images: list[np.ndarray]) -> np.ndarray:
+        seen.append((films.live, images[0].shape))
+        return real_predict(images)
+
+    monkeypatch.setattr(ensemble, "predict_images", predict_images)
+    client = TestClient(create_app(ensemble, max_concurrent=1))
+    data = _large_film()
+    body = _post(client, data, name="big.png", heatmaps="true").json()
+    assert seen == [(0, (64, 48))]  # no full-size film alive while predicting
+    assert (body["file"]["width"], body["file"]["height"]) == (900, 1200)
+    expected = real_predict([decode_upload(data, "big.png")[0]])[0]
+    assert [body["probabilities"][k] for k in OBSERVATIONS] == [float(p) for p in expected]
+    film_png = Image.open(io.BytesIO(client.get(body["heatmaps"]["film"]).content))
+    assert film_png.size == (48, 64)
+
+
+def test_members_that_resize_differently_get_the_full_film(
+    checkpoint: Path, tmp_path: Path
+) -> None:
+    """No one smaller film is exact for members of different input sizes: scores must still
+    equal the ensemble's own on the full film."""
+    torch.manual_seed(1)
+    other = create_model("tiny", "linear", OBSERVATIONS, weights="none", size=48)
+    other_path = save_checkpoint(tmp_path / "tiny48.safetensors", other, config={}, epoch=0, step=0)
+    mixed = load_ensemble([checkpoint, other_path], device="cpu")
+    client = TestClient(create_app(mixed))
+    data = _large_film()
+    body = _post(client, data, name="big.png").json()
+    expected = mixed.predict_images([decode_upload(data, "big.png")[0]])[0]
+    assert [body["probabilities"][k] for k in OBSERVATIONS] == [float(p) for p in expected]
+
+
+def test_overload_gets_503_busy_not_500(
+    ensemble: Ensemble, film: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import cxrlabel.serve
+
+    entered, release = threading.Event(), threading.Event()
+    real = cxrlabel.serve.decode_upload
+
+    def blocking_decode(data: bytes, filename: str) -> tuple[np.ndarray, str]:
+        entered.set()
+        assert release.wait(60)
+        return real(data, filename)
+
+    monkeypatch.setattr(cxrlabel.serve, "decode_upload", blocking_decode)
+    app = create_app(ensemble, max_concurrent=1, max_queue=1)
+    service = app.state.service
+    data = film.read_bytes()
+    with serve_in_thread(app) as url, httpx.Client(base_url=url, timeout=60) as http:
+
+        def post() -> httpx.Response:
+            return http.post("/predict", files={"file": ("film.jpg", data)})
+
+        with ThreadPoolExecutor(2) as pool:
+            try:
+                working = pool.submit(post)
+                assert entered.wait(30)
+                waiting = pool.submit(post)
+                deadline = time.monotonic() + 30
+                while service.admitted < 2 and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                busy = post()
+            finally:
+                release.set()
+            assert working.result().status_code == 200
+            assert waiting.result().status_code == 200
+        assert busy.status_code == 503, busy.text
+        assert busy.json()["error"] == "busy" and "try again" in busy.json()["detail"]
+        assert busy.headers["retry-after"] == "1"
+        assert post().status_code == 200  # room again once the others are done
+    assert service.admitted == 0
+    info = TestClient(app).get("/model").json()
+    assert (info["max_concurrent"], info["max_queue"]) == (1, 1)
+
+
+def test_concurrency_settings_are_checked(ensemble: Ensemble) -> None:
+    with pytest.raises(ValueError, match="max_concurrent"):
+        create_app(ensemble, max_concurrent=0)
+    with pytest.raises(ValueError, match="max_queue"):
+        create_app(ensemble, max_queue=-1)
 
 
 def test_serve_command_reads_token_from_env(

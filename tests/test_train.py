@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import pytest
@@ -12,6 +13,7 @@ import torch
 from cxrlabel.checkpoint import load_checkpoint, read_metadata
 from cxrlabel.config import RunConfig, build_config, load_config
 from cxrlabel.data import CXRDataset
+from cxrlabel.ensemble import resolve_model_paths
 from cxrlabel.formats import load_table
 from cxrlabel.labels import filter_view
 from cxrlabel.metrics import metrics_table
@@ -26,8 +28,10 @@ from cxrlabel.train import (
     make_loader,
     predict,
     rank_kept,
+    read_metrics,
     scheduled_lr,
     train,
+    write_metrics,
 )
 
 
@@ -142,10 +146,11 @@ def test_resume_mid_epoch_is_exact(
     assert a.lr.tolist() == b.lr.tolist()
     assert a.val_loss.dropna().tolist() == b.val_loss.dropna().tolist()
     # The same kept checkpoints with the same thresholds.
-    assert full_run.metrics["kept_checkpoints"] == resumed.metrics["kept_checkpoints"]
-    for name in ("best", "best-1", "best-2"):
-        x = read_metadata(full_run.run_dir / "checkpoints" / f"{name}.json")
-        y = read_metadata(resumed.run_dir / "checkpoints" / f"{name}.json")
+    kept = full_run.metrics["kept_checkpoints"]
+    assert kept == resumed.metrics["kept_checkpoints"] and len(kept) == 2
+    for path in ["checkpoints/best.json", *(k["path"] for k in kept)]:
+        x = read_metadata(full_run.run_dir / path)
+        y = read_metadata(resumed.run_dir / path)
         assert x["thresholds"] == y["thresholds"] and x["epoch"] == y["epoch"]
 
 
@@ -177,33 +182,182 @@ def test_rank_kept_orders_and_truncates() -> None:
     assert [e["epoch"] for e in rank_kept(kept, nan, 3, "val_auroc")] == [1, 0, 4]
 
 
-def test_keep_best_keeps_exactly_k_ranked_checkpoints(tiny_dataset: Path, tmp_path: Path) -> None:
-    config = _config(
-        tiny_dataset, runs_dir=str(tmp_path), epochs=4, batch_size=8, keep_best=2,
-        deterministic=False, name="kept",
-    )  # fmt: skip
-    result = train(config)
-    ckpts = result.run_dir / "checkpoints"
-    names = sorted(p.name for p in ckpts.iterdir() if p.name.startswith("best"))
-    assert names == [
-        "best-1.json", "best-1.safetensors", "best-2.json", "best-2.safetensors",
-        "best.json", "best.safetensors",
-    ]  # fmt: skip
-    epochs = pd.read_csv(result.run_dir / "metrics.csv").query("kind == 'epoch'")
+@pytest.fixture(scope="module")
+def kept_run(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> TrainResult:
+    """An uninterrupted run whose last epoch displaces a kept one (the crash tests' reference).
+
+    With this seed the validation loss falls every epoch, so epoch 2 becomes the best and
+    pushes epoch 0 out of the two kept."""
+    runs = tmp_path_factory.mktemp("kept_runs")
+    return train(_kept_config(tiny_dataset, runs, "kept"))
+
+
+def _kept_config(dataset: Path, runs: Path, name: str) -> RunConfig:
+    return _config(dataset, runs_dir=str(runs), name=name, epochs=3, batch_size=8)
+
+
+def _checkpoint_files(run: Path) -> list[str]:
+    return sorted(p.name for p in (run / "checkpoints").iterdir())
+
+
+def test_keep_best_keeps_exactly_k_ranked_checkpoints(kept_run: TrainResult) -> None:
+    ckpts = kept_run.run_dir / "checkpoints"
+    epochs = pd.read_csv(kept_run.run_dir / "metrics.csv").query("kind == 'epoch'")
     ranked = epochs.sort_values(["val_loss", "epoch"]).epoch.tolist()[:2]
-    assert [read_metadata(ckpts / f"best-{r}.json")["epoch"] for r in (1, 2)] == ranked
-    assert read_metadata(ckpts / "best.json")["epoch"] == ranked[0]
-    best, first = _weights(ckpts / "best.json"), _weights(ckpts / "best-1.json")
-    assert all(torch.equal(best[k], first[k]) for k in best)
-    kept = result.metrics["kept_checkpoints"]
+    assert ranked == [2, 1]  # the premise of the crash tests below
+    assert _checkpoint_files(kept_run.run_dir) == [
+        "best.json", "best.safetensors", "epoch-0001.json", "epoch-0001.safetensors",
+        "epoch-0002.json", "epoch-0002.safetensors", "kept.json",
+        "last.json", "last.safetensors", "last.state.safetensors",
+    ]  # fmt: skip
+    kept = kept_run.metrics["kept_checkpoints"]
     assert [k["epoch"] for k in kept] == ranked and [k["rank"] for k in kept] == [1, 2]
     assert [k["path"] for k in kept] == [
-        "checkpoints/best-1.safetensors", "checkpoints/best-2.safetensors",
+        "checkpoints/epoch-0002.safetensors", "checkpoints/epoch-0001.safetensors",
     ]  # fmt: skip
-    # Each kept checkpoint carries the thresholds chosen on its own epoch's predictions.
-    for r in (1, 2):
-        meta = read_metadata(ckpts / f"best-{r}.json")
+    assert json.loads((ckpts / "kept.json").read_text())["kept"] == kept
+    assert resolve_model_paths([f"{kept_run.run_dir}:best2"]) == [
+        kept_run.run_dir / k["path"] for k in kept
+    ]
+    assert read_metadata(ckpts / "best.json")["epoch"] == ranked[0]
+    best, first = _weights(ckpts / "best.json"), _weights(kept_run.run_dir / kept[0]["path"])
+    assert all(torch.equal(best[k], first[k]) for k in best)
+    # Each kept checkpoint holds its epoch, with the thresholds chosen on its own predictions.
+    for entry in kept:
+        meta = read_metadata(kept_run.run_dir / entry["path"])
+        assert meta["epoch"] == entry["epoch"]
         assert f"epoch {meta['epoch']}" in meta["thresholds"]["chosen_on"]
+
+
+class _Killed(Exception):
+    """Stands for the process being killed at that point."""
+
+
+def _kill_at(point: str, monkeypatch: pytest.MonkeyPatch, fired: list[str]) -> None:
+    """Make the end of epoch 2 (which displaces kept epoch 0 and is the new best) die at
+    `point` of its bookkeeping."""
+    import cxrlabel.train as train_module
+
+    def in_epoch_2_end(run: Any) -> bool:  # `progress` has already moved to epoch 3
+        return (run.progress.epoch, run.progress.batch) == (3, 0)
+
+    if point == "before_ranking_saved":  # the kept epoch's file is written, `last` is not
+        save_last = train_module._Run.save_last
+
+        def dying_save_last(run: Any) -> None:
+            if in_epoch_2_end(run):
+                fired.append(point)
+                raise _Killed
+            save_last(run)
+
+        monkeypatch.setattr(train_module._Run, "save_last", dying_save_last)
+    elif point == "while_saving_last":  # `last`'s tensor files are new, its metadata old
+        save = train_module.save_checkpoint
+
+        def dying_save(path: Path, *args: Any, **kwargs: Any) -> Path:
+            progress = kwargs.get("extra", {}).get("progress", {})
+            if Path(path).name != "last.safetensors" or progress.get("epoch") != 3:
+                return save(path, *args, **kwargs)
+            meta = Path(path).with_suffix(".json")
+            old = meta.read_bytes()
+            save(path, *args, **kwargs)
+            meta.write_bytes(old)
+            fired.append(point)
+            raise _Killed
+
+        monkeypatch.setattr(train_module, "save_checkpoint", dying_save)
+    elif point == "after_ranking_saved":  # before kept.json and best.* are written
+        write_kept = train_module._Run.write_kept
+
+        def dying_write_kept(run: Any) -> None:
+            if in_epoch_2_end(run):
+                fired.append(point)
+                raise _Killed
+            write_kept(run)
+
+        monkeypatch.setattr(train_module._Run, "write_kept", dying_write_kept)
+    elif point == "while_deleting_displaced":  # epoch 0's files are still there
+        remove = train_module.remove_checkpoint
+
+        def dying_remove(path: Path) -> None:
+            if Path(path).name.startswith("epoch-"):
+                fired.append(point)
+                raise _Killed
+            remove(path)
+
+        monkeypatch.setattr(train_module, "remove_checkpoint", dying_remove)
+
+
+@pytest.mark.parametrize(
+    "point",
+    [
+        "before_ranking_saved",
+        "while_saving_last",
+        "after_ranking_saved",
+        "while_deleting_displaced",
+    ],
+)
+def test_kill_during_end_of_epoch_bookkeeping_then_resume(
+    point: str,
+    kept_run: TrainResult,
+    tiny_dataset: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """However the end of an epoch that changes the ranking is cut short, a resumed run keeps
+    exactly the uninterrupted run's checkpoints, ranked the same (with file renames, a kill
+    after shifting the ranks repeated the shift on resume: a kept epoch lost, one twice)."""
+    config = _kept_config(tiny_dataset, tmp_path, "killed")
+    fired: list[str] = []
+    with monkeypatch.context() as patch:
+        _kill_at(point, patch, fired)
+        with pytest.raises(_Killed):
+            train(config)
+    assert fired == [point]
+    resumed = train(config, resume=True)
+    assert resumed.completed
+
+    kept = kept_run.metrics["kept_checkpoints"]
+    assert resumed.metrics["kept_checkpoints"] == kept
+    for entry in kept:  # each listed file holds the epoch listed, with the same weights
+        meta = read_metadata(resumed.run_dir / entry["path"])
+        assert meta["epoch"] == entry["epoch"]
+        a, b = _weights(kept_run.run_dir / entry["path"]), _weights(resumed.run_dir / entry["path"])
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    for stem in ("best", "last"):
+        a = read_metadata(kept_run.run_dir / "checkpoints" / f"{stem}.json")
+        b = read_metadata(resumed.run_dir / "checkpoints" / f"{stem}.json")
+        assert a["sha256"]["weights"] == b["sha256"]["weights"]
+        assert (a["epoch"], a.get("thresholds")) == (b["epoch"], b.get("thresholds"))
+    ckpts = resumed.run_dir / "checkpoints"
+    assert json.loads((ckpts / "kept.json").read_text())["kept"] == kept
+    assert resolve_model_paths([f"{resumed.run_dir}:best2"]) == [
+        resumed.run_dir / k["path"] for k in kept
+    ]
+    # Nothing else is left: no displaced epoch, no previous `last`, no temporary file.
+    assert _checkpoint_files(resumed.run_dir) == _checkpoint_files(kept_run.run_dir)
+    assert not list(resumed.run_dir.rglob(".*.tmp"))
+    a = pd.read_csv(kept_run.run_dir / "metrics.csv")
+    b = pd.read_csv(resumed.run_dir / "metrics.csv")
+    assert list(a.kind) == list(b.kind) and list(a.epoch) == list(b.epoch)
+    assert a.val_loss.dropna().tolist() == b.val_loss.dropna().tolist()
+
+
+def test_read_metrics_keeps_what_last_covers(tmp_path: Path) -> None:
+    """metrics.csv is written before `last`, so after a kill it can hold the row of an epoch
+    that `last` stopped at the end of but had not validated: that row must not come back."""
+    path = tmp_path / "metrics.csv"
+    rows = [
+        {"kind": "step", "epoch": 0, "step": 1, "train_loss": 1.0},
+        {"kind": "step", "epoch": 0, "step": 2, "train_loss": 0.9},
+        {"kind": "epoch", "epoch": 0, "step": 2, "train_loss": 0.95, "val_loss": 1.1},
+        {"kind": "step", "epoch": 1, "step": 3, "train_loss": 0.8},
+    ]
+    write_metrics(path, rows)
+    assert [r["kind"] for r in read_metrics(path, 2, 0)] == ["step", "step"]
+    assert [r["kind"] for r in read_metrics(path, 2, 1)] == ["step", "step", "epoch"]
+    assert len(read_metrics(path, 3, 1)) == 4
+    assert read_metrics(tmp_path / "missing.csv", 3, 1) == []
 
 
 def test_epoch_order_depends_on_seed_and_epoch_only() -> None:
@@ -256,11 +410,13 @@ def test_bf16_channels_last_step_runs(tiny_dataset: Path, tmp_path: Path) -> Non
     stored = Thresholds.from_dict(read_metadata(result.best_checkpoint)["thresholds"])
     assert stored == Thresholds.fixed(result.metrics["labels"])
     names = sorted(p.name for p in (result.run_dir / "checkpoints").iterdir())
-    assert not [n for n in names if n.startswith("best-")]  # keep_best=1: best.* only
+    assert not [n for n in names if n.startswith("epoch-")]  # keep_best=1: best.* only
     assert result.metrics["kept_checkpoints"] == [
         {"rank": 1, "epoch": 0, "val_loss": pytest.approx(result.metrics["val_loss"]),
          "path": "checkpoints/best.safetensors"}
     ]  # fmt: skip
+    # RUN:best1 is then best.* itself.
+    assert resolve_model_paths([f"{result.run_dir}:best1"]) == [result.best_checkpoint]
 
 
 # --------------------------------------------------------------------------------------------

@@ -18,10 +18,10 @@ log = logging.getLogger("cxrlabel")
 DEMO_REAL_FILMS = Path("../shared/data/fixtures")
 
 
-def _add_table_args(parser: argparse.ArgumentParser) -> None:
+def _add_format_args(parser: argparse.ArgumentParser) -> None:
+    """How to read a label file: its format and the options some formats need."""
     from cxrlabel.formats import FORMATS
 
-    parser.add_argument("csv", type=Path, help="label CSV (CheXpert, MIMIC, NIH or generic)")
     parser.add_argument("--format", default="auto", choices=FORMATS, help="label file format")
     parser.add_argument("--mimic-metadata", type=Path, help="MIMIC-CXR metadata CSV")
     parser.add_argument("--nih-image-dir", default="images", help="NIH image folder")
@@ -32,11 +32,18 @@ def _add_table_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _load_table(args: argparse.Namespace) -> LabelTable:
+def _add_table_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("csv", type=Path, help="label CSV (CheXpert, MIMIC, NIH or generic)")
+    _add_format_args(parser)
+
+
+def _load_table(args: argparse.Namespace, csv: Path | None = None) -> LabelTable:
+    """The label table of `csv` (default: the command's positional CSV), read as the format
+    arguments say."""
     from cxrlabel.formats import load_table
 
     return load_table(
-        args.csv,
+        args.csv if csv is None else csv,
         args.format,
         mimic_metadata=args.mimic_metadata,
         nih_image_dir=args.nih_image_dir,
@@ -60,16 +67,7 @@ def _add_eval_model_args(
 
 def _add_eval_table_args(parser: argparse.ArgumentParser) -> None:
     """Label-file and scoring options shared by evaluate and thresholds."""
-    from cxrlabel.formats import FORMATS
-
-    parser.add_argument("--format", default="auto", choices=FORMATS, help="label file format")
-    parser.add_argument("--mimic-metadata", type=Path, help="MIMIC-CXR metadata CSV")
-    parser.add_argument("--nih-image-dir", default="images", help="NIH image folder")
-    parser.add_argument(
-        "--blank",
-        choices=[b.value for b in BlankMeaning],
-        help="what an empty label cell means (default: the format's own)",
-    )
+    _add_format_args(parser)
     parser.add_argument("--unit", default="image", choices=["image", "study"])
     parser.add_argument(
         "--aggregate", default="max", choices=["max", "mean"],
@@ -211,18 +209,6 @@ def _named_csvs(items: Sequence[str]) -> list[tuple[str | None, Path]]:
     return out
 
 
-def _load_csv(args: argparse.Namespace, csv: Path) -> LabelTable:
-    from cxrlabel.formats import load_table
-
-    return load_table(
-        csv,
-        args.format,
-        mimic_metadata=args.mimic_metadata,
-        nih_image_dir=args.nih_image_dir,
-        blank=args.blank,
-    )
-
-
 def _report_dir(args: argparse.Namespace) -> Path:
     from cxrlabel.evaluate import run_dir_of
 
@@ -253,9 +239,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     out = _report_dir(args)  # before the slow part: a missing --out fails at once
     named = _named_csvs(args.data)
     names = data_names(len(named), [name for name, _ in named])
-    tables = [_load_csv(args, csv) for _, csv in named]
+    tables = [_load_table(args, csv) for _, csv in named]
     scoring = {"unit": args.unit, "aggregate": args.aggregate, "n_resamples": args.bootstrap,
-               "seed": args.seed}  # fmt: skip
+               "seed": args.seed, "thresholds_rule": args.rule, "band": args.band}  # fmt: skip
     evaluations, rows = [], []
     if args.model:
         evaluations += evaluate(
@@ -286,21 +272,20 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_thresholds(args: argparse.Namespace) -> int:
-    from cxrlabel.ensemble import resolve_model_paths
     from cxrlabel.evaluate import choose_and_store_thresholds
 
-    table = _load_csv(args, args.data)
-    for path in resolve_model_paths(args.model):
-        stored, thresholds = choose_and_store_thresholds(
-            path, table, rule=args.rule, band=args.band, unit=args.unit,
-            aggregate=args.aggregate, policy=args.policy, view=args.view, device=args.device,
-        )  # fmt: skip
-        where = f" chosen on {thresholds.chosen_on}" if thresholds.chosen_on else ""
-        print(f"{stored}: stored {thresholds.rule} thresholds{where}")
-        bands = thresholds.band or [None] * len(thresholds.labels)
-        for label, value, band in zip(thresholds.labels, thresholds.values, bands, strict=True):
-            extra = "" if band is None else f"  uncertain in [{band[0]:.3f}, {band[1]:.3f})"
-            print(f"  {label:<28}{value:.3f}{extra}")
+    table = _load_table(args, args.data)
+    stored, thresholds = choose_and_store_thresholds(
+        args.model, table, rule=args.rule, band=args.band, unit=args.unit,
+        aggregate=args.aggregate, policy=args.policy, view=args.view, device=args.device,
+    )  # fmt: skip
+    where = f" chosen on {thresholds.chosen_on}" if thresholds.chosen_on else ""
+    print(f"stored {thresholds.rule} thresholds{where} in:")
+    print("\n".join(f"  {path}" for path in stored))
+    bands = thresholds.band or [None] * len(thresholds.labels)
+    for label, value, band in zip(thresholds.labels, thresholds.values, bands, strict=True):
+        extra = "" if band is None else f"  uncertain in [{band[0]:.3f}, {band[1]:.3f})"
+        print(f"  {label:<28}{value:.3f}{extra}")
     return 0
 
 
@@ -339,6 +324,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     serve(
         model, host=args.host, port=args.port, token=token,
         max_upload_bytes=int(args.max_upload_mb * 2**20), heatmap_cache=args.heatmap_cache,
+        max_concurrent=args.max_concurrent, max_queue=args.max_queue,
     )  # fmt: skip
     return 0
 
@@ -366,18 +352,27 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     if args.onnx is None:
         raise ValueError("choose an export format: --onnx [FILE]")
-    out = Path(args.onnx) if args.onnx else _default_onnx_path(Path(args.model[0]))
+    out = Path(args.onnx) if args.onnx else _default_onnx_path(args.model[0])
     export_onnx(args.model, out)
     print(f"wrote {out}")
     return 0
 
 
-def _default_onnx_path(spec: Path) -> Path:
-    """RUN/model.onnx for a run folder, else beside the checkpoint (its stem + .onnx)."""
-    if spec.is_dir():
-        return spec / "model.onnx"
-    name = spec.name.removesuffix(".safetensors").removesuffix(".json")
-    return spec.with_name(f"{name}.onnx")
+def _default_onnx_path(spec: str | Path) -> Path:
+    """Where `export --onnx` writes without a FILE: RUN/model-bestK.onnx for RUN:bestK (inside
+    the run, no colon in the name), RUN/model.onnx for a run folder, and beside a checkpoint
+    file (its name + .onnx)."""
+    from cxrlabel.checkpoint import WEIGHTS_SUFFIX, checkpoint_paths
+    from cxrlabel.ensemble import _BEST_K  # the same parse as loading, so the two agree
+
+    text = str(spec)
+    match = _BEST_K.match(text)
+    if match:
+        return Path(match["run"]) / f"model-best{int(match['k'])}.onnx"
+    if Path(text).is_dir():
+        return Path(text) / "model.onnx"
+    weights = checkpoint_paths(Path(text))[0]
+    return weights.with_name(weights.name.removesuffix(WEIGHTS_SUFFIX) + ".onnx")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -480,6 +475,12 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument("--title", help="report title")
     p.add_argument(
+        "--rule", choices=["youden", "max_f1", "fixed"],
+        help="choose thresholds on the first --data by this rule, for this report only "
+        "(default: the thresholds stored with the model; `cxrlabel thresholds` stores them)",
+    )  # fmt: skip
+    p.add_argument("--band", type=float, default=0.0, help="with --rule: +/- uncertainty band")
+    p.add_argument(
         "--data", action="append", required=True, metavar="[NAME=]CSV",
         help="labelled CSV; repeat for more (default names: validation, then test)",
     )  # fmt: skip
@@ -520,6 +521,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-upload-mb", type=float, default=20.0, help="largest image file")
     p.add_argument("--heatmap-cache", type=int, default=64, help="recent results kept")
     p.add_argument(
+        "--max-concurrent", type=int, default=2,
+        help="requests decoded and scored at once (each full-size film can be 256 MB)",
+    )  # fmt: skip
+    p.add_argument(
+        "--max-queue", type=int, default=16,
+        help="requests waiting beyond those; more get 503 busy (keep the sum under 40)",
+    )  # fmt: skip
+    p.add_argument(
         "--token-env",
         metavar="NAME",
         help="require 'Authorization: Bearer <token>' with the token read from environment "
@@ -553,7 +562,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", nargs="+", help="run folders, RUN:bestK or checkpoint files")
     p.add_argument(
         "--onnx", nargs="?", const="", metavar="FILE",
-        help="write ONNX (default FILE: RUN/model.onnx or beside the checkpoint)",
+        help="write ONNX (default FILE: RUN/model.onnx, RUN/model-bestK.onnx for RUN:bestK, "
+        "or beside the checkpoint)",
     )  # fmt: skip
     p.set_defaults(func=cmd_export)
 

@@ -55,7 +55,7 @@ class RunConfig:
     weight_decay: float = 0.0
     lr_schedule: str = "constant"  # constant (the method) | cosine (decay to 0 over the run)
     select_best: str = "val_loss"  # or "val_auroc"
-    keep_best: int = 1  # >1: also keep the best k epochs as checkpoints/best-1 .. best-k
+    keep_best: int = 1  # >1: also keep the best k epochs (checkpoints/epoch-N, ranked in kept.json)
     # Decision thresholds stored with the best checkpoint(s): fixed (the method's 0.5), or
     # chosen per label on the validation predictions by youden or max_f1.
     threshold_rule: str = "fixed"

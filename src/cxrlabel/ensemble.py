@@ -8,6 +8,7 @@ paper's figures come from a 30-checkpoint ensemble; `kind` says which kind a fig
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from collections.abc import Sequence
@@ -20,7 +21,7 @@ import torch
 from torch.utils.data import DataLoader
 
 import cxrlabel
-from cxrlabel.checkpoint import checkpoint_paths, load_checkpoint
+from cxrlabel.checkpoint import checkpoint_paths, load_checkpoint, thresholds_from_metadata
 from cxrlabel.labels import LabelTable, ensure_ids
 from cxrlabel.models import CXRModel, model_display_name
 from cxrlabel.results import Predictions
@@ -39,6 +40,33 @@ def _run_checkpoint(run: Path, name: str) -> Path:
     return path
 
 
+def _best_k(run: Path, k: int) -> list[Path]:
+    """A run's `k` best checkpoints, best first, as its checkpoints/kept.json ranks them.
+
+    Training writes kept.json (cxrlabel.train.KEPT_FILE) whenever the ranking changes; kept
+    checkpoints are named by epoch, so only this file says which ranks where.
+    """
+    kept_file = run / "checkpoints" / "kept.json"
+    if not kept_file.is_file():
+        raise FileNotFoundError(
+            f"{run}: run folder has no checkpoints/kept.json (no epoch finished yet?)"
+        )
+    data = json.loads(kept_file.read_text(encoding="utf-8"))
+    kept = data["kept"]
+    if k < 1 or len(kept) < k:
+        raise ValueError(
+            f"{run}:best{k}: the run keeps {len(kept)} checkpoint(s) "
+            f"(keep_best={data.get('keep_best')}), so K must be 1 to {len(kept)}"
+        )
+    paths = []
+    for entry in kept[:k]:
+        path = run / entry["path"]
+        if not path.is_file():
+            raise FileNotFoundError(f"{run}: kept checkpoint {entry['rank']} ({path}) is missing")
+        paths.append(path)
+    return paths
+
+
 def resolve_model_paths(specs: Sequence[str | Path]) -> list[Path]:
     """Run folders, `RUN:bestK` and checkpoint files -> checkpoint weight files, in order."""
     if not specs:
@@ -49,7 +77,7 @@ def resolve_model_paths(specs: Sequence[str | Path]) -> list[Path]:
         match = _BEST_K.match(text)
         if match:
             run, k = Path(match["run"]), int(match["k"])
-            paths.extend(_run_checkpoint(run, f"best-{i}") for i in range(1, k + 1))
+            paths.extend(_best_k(run, k))
         elif Path(text).is_dir():
             paths.append(_run_checkpoint(Path(text), "best"))
         else:
@@ -60,15 +88,10 @@ def resolve_model_paths(specs: Sequence[str | Path]) -> list[Path]:
     return paths
 
 
-def stored_thresholds(meta: dict[str, Any], labels: Sequence[str]) -> Thresholds:
-    """A checkpoint's thresholds; the method's fixed 0.5 where none were stored."""
-    if meta.get("thresholds"):
-        return Thresholds.from_dict(meta["thresholds"]).subset(labels)
-    return Thresholds.fixed(labels)
-
-
 def _combined_thresholds(members: Sequence[Thresholds]) -> Thresholds:
-    """Identical thresholds pass through; differing ones are averaged label by label."""
+    """Identical thresholds pass through (`cxrlabel thresholds` on an ensemble stores the same
+    ones in every member); differing ones are averaged label by label, which approximates the
+    rule only, so the result says so."""
     first = members[0]
     if all(t == first for t in members[1:]):
         return first
@@ -77,7 +100,13 @@ def _combined_thresholds(members: Sequence[Thresholds]) -> Thresholds:
     band = None
     if all(b is not None for b in bands):
         band = tuple((float(lo), float(hi)) for lo, hi in np.mean(bands, axis=0))
-    note = f"mean of {len(members)} members' thresholds"
+    elif any(b is not None for b in bands):
+        log.warning(
+            "ensemble members disagree on the uncertainty band (some have none): no band is "
+            "used; run `cxrlabel thresholds` on the ensemble to choose one for it"
+        )
+    rules = ", ".join(dict.fromkeys(t.rule for t in members))
+    note = f"mean of {len(members)} members' thresholds (rules: {rules})"
     return Thresholds(first.labels, values, first.rule, band, note)
 
 
@@ -104,7 +133,9 @@ class Ensemble:
         self.members = tuple(members)
         self.labels: tuple[str, ...] = tuple(labels)
         self.device = device
-        self.thresholds = _combined_thresholds([stored_thresholds(m.meta, labels) for m in members])
+        self.thresholds = _combined_thresholds(
+            [thresholds_from_metadata(m.meta).subset(labels) for m in members]
+        )
 
     @property
     def kind(self) -> str:
@@ -151,13 +182,18 @@ class Ensemble:
         from cxrlabel.data import CXRDataset, collate_skipping
 
         table = ensure_ids(table)
+        # Members sharing a preprocessing share one pass over the images: decoding is the slow
+        # part, and `RUN:best5` would otherwise decode every film five times.
+        groups: dict[str, list[Member]] = {}
+        for member in self.members:
+            key = json.dumps(member.model.preprocessing.to_dict(), sort_keys=True)
+            groups.setdefault(key, []).append(member)
         total: np.ndarray | None = None
         rows: np.ndarray | None = None
         targets = masks = None
-        for member in self.members:
-            dataset = CXRDataset(
-                table, self.labels, member.model.preprocessing, policy=policy, on_error="skip"
-            )
+        for group in groups.values():
+            prep = group[0].model.preprocessing
+            dataset = CXRDataset(table, self.labels, prep, policy=policy, on_error="skip")
             loader = DataLoader(
                 dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate_skipping
             )
@@ -165,19 +201,19 @@ class Ensemble:
             for batch in loader:
                 if batch is None:
                     continue
-                probs.append(self._member_probs(member, batch["image"]))
+                probs.append(sum(self._member_probs(m, batch["image"]) for m in group))
                 index.append(batch["index"].numpy())
             if not probs:
                 raise ValueError(f"{table.source}: no readable image to score")
-            member_rows = np.concatenate(index)
-            member_probs = np.concatenate(probs).astype(np.float64)
+            group_rows = np.concatenate(index)
+            group_sum = np.concatenate(probs).astype(np.float64)
             if rows is None:
-                rows, total = member_rows, member_probs
+                rows, total = group_rows, group_sum
                 targets, masks = dataset.targets[rows], dataset.mask[rows]
-            elif not np.array_equal(rows, member_rows):
+            elif not np.array_equal(rows, group_rows):
                 raise RuntimeError("ensemble members scored different images")  # same paths
             else:
-                total = total + member_probs
+                total = total + group_sum
         frame = table.frame.iloc[rows]
         return Predictions(
             labels=self.labels,

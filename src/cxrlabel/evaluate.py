@@ -116,24 +116,46 @@ def prediction_columns(columns: Sequence[str]) -> dict[str, str]:
     return {obs: cols[0] for obs, cols in targets.items() if len(cols) == 1}
 
 
+def _unique_index(values: Sequence[str]) -> dict[str, int]:
+    """value -> row for values that occur exactly once (a repeated value matches nothing)."""
+    seen: dict[str, int] = {}
+    repeated: set[str] = set()
+    for i, v in enumerate(values):
+        if v in seen:
+            repeated.add(v)
+        seen[v] = i
+    return {v: i for v, i in seen.items() if v not in repeated}
+
+
 def _match_rows(keys: pd.Series, table: LabelTable, source: Path) -> np.ndarray:
-    """For each table row, the index of its prediction row (-1 if none): by the path as the
-    label file writes it, else by file stem where stems are unique on both sides."""
+    """For each table row, the index of its prediction row (-1 if none).
 
-    def by(values: pd.Series) -> dict[str, int]:
-        values = values.astype(str).str.replace("\\", "/", regex=False)
-        dup = values.duplicated(keep=False).to_numpy()
-        return {v: i for i, (v, d) in enumerate(zip(values, dup, strict=True)) if not d}
-
+    A prediction path matches a label path when it ends with it (`cxrlabel label` writes the
+    paths it was given, e.g. absolute or `data/valid/patient1/...` for `valid/patient1/...`),
+    else when their file stems are equal and unique on both sides (a film may have been
+    converted: NIH's PNGs are shared as JPEGs).
+    """
+    keys = keys.astype(str).str.replace("\\", "/", regex=False).str.lstrip("./")
     table_paths = table.frame["Path"].astype(str).str.replace("\\", "/", regex=False)
-    exact = by(keys)
-    # File stems, since a film may have been converted (NIH's PNGs shared as JPEGs).
-    names = by(keys.map(lambda k: Path(str(k)).stem))
-    table_names = table_paths.map(lambda p: Path(p).stem)
-    unique_name = ~table_names.duplicated(keep=False)
+    # Every trailing run of path components of a prediction path, as a lookup key.
+    suffixes: list[tuple[str, int]] = []
+    for i, key in enumerate(keys):
+        parts = key.split("/")
+        suffixes += [("/".join(parts[-n:]), i) for n in range(1, len(parts) + 1)]
+    by_suffix = _unique_index([s for s, _ in suffixes])
+    row_of = {s: i for s, i in suffixes}
+    by_stem = _unique_index([Path(k).stem for k in keys])
+    table_stems = [Path(p).stem for p in table_paths]
+    unique_stems = _unique_index(table_stems)
     rows = []
-    for path, name, unique in zip(table_paths, table_names, unique_name, strict=True):
-        rows.append(exact.get(path, names.get(name, -1) if unique else -1))
+    for path, stem in zip(table_paths, table_stems, strict=True):
+        path = path.lstrip("./")
+        if path in by_suffix:
+            rows.append(row_of[path])
+        elif stem in unique_stems and stem in by_stem:
+            rows.append(by_stem[stem])
+        else:
+            rows.append(-1)
     if all(r < 0 for r in rows):
         raise ValueError(f"{source}: no prediction row matches an image of {table.source}")
     return np.asarray(rows)
@@ -297,7 +319,7 @@ def evaluate_checkpoint(
 
 
 def choose_and_store_thresholds(
-    checkpoint: str | Path,
+    model_specs: ModelSpecs,
     table: LabelTable,
     *,
     rule: str,
@@ -307,23 +329,26 @@ def choose_and_store_thresholds(
     policy: str = "U-Ignore",
     view: str = "frontal",
     device: str = "auto",
-) -> tuple[Path, Thresholds]:
-    """Choose one checkpoint's thresholds on `table` by `rule` and store them in its metadata.
+) -> tuple[list[Path], Thresholds]:
+    """Choose thresholds by `rule` on the model's (or ensemble's averaged) predictions on
+    `table`, and store them in every member checkpoint's metadata.
 
-    Every later command (evaluate, label, serve, export) then uses them. Returns the
-    checkpoint's weights path and the thresholds stored.
+    Every later command (evaluate, label, serve, export) then uses them; an ensemble's members
+    carry identical thresholds, so the ensemble uses exactly the ones chosen for its average.
+    Returns the checkpoints' weights paths and the thresholds stored.
     """
     from cxrlabel.checkpoint import set_thresholds
     from cxrlabel.ensemble import load_ensemble
 
-    ensemble = load_ensemble([checkpoint], device=device)
-    (member,) = ensemble.members
+    ensemble = load_ensemble(model_specs, device=device)
     pred = predict_datasets(ensemble, [("thresholds", table)], policy=policy, view=view)[0]
     pred = at_unit(pred, unit, aggregate)
     (pred,) = rechoose_thresholds([pred], rule, band=band)
-    set_thresholds(member.path, pred.thresholds)
-    log.info("stored %s thresholds in %s", rule, member.path)
-    return member.path, pred.thresholds
+    paths = [member.path for member in ensemble.members]
+    for path in paths:
+        set_thresholds(path, pred.thresholds)
+    log.info("stored %s thresholds in %d checkpoint(s)", rule, len(paths))
+    return paths, pred.thresholds
 
 
 # --------------------------------------------------------------------------------------------

@@ -14,11 +14,13 @@ The TorchScript-based exporter is used: on this project's 2-core CPU (busy at th
 exported the tiny CNN in 0.3 s and DenseNet121 in 9 s, against 5-12 s and 60 s for the
 torch.export-based one, and both graphs match PyTorch to ~1e-6. The in-memory export behind
 `cxrlabel label --backend auto` pays this once per run. When a future torch drops the
-TorchScript exporter, the torch.export-based one is used instead.
+TorchScript exporter (its `torch.onnx.export` no longer takes `dynamic_axes`), the
+torch.export-based one is used instead.
 """
 
 from __future__ import annotations
 
+import inspect
 import io
 import json
 import logging
@@ -31,6 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from cxrlabel.ensemble import Ensemble, load_ensemble
 from cxrlabel.fileio import atomic_write_bytes
 from cxrlabel.models import CXRModel
 from cxrlabel.thresholds import Thresholds
@@ -81,13 +84,23 @@ def shared_preprocessing(models: Sequence[CXRModel], names: Sequence[str]) -> Pr
     return first
 
 
+def _torchscript_exporter_available() -> bool:
+    """Whether torch.onnx.export still has the TorchScript exporter (its `dynamo=False` mode).
+
+    Decided from the signature, not by catching TypeError around the export: a TypeError raised
+    while tracing the model is a real error and must not send us to the other exporter.
+    """
+    params = inspect.signature(torch.onnx.export).parameters
+    return "dynamo" in params and "dynamic_axes" in params
+
+
 def _export_bytes(module: nn.Module, example: torch.Tensor, opset: int) -> bytes:
-    buffer = io.BytesIO()
-    with warnings.catch_warnings():
-        # The TorchScript exporter announces its deprecation on every call; see the module doc.
-        warnings.simplefilter("ignore", DeprecationWarning)
-        warnings.simplefilter("ignore", FutureWarning)
-        try:
+    if _torchscript_exporter_available():
+        buffer = io.BytesIO()
+        with warnings.catch_warnings():
+            # The TorchScript exporter announces its deprecation on every call; see the doc.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            warnings.simplefilter("ignore", FutureWarning)
             torch.onnx.export(
                 module,
                 (example,),
@@ -98,9 +111,8 @@ def _export_bytes(module: nn.Module, example: torch.Tensor, opset: int) -> bytes
                 opset_version=opset,
                 dynamo=False,
             )
-            return buffer.getvalue()
-        except TypeError as exc:  # a torch without the TorchScript exporter
-            log.info("TorchScript ONNX exporter unavailable (%s); using torch.export", exc)
+        return buffer.getvalue()
+    log.info("torch %s has no TorchScript ONNX exporter; using torch.export", torch.__version__)
     program = torch.onnx.export(
         module,
         (example,),
@@ -113,7 +125,7 @@ def _export_bytes(module: nn.Module, example: torch.Tensor, opset: int) -> bytes
     return program.model_proto.SerializeToString()
 
 
-def onnx_bytes(ensemble: Any, *, opset: int = OPSET) -> bytes:
+def onnx_bytes(ensemble: Ensemble, *, opset: int = OPSET) -> bytes:
     """Serialised ONNX model (graph + metadata) for a loaded Ensemble."""
     import onnx
 
@@ -146,8 +158,6 @@ def export_onnx(model_specs: Sequence[str | Path] | str | Path, out_path: Path) 
     Several specs become one graph that averages their probabilities (they must share labels
     and preprocessing).
     """
-    from cxrlabel.ensemble import load_ensemble
-
     specs = [model_specs] if isinstance(model_specs, str | Path) else list(model_specs)
     ensemble = load_ensemble(specs, device="cpu")
     data = onnx_bytes(ensemble)
@@ -231,10 +241,20 @@ class OnnxModel:
         cls, specs: Sequence[str | Path], *, device: str = "cpu", threads: int | None = None
     ) -> OnnxModel:
         """Export checkpoints/run folders in memory and run them with ONNX Runtime."""
-        from cxrlabel.ensemble import load_ensemble
-
         ensemble = load_ensemble(specs, device="cpu")
-        return cls(onnx_bytes(ensemble), device=device, threads=threads, source=str(specs[0]))
+        return cls.from_ensemble(ensemble, device=device, threads=threads, source=str(specs[0]))
+
+    @classmethod
+    def from_ensemble(
+        cls,
+        ensemble: Ensemble,
+        *,
+        device: str = "cpu",
+        threads: int | None = None,
+        source: str = "",
+    ) -> OnnxModel:
+        """Export a loaded Ensemble in memory and run it with ONNX Runtime."""
+        return cls(onnx_bytes(ensemble), device=device, threads=threads, source=source)
 
     @property
     def checkpoint_paths(self) -> list[Path]:

@@ -21,7 +21,7 @@ from PIL import Image, ImageDraw
 from torch import nn
 
 from cxrlabel.models import CXRModel
-from cxrlabel.transforms import _scaled_shape, preprocess
+from cxrlabel.transforms import preprocess, scaled_shape
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ def _to_film_geometry(cam: np.ndarray, shape: tuple[int, int], model: CXRModel) 
     """Undo the preprocessing's pad or crop: a (S, S) CAM -> (H, W) over the original film."""
     prep = model.preprocessing
     size = prep.size
-    new_h, new_w = _scaled_shape(shape, size, prep.resize_mode)
+    new_h, new_w = scaled_shape(shape, size, prep.resize_mode)
     if prep.resize_mode == "pad":
         top, left = (size - new_h) // 2, (size - new_w) // 2
         region = cam[top : top + new_h, left : left + new_w]

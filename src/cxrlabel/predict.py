@@ -56,6 +56,7 @@ log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg"}) | DICOM_SUFFIXES
 PARTIAL_DIR = ".cxrlabel-partial"
+HEATMAP_DIR = "heatmaps"
 RUN_FORMAT = 1
 BACKENDS = ("auto", "torch", "onnx")
 # Heatmaps are drawn at most this many pixels on a side (a 3000 px DICOM overlay per label
@@ -94,27 +95,23 @@ class Predictor(Protocol):
     def model_info(self) -> dict[str, Any]: ...
 
 
+class CsvWriter(Protocol):
+    """What run_batch needs from csv.writer's object (whose class is private to _csv)."""
+
+    def writerow(self, row: Iterable[Any], /) -> Any: ...
+
+
 # --------------------------------------------------------------------------------------------
 # Models
 # --------------------------------------------------------------------------------------------
 
 
-def _onnxruntime_available() -> bool:
-    try:
-        import onnxruntime  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def default_backend(device: str = "auto") -> str:
-    """The backend `auto` picks: ONNX Runtime on CPU when installed (measured fastest, see
-    benchmarks/bench_label.py), else PyTorch (always on CUDA)."""
+    """The backend `auto` picks: ONNX Runtime on CPU (measured fastest, see
+    benchmarks/bench_label.py; onnxruntime is a dependency), PyTorch on CUDA."""
     from cxrlabel.ensemble import resolve_device
 
-    if resolve_device(device).type == "cpu" and _onnxruntime_available():
-        return "onnx"
-    return "torch"
+    return "onnx" if resolve_device(device).type == "cpu" else "torch"
 
 
 def load_model(
@@ -128,7 +125,8 @@ def load_model(
 
     backend: 'torch' (an Ensemble; on CPU its members run channels_last, measured faster),
     'onnx' (ONNX Runtime; checkpoints are exported in memory first) or 'auto' (see
-    `default_backend`; falls back to PyTorch when the members cannot share one ONNX graph).
+    `default_backend`; falls back to PyTorch, with a warning, when the in-memory export fails,
+    e.g. members that cannot share one ONNX graph).
     """
     from cxrlabel.ensemble import load_ensemble
     from cxrlabel.export import OnnxModel
@@ -147,13 +145,21 @@ def load_model(
         return OnnxModel(Path(specs[0]), device=device, threads=threads)
     chosen = default_backend(device) if backend == "auto" else backend
     if chosen == "onnx":
+        # Loaded outside the try, so a missing checkpoint is reported as itself; auto only
+        # picks ONNX on CPU, so this CPU ensemble is also the PyTorch fallback.
+        ensemble = load_ensemble(specs, device="cpu")
         try:
-            return OnnxModel.from_checkpoints(specs, device=device, threads=threads)
-        except ValueError as exc:
+            return OnnxModel.from_ensemble(
+                ensemble, device=device, threads=threads, source=str(specs[0])
+            )
+        except Exception as exc:  # the exporter, onnx.checker and ORT raise many types
             if backend == "onnx":
                 raise
-            log.info("ONNX Runtime not used (%s); labelling with PyTorch", exc)
-    ensemble = load_ensemble(specs, device=device)
+            log.warning(
+                "ONNX Runtime not used (%s: %s); labelling with PyTorch", type(exc).__name__, exc
+            )
+    else:
+        ensemble = load_ensemble(specs, device=device)
     if ensemble.device.type == "cpu":
         for member in ensemble.members:
             member.model.to(memory_format=torch.channels_last)
@@ -365,7 +371,9 @@ class Film:
     seq: int
     item: InputItem
     pixels: np.ndarray | None = None  # resized when the models share a resize, else as read
-    original: np.ndarray | None = None  # kept only for heatmaps
+    # Heatmaps only: the film at most HEATMAP_MAX_SIDE px on a side, not the full-resolution
+    # original (a 3000 px DICOM is tens of MB, and a batch holds batch_size of them).
+    display_image: np.ndarray | None = None
     error: str = ""
     reason: str = ""
     patient_id: str = ""
@@ -397,7 +405,7 @@ def _describe(film: Film, meta: dict[str, Any] | None) -> None:
 
 
 def read_film(
-    seq: int, item: InputItem, resize_to: Preprocessing | None, keep_original: bool
+    seq: int, item: InputItem, resize_to: Preprocessing | None, keep_display: bool
 ) -> Film:
     """Read and describe one input; any failure becomes the film's error, never an exception."""
     film = Film(seq, item)
@@ -411,14 +419,16 @@ def read_film(
         film.error, film.reason = type(exc).__name__, f"{item.path}: {exc}"
         return film
     _describe(film, meta)
-    film.original = image if keep_original else None
+    film.display_image = _display_film(image) if keep_display else None
     if resize_to is not None:
         image = resize(image, resize_to.size, resize_to.resize_mode, resize_to.interpolation)
     film.pixels = image
     return film
 
 
-def _batches(items: Iterable[tuple[int, InputItem]], size: int) -> Iterator[list]:
+def _batches(
+    items: Iterable[tuple[int, InputItem]], size: int
+) -> Iterator[list[tuple[int, InputItem]]]:
     iterator = iter(items)
     while batch := list(islice(iterator, size)):
         yield batch
@@ -467,6 +477,7 @@ class _Partial:
                 )
             if self.state_file.is_file():
                 return self._resume_state()
+        self._remove_old_heatmaps()
         shutil.rmtree(self.dir, ignore_errors=True)
         self.dir.mkdir(parents=True)
         atomic_write_text(self.manifest, json.dumps(manifest, indent=2))
@@ -483,6 +494,16 @@ class _Partial:
         }
         atomic_write_text(self.state_file, json.dumps(state))
         return state
+
+    def _remove_old_heatmaps(self) -> None:
+        """A fresh run's heatmap folders are named by input number, so an earlier run's would
+        mix with (or outlive) them; remove them. Only when the folder holds an earlier run
+        (its run.json or partial folder), so a `heatmaps/` of someone else's is left alone."""
+        out_dir = self.dir.parent
+        old = out_dir / HEATMAP_DIR
+        if old.is_dir() and ((out_dir / "run.json").is_file() or self.dir.is_dir()):
+            log.info("removing %s from an earlier run", old)
+            shutil.rmtree(old)
 
     def _resume_state(self) -> dict[str, Any]:
         state = json.loads(self.state_file.read_text(encoding="utf-8"))
@@ -595,7 +616,7 @@ class _Heatmapper:
         models: dict[str, Predictor],
         chosen: Sequence[str] | None,
     ) -> None:
-        self.dir = out_dir / "heatmaps"
+        self.dir = out_dir / HEATMAP_DIR
         self.chosen = tuple(chosen) if chosen else None
         self.torch_models: dict[str, tuple[torch.nn.Module, str]] = {}
         self.layers: dict[str, torch.nn.Module] = {}
@@ -619,13 +640,13 @@ class _Heatmapper:
         self, film: Film, role: str, labels: Sequence[str], probs: np.ndarray, decided: np.ndarray
     ) -> tuple[str, int]:
         model, note = self.torch_models[role]
-        if film.original is None:
+        image = film.display_image
+        if image is None:
             raise RuntimeError(f"{film.item.display}: the film was not kept for its heatmaps")
         if self.chosen:
             names = [n for n in self.chosen if n in labels]
         else:
             names = [n for k, n in enumerate(labels) if decided[k] == 1.0]
-        image = _display_film(film.original)
         cams = gradcams(model, image, names, target_layer=self.layers[role])
         folder = self.dir / f"{film.seq:06d}_{_safe_name(Path(film.item.display).stem)}"
         for name, cam in cams.items():
@@ -709,7 +730,9 @@ class _Labeller:
             *y_cells,
         ]
 
-    def run_batch(self, films: Sequence[Film], writers: tuple[Any, Any], counts: dict) -> None:
+    def run_batch(
+        self, films: Sequence[Film], writers: tuple[CsvWriter, CsvWriter], counts: dict[str, int]
+    ) -> None:
         images_out, errors_out = writers
         good = [f for f in films if f.pixels is not None]
         results = self.predict(good) if good else {}
@@ -811,7 +834,7 @@ def _label_stream(
             f"the inputs changed since the interrupted run in {partial.dir} (its first {done} "
             f"files differ now); delete {partial.dir} to start over"
         )
-    keep_original = labeller.heatmapper is not None
+    keep_display = labeller.heatmapper is not None
     processed = 0
     bar = tqdm(desc="label", unit="img", initial=done, disable=not progress, dynamic_ncols=True)
     with (
@@ -821,7 +844,7 @@ def _label_stream(
     ):
         writers = (csv.writer(images_f), csv.writer(errors_f))
         for batch in _batches(items, batch_size):
-            films = [read_film(s, it, labeller.resize_to, keep_original) for s, it in batch]
+            films = [read_film(s, it, labeller.resize_to, keep_display) for s, it in batch]
             labeller.run_batch(films, writers, state["counts"])
             for _, item in batch:
                 hasher.update(f"{item.path}\n".encode())

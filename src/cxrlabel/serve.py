@@ -22,7 +22,15 @@ image, 422 for an image that cannot be decoded, 401 without the bearer token whe
 Inference runs in a worker thread, off the event loop, and one lock per model serialises
 forward passes: PyTorch modules are not meant to run concurrently from several threads
 (Grad-CAM even attaches hooks to the model). Decoding, the slow part for large films, runs
-outside the lock, in parallel.
+outside the lock.
+
+Memory is bounded, not proportional to the number of clients: a small upload can decode to a
+huge array (a 130 KB 8192 x 8192 PNG is 256 MB as float32). So at most `max_concurrent`
+requests decode and predict at once (a semaphore), at most `max_queue` more wait for their
+turn, and any further request gets 503 ``busy`` at once, before its body is read. Right after
+decoding, in the same worker thread, the film is replaced by its copy scaled to the model's
+input (which the model's own resize then leaves unchanged, so the probabilities are the same)
+and the full-size array is dropped before waiting for the model lock.
 """
 
 from __future__ import annotations
@@ -44,7 +52,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 from urllib.parse import quote
 
 import numpy as np
@@ -61,6 +69,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import cxrlabel
+from cxrlabel.heatmaps import find_target_layer, gradcams, overlay_png
 from cxrlabel.images import (
     EmptyImageError,
     ImageError,
@@ -68,40 +77,36 @@ from cxrlabel.images import (
     UnsupportedImageError,
     read_image,
 )
+from cxrlabel.predict import Predictor, heatmap_model
+from cxrlabel.predict import load_model as load_predictor
 from cxrlabel.thresholds import Thresholds
-from cxrlabel.transforms import Preprocessing, _resize_exact, _scaled_shape, to_uint8
+from cxrlabel.transforms import Preprocessing, scale_to_fit, to_uint8
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_UPLOAD_BYTES = 20 * 2**20
 DEFAULT_HEATMAP_CACHE = 64
+# Requests decoding + predicting at once (each may hold a full-size decoded film for a moment),
+# and requests allowed to wait for a turn; beyond both, 503. Two workers keep the model busy
+# (one decodes while the other holds the lock) without multiplying peak memory.
+DEFAULT_MAX_CONCURRENT = 2
+DEFAULT_MAX_QUEUE = 16
 TOKEN_ENV = "CXRLABEL_TOKEN"
 STATIC_DIR = Path(__file__).with_name("static")
 
 # Multipart framing (boundaries, part headers) around the file; the file itself is checked
 # against the exact limit once parsed.
 MULTIPART_SLACK = 64 * 1024
-# Films shown on the page when no model preprocessing says what size the model sees.
+# Films shown on the page when no model preprocessing says what size the model sees (only
+# the geometry matters here: mean and std are never applied to a preview).
 PREVIEW_SIZE = 512
+PREVIEW_PREP = Preprocessing(PREVIEW_SIZE, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), "pad", "bilinear")
 MAX_NAME = 255  # characters of the client's file name echoed back in responses
 LABEL_TEXT = {1: "positive", 0: "negative", -1: "uncertain"}
 _SUFFIX = {"png": ".png", "jpeg": ".jpg", "dicom": ".dcm"}
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _JPEG_SIGNATURE = b"\xff\xd8\xff"
 _DICOM_MAGIC_OFFSET = 128
-
-
-class ServedModel(Protocol):
-    """What the service needs of a model: `cxrlabel.ensemble.Ensemble` or an ONNX model."""
-
-    labels: tuple[str, ...]
-    thresholds: Thresholds
-    name: str
-    kind: str
-
-    def predict_images(self, images: Sequence[np.ndarray]) -> np.ndarray: ...
-
-    def model_info(self) -> dict[str, Any]: ...
 
 
 class ServiceError(Exception):
@@ -411,17 +416,40 @@ def png_bytes(image: np.ndarray) -> bytes:
 # --------------------------------------------------------------------------------------------
 
 
-def _heatmap_model(model: ServedModel) -> tuple[Any, str | None]:
-    """(torch model for Grad-CAM, None) or (None, why heatmaps are unavailable)."""
-    members = getattr(model, "members", None)
-    if not members:
-        return None, "heatmaps need the PyTorch backend; this model is not a PyTorch checkpoint"
-    import torch
+def _heatmap_model(model: Predictor) -> tuple[Any, Any, str | None]:
+    """(torch model for Grad-CAM, its target layer, None), or (None, None, why heatmaps are
+    unavailable). An ONNX model gets heatmaps from the checkpoint it was exported from, when
+    that file is still there and unchanged."""
+    try:
+        cam_model, note = heatmap_model(model)
+        # Found once here: gradcams would otherwise hook every module and run an extra forward
+        # pass for each heatmap request, under the model lock.
+        layer = find_target_layer(cam_model)
+    except Exception as exc:
+        # Heatmaps are optional: whatever stops them (a missing or changed checkpoint, an
+        # unreadable file) must not stop the service from labelling; the reason is reported.
+        log.warning("heatmaps unavailable: %s", exc)
+        return None, None, f"heatmaps unavailable: {exc}"
+    log.info("heatmaps: %s", note)
+    return cam_model, layer, None
 
-    first = members[0].model
-    if not isinstance(first, torch.nn.Module):
-        return None, "heatmaps need the PyTorch backend"
-    return first, None
+
+def _geometry(prep: Preprocessing) -> tuple[int, str, str]:
+    """What `resize` depends on (mean and std do not change the resized film)."""
+    return prep.size, prep.resize_mode, prep.interpolation
+
+
+def _input_prep(model: Predictor) -> Preprocessing | None:
+    """The one resize every member of `model` applies, or None when members differ (then no
+    single smaller film gives every member its exact input)."""
+    members = getattr(model, "members", None)
+    if members:
+        preps = [m.model.preprocessing for m in members]
+    else:
+        preps = [getattr(model, "preprocessing", None)]
+    if any(not isinstance(p, Preprocessing) for p in preps):
+        return None
+    return preps[0] if len({_geometry(p) for p in preps}) == 1 else None
 
 
 def model_id(info: dict[str, Any]) -> str:
@@ -431,20 +459,52 @@ def model_id(info: dict[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+@dataclass
+class _Labelled:
+    """One upload, decoded and scored; the full-size film is not kept."""
+
+    probs: np.ndarray
+    fmt: str
+    width: int
+    height: int
+    film: np.ndarray | None  # the film as the heatmap model sees it, when asked for
+    decode_s: float
+    queued_s: float
+    predict_s: float
+
+
 class _Service:
     """Everything a request handler needs; one per app, no module-level state."""
 
     def __init__(
-        self, model: ServedModel, *, max_upload_bytes: int, token: str | None, heatmap_cache: int
+        self,
+        model: Predictor,
+        *,
+        max_upload_bytes: int,
+        token: str | None,
+        heatmap_cache: int,
+        max_concurrent: int = DEFAULT_MAX_CONCURRENT,
+        max_queue: int = DEFAULT_MAX_QUEUE,
     ) -> None:
         if max_upload_bytes < 1:
             raise ValueError("max_upload_bytes must be positive")
         if token is not None and not token.strip():
             raise ValueError("the bearer token must not be empty")
+        if max_concurrent < 1:
+            raise ValueError("max_concurrent must be at least 1")
+        if max_queue < 0:
+            raise ValueError("max_queue must not be negative")
         self.model = model
         self.max_upload_bytes = max_upload_bytes
         self.token = token
         self.lock = threading.Lock()
+        self.max_concurrent = max_concurrent
+        self.max_queue = max_queue
+        # Taken in the worker thread around decode + predict: at most `max_concurrent`
+        # decoded films exist at once, however many requests arrive.
+        self.slots = threading.BoundedSemaphore(max_concurrent)
+        self._admitted = 0
+        self._admit_lock = threading.Lock()
         self.cache = ResultCache(heatmap_cache)
         self.info = model.model_info()
         self.ref = ModelRef(
@@ -453,11 +513,12 @@ class _Service:
             kind=model.kind,
             version=cxrlabel.__version__,
         )
-        self.cam_model, self.no_heatmaps = _heatmap_model(model)
-        # The film kept for a result is scaled as the model scales it (ONNX models carry their
-        # preprocessing too); a model without one gets a plain preview size.
-        source = self.cam_model if self.cam_model is not None else model
-        self.film_prep: Preprocessing | None = getattr(source, "preprocessing", None)
+        self.cam_model, self.cam_layer, self.no_heatmaps = _heatmap_model(model)
+        self.input_prep = _input_prep(model)
+        # The film kept for a result is scaled as the heatmap model scales it (else as the
+        # model does); a model without preprocessing gets a plain preview size.
+        cam_prep = getattr(self.cam_model, "preprocessing", None)
+        self.film_prep: Preprocessing = cam_prep or self.input_prep or PREVIEW_PREP
 
     def check_token(self, credentials: HTTPAuthorizationCredentials | None) -> None:
         if self.token is None:
@@ -471,6 +532,73 @@ class _Service:
                 headers={"WWW-Authenticate": "Bearer"},
             )
 
+    @contextmanager
+    def admit(self) -> Iterator[None]:
+        """A place among the requests working or waiting, or 503 at once when all are taken.
+
+        Never blocks: it runs on the event loop, before the upload is read, so a refused
+        request costs neither its body in memory nor a worker thread.
+        """
+        limit = self.max_concurrent + self.max_queue
+        with self._admit_lock:
+            if self._admitted >= limit:
+                raise ServiceError(
+                    503,
+                    "busy",
+                    f"the service is busy ({self.max_concurrent} requests being labelled and "
+                    f"{self.max_queue} waiting); try again shortly",
+                    headers={"Retry-After": "1"},
+                )
+            self._admitted += 1
+        try:
+            yield
+        finally:
+            with self._admit_lock:
+                self._admitted -= 1
+
+    @property
+    def admitted(self) -> int:
+        """Requests working or waiting now."""
+        with self._admit_lock:
+            return self._admitted
+
+    def label(self, data: bytes, filename: str, keep_film: bool) -> _Labelled:
+        """Decode and score one upload; runs in a worker thread, holding one of the slots."""
+        waiting = time.perf_counter()
+        with self.slots:
+            started = time.perf_counter()
+            image, fmt = decode_upload(data, filename)
+            height, width = image.shape
+            model_input = self.model_view(image)
+            film = None
+            if keep_film:
+                shared = self.input_prep is not None and (
+                    _geometry(self.input_prep) == _geometry(self.film_prep)
+                )
+                film = model_input if shared else self.film_view(image)
+            # Drop the full-size film before waiting for the model lock: only model-sized
+            # copies wait (unless members differ in their resize; see model_view).
+            del image
+            decoded = time.perf_counter()
+            probs = self.predict(model_input)
+            predicted = time.perf_counter()
+        return _Labelled(
+            probs=probs,
+            fmt=fmt,
+            width=width,
+            height=height,
+            film=film,
+            decode_s=decoded - started,
+            queued_s=started - waiting,
+            predict_s=predicted - decoded,
+        )
+
+    def model_view(self, image: np.ndarray) -> np.ndarray:
+        """The film scaled to the model's input before its pad or crop, which the model's own
+        resize then leaves unchanged: the same probabilities from a model-sized array. An
+        ensemble whose members resize differently gets the film itself."""
+        return image if self.input_prep is None else scale_to_fit(image, self.input_prep)
+
     def predict(self, image: np.ndarray) -> np.ndarray:
         with self.lock:
             return np.asarray(self.model.predict_images([image]), dtype=np.float64)[0]
@@ -482,23 +610,15 @@ class _Service:
         is identical to the one scored, while a result keeps only a model-sized film rather
         than the full upload; the page shows it without the padding.
         """
-        # transforms' private helpers: the exact geometry `preprocess` uses (as in heatmaps.py).
-        prep = self.film_prep
-        if prep is None:
-            shape = _scaled_shape(image.shape, PREVIEW_SIZE, "pad")
-            return _resize_exact(image, *shape, "bilinear")
-        shape = _scaled_shape(image.shape, prep.size, prep.resize_mode)
-        return _resize_exact(image, *shape, prep.interpolation)
+        return scale_to_fit(image, self.film_prep)
 
     def heatmap_png(self, result: _Result, label: str) -> bytes:
-        from cxrlabel.heatmaps import gradcam, overlay_png
-
         cached = result.pngs.get(label)
         if cached is not None:
             return cached
         with self.lock:
-            cam = gradcam(self.cam_model, result.film, label)
-        png = overlay_png(result.film, cam)
+            cam = gradcams(self.cam_model, result.film, [label], target_layer=self.cam_layer)
+        png = overlay_png(result.film, cam[label])
         result.pngs[label] = png
         return png
 
@@ -524,29 +644,43 @@ def _results(probs: np.ndarray, thresholds: Thresholds) -> list[LabelResult]:
 def _error_response(exc: ServiceError) -> JSONResponse:
     body = ErrorBody(error=exc.code, detail=exc.detail).model_dump()
     headers = dict(exc.headers or {})
-    if exc.status == 413:
-        # Close the connection rather than read and discard the rest of a huge body.
+    if exc.status in (413, 503):
+        # Close the connection rather than read and discard the rest of a huge body (413) or
+        # of a body refused unread because the service is busy (503).
         headers["Connection"] = "close"
     return JSONResponse(body, status_code=exc.status, headers=headers)
 
 
 def create_app(
-    model: ServedModel,
+    model: Predictor,
     *,
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
     token: str | None = None,
     heatmap_cache: int = DEFAULT_HEATMAP_CACHE,
+    max_concurrent: int = DEFAULT_MAX_CONCURRENT,
+    max_queue: int = DEFAULT_MAX_QUEUE,
 ) -> FastAPI:
-    """The HTTP API and web page for `model` (an Ensemble, or anything with its interface).
+    """The HTTP API and web page for `model` (an Ensemble, an OnnxModel, or anything with
+    their interface).
 
     Args:
         max_upload_bytes: largest accepted image file; larger uploads get 413.
         token: when set, every endpoint but /health, / and the page's static files needs
             ``Authorization: Bearer <token>``.
         heatmap_cache: how many recent results keep their film for heatmaps.
+        max_concurrent: uploads decoded and scored at once (each holds its full-size decoded
+            film while it is being scaled down).
+        max_queue: further /predict requests that may wait for their turn; beyond that they
+            get 503 ``busy``. Waiting requests hold a worker thread each, so keep
+            ``max_concurrent + max_queue`` under the thread pool's size (40 by default).
     """
     service = _Service(
-        model, max_upload_bytes=max_upload_bytes, token=token, heatmap_cache=heatmap_cache
+        model,
+        max_upload_bytes=max_upload_bytes,
+        token=token,
+        heatmap_cache=heatmap_cache,
+        max_concurrent=max_concurrent,
+        max_queue=max_queue,
     )
     app = FastAPI(
         title="cxrlabel",
@@ -609,6 +743,8 @@ def _add_routes(app: FastAPI, service: _Service) -> None:
             "version": service.ref.version,
             "heatmaps": {"available": service.cam_model is not None, "reason": service.no_heatmaps},
             "max_upload_bytes": service.max_upload_bytes,
+            "max_concurrent": service.max_concurrent,
+            "max_queue": service.max_queue,
             "auth": service.token is not None,
         }
 
@@ -616,7 +752,11 @@ def _add_routes(app: FastAPI, service: _Service) -> None:
         "/predict",
         dependencies=auth,
         response_model=PredictBody,
-        responses={400: {"model": ErrorBody}, **_ERROR_RESPONSES},
+        responses={
+            400: {"model": ErrorBody},
+            **_ERROR_RESPONSES,
+            503: {"model": ErrorBody, "description": "busy: too many requests; retry later"},
+        },
         openapi_extra=_UPLOAD_BODY,
         summary="label one chest radiograph (PNG, JPEG or DICOM)",
     )
@@ -625,30 +765,37 @@ def _add_routes(app: FastAPI, service: _Service) -> None:
         heatmaps: bool = Query(False, description="also return heatmap and film links"),
     ) -> PredictBody:
         started = time.perf_counter()
-        data, filename = await _read_upload(request, service.max_upload_bytes)
-        image, fmt = await run_in_threadpool(decode_upload, data, filename)
-        decoded = time.perf_counter()
-        probs = await run_in_threadpool(service.predict, image)
-        predicted = time.perf_counter()
+        # Admitted (or refused with 503) before the body is read: waiting requests are
+        # bounded, and so are the uploads held in memory.
+        with service.admit():
+            data, filename = await _read_upload(request, service.max_upload_bytes)
+            read_s = time.perf_counter() - started
+            done = await run_in_threadpool(service.label, data, filename, heatmaps)
         result_id = uuid.uuid4().hex
         heatmap_info = HeatmapInfo(requested=heatmaps, available=False)
-        if heatmaps:
-            film = await run_in_threadpool(service.film_view, image)
-            result_id = service.cache.put(_Result(film))
+        if done.film is not None:
+            result_id = service.cache.put(_Result(done.film))
             heatmap_info = _heatmap_links(service, result_id)
-        results = _results(probs, service.model.thresholds)
+        results = _results(done.probs, service.model.thresholds)
         return PredictBody(
             result_id=result_id,
             model=service.ref,
-            file=_file_info(filename, fmt, len(data), image),
+            file=FileInfo(
+                name=filename,
+                format=done.fmt,  # type: ignore[arg-type]
+                bytes=len(data),
+                width=done.width,
+                height=done.height,
+            ),
             labels={r.label: r.value for r in results},
             probabilities={r.label: r.probability for r in results},
             results=results,
             thresholds=service.model.thresholds.to_dict(),
             heatmaps=heatmap_info,
             timing_ms={
-                "read_and_decode": round((decoded - started) * 1e3, 2),
-                "predict": round((predicted - decoded) * 1e3, 2),
+                "read_and_decode": round((read_s + done.decode_s) * 1e3, 2),
+                "queued": round(done.queued_s * 1e3, 2),
+                "predict": round(done.predict_s * 1e3, 2),
             },
         )
 
@@ -677,11 +824,6 @@ def _add_routes(app: FastAPI, service: _Service) -> None:
         result = _cached(service, result_id)
         png = await run_in_threadpool(service.heatmap_png, result, label)
         return Response(png, media_type="image/png")
-
-
-def _file_info(name: str, fmt: str, size: int, image: np.ndarray) -> FileInfo:
-    height, width = image.shape
-    return FileInfo(name=name, format=fmt, bytes=size, width=width, height=height)  # type: ignore[arg-type]
 
 
 def _heatmap_links(service: _Service, result_id: str) -> HeatmapInfo:
@@ -724,36 +866,38 @@ def token_from_env(name: str | None, environ: Mapping[str, str] | None = None) -
     return value
 
 
-def load_model(specs: Sequence[str | Path], *, device: str = "auto") -> ServedModel:
-    """Checkpoints / run folders (PyTorch, with heatmaps) or one exported .onnx file."""
-    if any(str(spec).endswith(".onnx") for spec in specs):
-        if len(specs) != 1:
-            raise ValueError(
-                "serve one .onnx file on its own (export an ensemble into one graph instead)"
-            )
-        from cxrlabel.export import OnnxModel
+def load_model(specs: Sequence[str | Path], *, device: str = "auto") -> Predictor:
+    """Checkpoints / run folders with PyTorch, or one exported .onnx file with ONNX Runtime.
 
-        return OnnxModel(Path(specs[0]), device=device)
-    from cxrlabel.ensemble import load_ensemble
-
-    return load_ensemble(specs, device=device)
+    Unlike `cxrlabel label`, checkpoints are never exported to ONNX on the fly here: the
+    service keeps PyTorch for them, whose first member also gives the heatmaps.
+    """
+    onnx = any(str(spec).lower().endswith(".onnx") for spec in specs)
+    return load_predictor(specs, backend="onnx" if onnx else "torch", device=device)
 
 
 def serve(
-    model: ServedModel,
+    model: Predictor,
     *,
     host: str = "127.0.0.1",
     port: int = 8000,
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
     token: str | None = None,
     heatmap_cache: int = DEFAULT_HEATMAP_CACHE,
+    max_concurrent: int = DEFAULT_MAX_CONCURRENT,
+    max_queue: int = DEFAULT_MAX_QUEUE,
     log_level: str = "info",
 ) -> None:
     """Serve `model` with uvicorn until interrupted (one process: the model is loaded once)."""
     import uvicorn
 
     app = create_app(
-        model, max_upload_bytes=max_upload_bytes, token=token, heatmap_cache=heatmap_cache
+        model,
+        max_upload_bytes=max_upload_bytes,
+        token=token,
+        heatmap_cache=heatmap_cache,
+        max_concurrent=max_concurrent,
+        max_queue=max_queue,
     )
     uvicorn.run(app, host=host, port=port, log_level=log_level)
 

@@ -10,12 +10,22 @@ Run folder layout (default ``<config.runs_dir>/<config.name>``)::
     checkpoints/last.*            end of every epoch and every `checkpoint_every_steps` steps,
                                   with optimizer and RNG state for `resume=True`
     checkpoints/best.*            best epoch by validation loss (or mean AUROC)
-    checkpoints/best-1.* ..       with keep_best=k>1: the k best epochs, ranked (best-1 = best);
-      best-k.*                    a displaced one moves down a rank or is deleted
+    checkpoints/epoch-NNNN.*      with keep_best=k>1: each of the k best epochs under its own
+                                  (0-based) epoch number; a displaced one is deleted
+    checkpoints/kept.json         the ranking, best first: rank, epoch, value, path (for
+                                  keep_best=1 the one entry is best.*); `RUN:bestK` reads it
     summary.json                  labels, best epoch, its validation loss, AUROCs and mean
                                   metrics at its thresholds, the kept checkpoints, speed
 
-Every best / best-k checkpoint carries decision thresholds in its metadata ("thresholds"):
+End-of-epoch bookkeeping survives a kill at any point. A kept epoch's file is new, so writing
+it touches nothing recorded; the ranking is recorded with `last` (the commit), then in
+kept.json, then best.* is written and displaced epochs' files are deleted. A resumed run
+deletes epoch files the recorded ranking does not name and rewrites best.* if the kill came
+before it. `last` itself is saved beside a hard-linked copy of the previous one
+(last.prev.*, deleted once the new one is whole), which a resume falls back to when `last` is
+torn; metrics.csv is written first and trimmed on resume to what `last` covers.
+
+Every best / kept checkpoint carries decision thresholds in its metadata ("thresholds"):
 chosen per label by `config.threshold_rule` (fixed 0.5, youden, max_f1) on that epoch's
 validation predictions (image level), optionally with a +/- `uncertainty_band`. They are chosen
 when the checkpoint is saved, from the very predictions that ranked it, so no extra pass over
@@ -37,6 +47,9 @@ import hashlib
 import json
 import logging
 import math
+import os
+import re
+import shutil
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -50,10 +63,11 @@ from torch.utils.data import DataLoader
 
 from cxrlabel.cache import ImageCache, prepare_cache
 from cxrlabel.checkpoint import (
+    CheckpointError,
     checkpoint_paths,
     load_training_state,
+    read_metadata,
     remove_checkpoint,
-    rename_checkpoint,
     save_checkpoint,
 )
 from cxrlabel.config import RunConfig, load_config
@@ -372,12 +386,19 @@ def write_metrics(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
     atomic_write_text(path, frame.to_csv(index=False))
 
 
-def read_metrics(path: Path, up_to_step: int) -> list[dict[str, Any]]:
-    """Rows of an interrupted run's metrics.csv that its checkpoint covers."""
+def read_metrics(path: Path, up_to_step: int, before_epoch: int) -> list[dict[str, Any]]:
+    """Rows of an interrupted run's metrics.csv that its checkpoint covers: steps up to
+    `up_to_step`, epoch rows of epochs before `before_epoch` (the one in progress).
+
+    The file is written before `last`, so after a kill it may run ahead of it; an epoch's row
+    shares its last step's number, so the epoch filter keeps an epoch that `last` stopped at
+    the end of, but had not yet validated, from being recorded twice.
+    """
     if not path.is_file():
         return []
     frame = pd.read_csv(path)
-    frame = frame[frame["step"] <= up_to_step]
+    is_epoch = frame["kind"] == "epoch"
+    frame = frame[(frame["step"] <= up_to_step) & (~is_epoch | (frame["epoch"] < before_epoch))]
     rows = frame.to_dict("records")
     return [{k: (None if _isnan(v) else v) for k, v in row.items()} for row in rows]
 
@@ -500,8 +521,23 @@ def rank_kept(
     return sorted((dict(e) for e in (*kept, new)), key=key)[:k]
 
 
-def ranked_path(ckpt_dir: Path, rank: int) -> Path:
-    return ckpt_dir / f"best-{rank}.safetensors"
+# Kept epochs are saved under their epoch number and never renamed: a file's name says which
+# epoch it holds whatever point a kill interrupted, and the ranking lives in `last`/kept.json.
+_EPOCH_FILE = re.compile(r"^epoch-(?P<epoch>\d+)\.")
+# Read by cxrlabel.ensemble.resolve_model_paths for `RUN:bestK` (same name there).
+KEPT_FILE = "kept.json"
+
+
+def epoch_path(ckpt_dir: Path, epoch: int) -> Path:
+    """The weights file a kept epoch (0-based) is saved to when keep_best > 1."""
+    return ckpt_dir / f"epoch-{epoch:04d}.safetensors"
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)  # no copy of the data; `src` is later replaced, not rewritten in place
+    except OSError:  # a file system without hard links
+        shutil.copyfile(src, dst)
 
 
 def _check_resumable(config: RunConfig, run_dir: Path) -> None:
@@ -523,6 +559,8 @@ class _Run:
         self.every = every
         self.ckpt_dir = run_dir / "checkpoints"
         self.last = self.ckpt_dir / "last.safetensors"
+        # The previous `last`, kept while a new one is written (see save_last).
+        self.last_prev = self.ckpt_dir / "last.prev.safetensors"
         self.best = self.ckpt_dir / "best.safetensors"
         self.plan = choose_execution(config.device, config.precision)
         log.info("execution: %s", self.plan.to_dict())
@@ -553,11 +591,25 @@ class _Run:
         self.valid_source = validation_source(config)
         self.rows: list[dict[str, Any]] = []
         self.images_per_s: list[float] = []
+        # Whether checkpoints/last.* is known to be whole, so worth keeping as last.prev.*.
+        self.last_whole = False
 
     def resume(self) -> None:
-        meta = load_training_state(self.last, self.model, self.optimizer)
+        try:
+            meta = load_training_state(self.last, self.model, self.optimizer)
+            self.last_whole = True
+            remove_checkpoint(self.last_prev)  # not needed: what a kill left of it goes
+        except CheckpointError as exc:
+            # Killed while `last` was being rewritten: its files disagree, the previous is whole.
+            if not checkpoint_paths(self.last_prev)[2].is_file():
+                raise
+            log.warning("%s; resuming from the previous one, %s", exc, self.last_prev.name)
+            meta = load_training_state(self.last_prev, self.model, self.optimizer)
         self.progress = Progress(**meta["extra"]["progress"])
-        self.rows = read_metrics(self.run_dir / "metrics.csv", self.progress.step)
+        self.rows = read_metrics(
+            self.run_dir / "metrics.csv", self.progress.step, self.progress.epoch
+        )
+        self.settle_kept()
         log.info(
             "resumed %s at epoch %d, batch %d (step %d)",
             self.run_dir,
@@ -566,7 +618,46 @@ class _Run:
             self.progress.step,
         )
 
+    def settle_kept(self) -> None:
+        """Make the kept checkpoints match the resumed ranking after a kill in end_epoch.
+
+        Files of a kill's half-done saves and epoch files the ranking does not name (one saved
+        before the kill could record it, or one displaced but not yet deleted) go; kept.json
+        is rewritten; best.* is rewritten when the kill came between recording a new best and
+        saving it, which leaves `last` at the start of the next epoch with that best's weights.
+        """
+        for tmp in self.ckpt_dir.glob(".*.tmp"):
+            tmp.unlink(missing_ok=True)
+        self.prune_epoch_files()
+        p = self.progress
+        if p.kept:
+            self.write_kept()
+        else:  # no epoch recorded yet: nothing to name
+            (self.ckpt_dir / KEPT_FILE).unlink(missing_ok=True)
+        if p.best_epoch is None or p.best_metrics is None:
+            return
+        try:
+            if read_metadata(self.best)["epoch"] == p.best_epoch:
+                return
+        except CheckpointError:
+            pass  # missing, or torn by the kill: rewritten below
+        if (p.epoch, p.batch) == (p.best_epoch + 1, 0):
+            log.info("%s: saving best epoch %d again (interrupted)", self.best, p.best_epoch)
+            thresholds = Thresholds.from_dict(p.best_metrics["thresholds"])
+            self.save_best(self.best, p.best_metrics, thresholds, epoch=p.best_epoch)
+        else:
+            log.warning(
+                "%s does not hold the recorded best epoch %d and cannot be rebuilt",
+                self.best,
+                p.best_epoch,
+            )
+
     def save_last(self) -> None:
+        # metrics.csv first: a resume trims it to what `last` covers (read_metrics), whereas
+        # rows written after `last` would be lost to a kill in between.
+        write_metrics(self.run_dir / "metrics.csv", self.rows)
+        if self.last_whole:
+            self.keep_previous_last()
         save_checkpoint(
             self.last,
             self.model,
@@ -579,8 +670,23 @@ class _Run:
                 "execution": self.plan.to_dict(),
             },
         )
-        # metrics.csv is written with `last`, so it always matches what a resume starts from.
-        write_metrics(self.run_dir / "metrics.csv", self.rows)
+        self.last_whole = True
+        remove_checkpoint(self.last_prev)
+
+    def keep_previous_last(self) -> None:
+        """Hard-link the whole current `last` as last.prev.* before it is overwritten.
+
+        save_checkpoint replaces each file of `last` in turn, so a kill part-way leaves files
+        that disagree (read_metadata refuses them); the links keep the old contents.
+        """
+        remove_checkpoint(self.last_prev)
+        src, dst = checkpoint_paths(self.last), checkpoint_paths(self.last_prev)
+        meta = json.loads(src[2].read_text(encoding="utf-8"))
+        for kind, index in (("weights", 0), ("state", 1)):
+            _link_or_copy(src[index], dst[index])
+            meta["files"][kind] = dst[index].name
+        # Last: the metadata naming the linked files marks the copy whole.
+        atomic_write_text(dst[2], json.dumps(meta, indent=2))
 
     def run_epoch(self, stop_after_steps: int | None) -> bool:
         """Train the rest of the current epoch; False if `stop_after_steps` cut it short."""
@@ -681,10 +787,24 @@ class _Run:
         }
         if better:
             p.best_epoch, p.best_value, p.best_metrics = p.epoch, value, metrics
-        self.keep_ranked(value, metrics, thresholds, better)
+        ended = p.epoch
+        p.kept = rank_kept(
+            p.kept, {"epoch": ended, "value": value}, config.keep_best, config.select_best
+        )
+        kept = any(e["epoch"] == ended for e in p.kept)
+        if kept and config.keep_best > 1:
+            # A new file: nothing recorded is touched before the ranking is.
+            self.save_best(epoch_path(self.ckpt_dir, ended), metrics, thresholds, epoch=ended)
         p.epoch += 1
         p.batch = 0
+        # The commit: from here a resume starts at the next epoch with the new ranking, and
+        # settle_kept finishes whatever of the rest a kill left undone.
         self.save_last()
+        if kept:
+            self.write_kept()
+        if better:
+            self.save_best(self.best, metrics, thresholds, epoch=ended)
+        self.prune_epoch_files()
         plot_losses(self.run_dir / "plots" / "loss.png", self.rows)
 
     def choose_thresholds(
@@ -705,47 +825,49 @@ class _Run:
             thresholds = thresholds.with_band(config.uncertainty_band)
         return thresholds
 
-    def save_best(self, path: Path, metrics: Mapping[str, Any], thresholds: Thresholds) -> None:
-        p = self.progress
+    def save_best(
+        self, path: Path, metrics: Mapping[str, Any], thresholds: Thresholds, *, epoch: int
+    ) -> None:
+        """Save the model as epoch `epoch`'s inference checkpoint (no optimizer state)."""
         save_checkpoint(
             path,
             self.model,
             config=self.config.to_dict(),
-            epoch=p.epoch,
-            step=p.step,
+            epoch=epoch,
+            step=self.progress.step,
             extra={"metrics": dict(metrics), "execution": self.plan.to_dict()},
             thresholds=thresholds,
         )
 
-    def keep_ranked(
-        self, value: float, metrics: Mapping[str, Any], thresholds: Thresholds, better: bool
-    ) -> None:
-        """Save `best` when this epoch is the best, and keep the top `keep_best` epochs ranked
-        as best-1 .. best-k (only when keep_best > 1; best-1 is then a copy of best)."""
-        p, k = self.progress, self.config.keep_best
-        if better:
-            self.save_best(self.best, metrics, thresholds)
-        ranking = rank_kept(p.kept, {"epoch": p.epoch, "value": value}, k, self.config.select_best)
-        ranks = [e["epoch"] for e in ranking]
-        if p.epoch not in ranks:
-            return
-        rank = ranks.index(p.epoch) + 1
-        if k > 1:
-            # Move the ones below the new entry down a rank, bottom first; the last may drop.
-            for old in range(len(p.kept), rank - 1, -1):
-                src = ranked_path(self.ckpt_dir, old)
-                if old + 1 <= k:
-                    rename_checkpoint(src, ranked_path(self.ckpt_dir, old + 1))
-                else:
-                    remove_checkpoint(src)
-            self.save_best(ranked_path(self.ckpt_dir, rank), metrics, thresholds)
-        p.kept = ranking
+    def prune_epoch_files(self) -> None:
+        """Delete epoch-NNNN.* files of epochs the recorded ranking does not keep."""
+        keep = {int(e["epoch"]) for e in self.progress.kept} if self.config.keep_best > 1 else set()
+        stale = {
+            checkpoint_paths(f)[2]
+            for f in list(self.ckpt_dir.glob("epoch-*"))
+            if (m := _EPOCH_FILE.match(f.name)) is not None and int(m["epoch"]) not in keep
+        }
+        for meta in sorted(stale):
+            remove_checkpoint(meta)
+
+    def write_kept(self) -> None:
+        """checkpoints/kept.json: the recorded ranking, for `RUN:bestK` (written atomically)."""
+        data = {
+            "select_best": self.config.select_best,
+            "keep_best": self.config.keep_best,
+            "kept": self.kept_checkpoints(),
+        }
+        atomic_write_text(self.ckpt_dir / KEPT_FILE, json.dumps(data, indent=2))
 
     def kept_checkpoints(self) -> list[dict[str, Any]]:
         """summary.json's list of kept checkpoints, best first, paths relative to the run."""
         out = []
         for rank, entry in enumerate(self.progress.kept, start=1):
-            path = self.best if self.config.keep_best == 1 else ranked_path(self.ckpt_dir, rank)
+            path = (
+                self.best
+                if self.config.keep_best == 1
+                else epoch_path(self.ckpt_dir, int(entry["epoch"]))
+            )
             out.append(
                 {
                     "rank": rank,

@@ -169,7 +169,7 @@ def resize(
     img = np.asarray(img)
     if img.ndim != 2 or img.shape[0] == 0 or img.shape[1] == 0:
         raise ValueError(f"expected a non-empty (H, W) array, got shape {img.shape}")
-    new_h, new_w = _scaled_shape(img.shape, size, mode)
+    new_h, new_w = scaled_shape(img.shape, size, mode)
     scaled = _resize_exact(img, new_h, new_w, interpolation)
     if mode == "pad":
         out = np.zeros((size, size), dtype=np.float32)
@@ -180,14 +180,29 @@ def resize(
     return np.ascontiguousarray(scaled[top : top + size, left : left + size])
 
 
-def _scaled_shape(shape: tuple[int, ...], size: int, mode: str) -> tuple[int, int]:
-    """Size before pad/crop: pad fits the longer side to ``size``, crop the shorter one."""
+def scaled_shape(shape: tuple[int, ...], size: int, mode: str) -> tuple[int, int]:
+    """``(height, width)`` that :func:`resize` scales a ``shape`` film to before its pad or
+    crop: ``"pad"`` fits the longer side to ``size``, ``"crop"`` the shorter one."""
     height, width = shape
     if mode == "pad":
         scale = size / max(height, width)
         return min(size, max(1, round(height * scale))), min(size, max(1, round(width * scale)))
     scale = size / min(height, width)
     return max(size, round(height * scale)), max(size, round(width * scale))
+
+
+def scale_to_fit(img: np.ndarray, prep: Preprocessing) -> np.ndarray:
+    """The film scaled exactly as :func:`resize` scales it under ``prep``, before the pad or
+    crop (aspect kept), as float32.
+
+    :func:`resize` of the result scales by exactly 1, so it gives the very same ``(S, S)``
+    model input as resizing the original: a model-sized stand-in for a large film.
+    """
+    img = np.asarray(img)
+    if img.ndim != 2 or img.shape[0] == 0 or img.shape[1] == 0:
+        raise ValueError(f"expected a non-empty (H, W) array, got shape {img.shape}")
+    height, width = scaled_shape(img.shape, prep.size, prep.resize_mode)
+    return _resize_exact(img, height, width, prep.interpolation)
 
 
 def _resize_exact(img: np.ndarray, height: int, width: int, interpolation: str) -> np.ndarray:
