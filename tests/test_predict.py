@@ -352,3 +352,19 @@ def test_heatmap_films_are_kept_at_display_size_only(tmp_path: Path) -> None:
     assert film.display_image is not None
     assert film.display_image.shape == (predict.HEATMAP_MAX_SIDE, 819)
     assert predict.read_film(0, item, None, False).display_image is None
+
+
+def test_a_fresh_run_without_studies_leaves_no_old_study_files(
+    tiny_dataset: Path, model, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    label_inputs([tiny_dataset / "valid.csv"], model, out, progress=False)
+    assert (out / "study_labels.csv").is_file()  # patientN/studyM paths give study rows
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    film = next((tiny_dataset / "valid").rglob("*.jpg"))
+    shutil.copy(film, flat / "film.jpg")  # no patient/study layout: no study ids
+    summary = label_inputs([flat], model, out, progress=False)
+    assert summary.studies == 0 and summary.labelled == 1
+    assert not (out / "study_labels.csv").exists()
+    assert not (out / "study_probabilities.csv").exists()

@@ -363,15 +363,14 @@ def _default_onnx_path(spec: str | Path) -> Path:
     the run, no colon in the name), RUN/model.onnx for a run folder, and beside a checkpoint
     file (its name + .onnx)."""
     from cxrlabel.checkpoint import WEIGHTS_SUFFIX, checkpoint_paths
-    from cxrlabel.ensemble import _BEST_K  # the same parse as loading, so the two agree
+    from cxrlabel.ensemble import split_best_k  # the same parse as loading, so the two agree
 
-    text = str(spec)
-    match = _BEST_K.match(text)
-    if match:
-        return Path(match["run"]) / f"model-best{int(match['k'])}.onnx"
-    if Path(text).is_dir():
-        return Path(text) / "model.onnx"
-    weights = checkpoint_paths(Path(text))[0]
+    path, k = split_best_k(spec)
+    if k is not None:
+        return path / f"model-best{k}.onnx"
+    if path.is_dir():
+        return path / "model.onnx"
+    weights = checkpoint_paths(path)[0]
     return weights.with_name(weights.name.removesuffix(WEIGHTS_SUFFIX) + ".onnx")
 
 

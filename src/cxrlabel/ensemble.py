@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 import cxrlabel
 from cxrlabel.checkpoint import checkpoint_paths, load_checkpoint, thresholds_from_metadata
 from cxrlabel.labels import LabelTable, ensure_ids
-from cxrlabel.models import CXRModel, model_display_name
+from cxrlabel.models import CXRModel, model_display_name, resolve_device
 from cxrlabel.results import Predictions
 from cxrlabel.thresholds import Thresholds
 from cxrlabel.transforms import preprocess
@@ -67,23 +67,29 @@ def _best_k(run: Path, k: int) -> list[Path]:
     return paths
 
 
+def split_best_k(spec: str | Path) -> tuple[Path, int | None]:
+    """`RUN:bestK` -> (RUN, K); anything else -> (the path, None)."""
+    match = _BEST_K.match(str(spec))
+    if match is None:
+        return Path(spec), None
+    return Path(match["run"]), int(match["k"])
+
+
 def resolve_model_paths(specs: Sequence[str | Path]) -> list[Path]:
     """Run folders, `RUN:bestK` and checkpoint files -> checkpoint weight files, in order."""
     if not specs:
         raise ValueError("no model given: name a run folder or a checkpoint")
     paths: list[Path] = []
     for spec in specs:
-        text = str(spec)
-        match = _BEST_K.match(text)
-        if match:
-            run, k = Path(match["run"]), int(match["k"])
-            paths.extend(_best_k(run, k))
-        elif Path(text).is_dir():
-            paths.append(_run_checkpoint(Path(text), "best"))
+        path, k = split_best_k(spec)
+        if k is not None:
+            paths.extend(_best_k(path, k))
+        elif path.is_dir():
+            paths.append(_run_checkpoint(path, "best"))
         else:
-            weights, _, meta = checkpoint_paths(Path(text))
+            weights, _, meta = checkpoint_paths(path)
             if not meta.is_file():
-                raise FileNotFoundError(f"{text}: not a run folder or a checkpoint")
+                raise FileNotFoundError(f"{spec}: not a run folder or a checkpoint")
             paths.append(weights)
     return paths
 
@@ -249,16 +255,6 @@ class Ensemble:
                 for m in self.members
             ],
         }
-
-
-def resolve_device(device: str) -> torch.device:
-    if device not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"device must be auto, cpu or cuda, not {device!r}")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' was asked for but CUDA is not available")
-    return torch.device(device)
 
 
 def load_ensemble(specs: Sequence[str | Path], *, device: str = "auto") -> Ensemble:

@@ -531,11 +531,9 @@ def data_names(count: int, given: Sequence[str | None] = ()) -> list[str]:
 def run_dir_of(spec: str | Path) -> Path | None:
     """The run folder a model spec belongs to (a run, `RUN:bestK`, or a checkpoint in
     `RUN/checkpoints/`), or None for a checkpoint outside any run folder."""
-    text = str(spec)
-    run, sep, rest = text.rpartition(":")
-    if sep and rest.startswith("best") and rest[4:].isdigit():
-        text = run
-    path = Path(text)
+    from cxrlabel.ensemble import split_best_k
+
+    path, _ = split_best_k(spec)
     if path.is_dir():
         return path if (path / "config.yaml").is_file() else None
     if path.parent.name == "checkpoints" and (path.parent.parent / "config.yaml").is_file():

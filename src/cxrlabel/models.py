@@ -219,6 +219,17 @@ class CXRModel(nn.Module):
         return self.head(self.backbone(x))
 
 
+def resolve_device(device: str) -> torch.device:
+    """auto | cpu | cuda -> the torch device; 'cuda' without CUDA is an error, not a fallback."""
+    if device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"device must be auto, cpu or cuda, not {device!r}")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' was asked for but CUDA is not available")
+    return torch.device(device)
+
+
 def create_model(
     backbone: str,
     head: str,

@@ -109,7 +109,7 @@ class CsvWriter(Protocol):
 def default_backend(device: str = "auto") -> str:
     """The backend `auto` picks: ONNX Runtime on CPU (measured fastest, see
     benchmarks/bench_label.py; onnxruntime is a dependency), PyTorch on CUDA."""
-    from cxrlabel.ensemble import resolve_device
+    from cxrlabel.models import resolve_device
 
     return "onnx" if resolve_device(device).type == "cpu" else "torch"
 
@@ -477,7 +477,7 @@ class _Partial:
                 )
             if self.state_file.is_file():
                 return self._resume_state()
-        self._remove_old_heatmaps()
+        self._remove_earlier_outputs()
         shutil.rmtree(self.dir, ignore_errors=True)
         self.dir.mkdir(parents=True)
         atomic_write_text(self.manifest, json.dumps(manifest, indent=2))
@@ -495,15 +495,20 @@ class _Partial:
         atomic_write_text(self.state_file, json.dumps(state))
         return state
 
-    def _remove_old_heatmaps(self) -> None:
-        """A fresh run's heatmap folders are named by input number, so an earlier run's would
-        mix with (or outlive) them; remove them. Only when the folder holds an earlier run
-        (its run.json or partial folder), so a `heatmaps/` of someone else's is left alone."""
+    def _remove_earlier_outputs(self) -> None:
+        """A fresh run into a folder that holds an earlier run (its run.json or partial folder)
+        removes that run's heatmaps (named by input number, so they would mix with the new
+        ones) and its study files (a run whose films have no study ids writes none, and the
+        old ones must not pass for its own). Someone else's files are left alone."""
         out_dir = self.dir.parent
+        if not ((out_dir / "run.json").is_file() or self.dir.is_dir()):
+            return
         old = out_dir / HEATMAP_DIR
-        if old.is_dir() and ((out_dir / "run.json").is_file() or self.dir.is_dir()):
+        if old.is_dir():
             log.info("removing %s from an earlier run", old)
             shutil.rmtree(old)
+        for name in ("study_labels.csv", "study_probabilities.csv"):
+            (out_dir / name).unlink(missing_ok=True)
 
     def _resume_state(self) -> dict[str, Any]:
         state = json.loads(self.state_file.read_text(encoding="utf-8"))

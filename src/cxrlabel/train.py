@@ -76,7 +76,7 @@ from cxrlabel.fileio import atomic_save, atomic_write_text
 from cxrlabel.formats import load_table
 from cxrlabel.labels import LabelTable, filter_certain, filter_view, resolve_labels
 from cxrlabel.metrics import METRIC_NAMES, metrics_table
-from cxrlabel.models import CXRModel, create_model, masked_bce_loss
+from cxrlabel.models import CXRModel, create_model, masked_bce_loss, resolve_device
 from cxrlabel.splits import patient_split, save_split
 from cxrlabel.thresholds import Thresholds, choose_thresholds
 from cxrlabel.transforms import AugmentConfig
@@ -181,14 +181,9 @@ def choose_execution(
     device: str = "auto", precision: str = "auto", *, flags: frozenset[str] | None = None
 ) -> ExecutionPlan:
     """device auto|cpu|cuda and precision auto|fp32|bf16 -> what the training step does."""
-    if device not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"device must be auto, cpu or cuda, not {device!r}")
     if precision not in ("auto", "fp32", "bf16"):
         raise ValueError(f"precision must be auto, fp32 or bf16, not {precision!r}")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' was asked for but CUDA is not available")
+    device = resolve_device(device).type
     if precision == "fp32":
         return ExecutionPlan(device, None, False, "precision fp32 was asked for")
     if precision == "bf16":
