@@ -19,3 +19,28 @@ def chexpert_csv(path: Path, rows: list[dict[str, str]]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def banded_checkpoint(path: Path, film: Path, run_name: str) -> Path:
+    """A tiny all-labels checkpoint whose thresholds are set around its own scores on `film`:
+    the first label comes out positive, the second negative, the third uncertain (inside its
+    band), so one film exercises all three label values."""
+    import torch
+
+    from cxrlabel.checkpoint import save_checkpoint
+    from cxrlabel.ensemble import load_ensemble
+    from cxrlabel.images import read_image
+    from cxrlabel.models import create_model
+    from cxrlabel.thresholds import Thresholds
+
+    torch.manual_seed(0)
+    model = create_model("tiny", "linear", OBSERVATIONS, weights="none", size=64)
+    save_checkpoint(path, model, config={"name": run_name}, epoch=0, step=0)
+    probs = load_ensemble([path], device="cpu").predict_images([read_image(film)])[0]
+    values = [float(p) for p in probs]
+    values[0], values[1] = values[0] - 0.01, values[1] + 0.01
+    band = [(v, v) for v in values]
+    band[2] = (values[2] - 0.02, values[2] + 0.02)
+    thresholds = Thresholds(OBSERVATIONS, tuple(values), "youden", tuple(band), "test scores")
+    save_checkpoint(path, model, config={"name": run_name}, epoch=0, step=0, thresholds=thresholds)
+    return path

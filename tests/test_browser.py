@@ -13,17 +13,12 @@ from typing import Any
 
 import httpx
 import pytest
-import torch
 
-from cxrlabel.checkpoint import save_checkpoint
 from cxrlabel.ensemble import load_ensemble
 from cxrlabel.fileio import atomic_write_bytes
-from cxrlabel.images import read_image
 from cxrlabel.labels import OBSERVATIONS
-from cxrlabel.models import create_model
 from cxrlabel.serve import create_app, serve_in_thread
-from cxrlabel.thresholds import Thresholds
-from tests.helpers import SHARED_DATA
+from tests.helpers import SHARED_DATA, banded_checkpoint
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
@@ -50,22 +45,9 @@ def film(tiny_dataset: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory, film: Path) -> Path:
-    """A tiny checkpoint whose thresholds put its first three labels at positive / negative /
-    uncertain for `film`."""
-    torch.manual_seed(0)
-    model = create_model("tiny", "linear", OBSERVATIONS, weights="none", size=64)
+    """Thresholds around this model's own scores on `film`: positive, negative, uncertain."""
     path = tmp_path_factory.mktemp("browser") / "tiny.safetensors"
-    save_checkpoint(path, model, config={"name": "browser-test"}, epoch=0, step=0)
-    probs = load_ensemble([path], device="cpu").predict_images([read_image(film)])[0]
-    values = [float(p) for p in probs]
-    values[0], values[1] = values[0] - 0.01, values[1] + 0.01
-    band = [(v, v) for v in values]
-    band[2] = (values[2] - 0.02, values[2] + 0.02)
-    thresholds = Thresholds(OBSERVATIONS, tuple(values), "youden", tuple(band), "test scores")
-    save_checkpoint(
-        path, model, config={"name": "browser-test"}, epoch=0, step=0, thresholds=thresholds
-    )
-    return path
+    return banded_checkpoint(path, film, "browser-test")
 
 
 @pytest.fixture(scope="module")

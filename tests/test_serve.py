@@ -40,9 +40,8 @@ from cxrlabel.serve import (
     sniff_format,
     token_from_env,
 )
-from cxrlabel.thresholds import Thresholds
 from cxrlabel.transforms import Preprocessing, preprocess
-from tests.helpers import SHARED_DATA
+from tests.helpers import SHARED_DATA, banded_checkpoint
 
 LIMIT = 200_000  # bytes: small, so the too-large tests stay fast
 
@@ -65,22 +64,9 @@ def film(tiny_dataset: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory, film: Path) -> Path:
-    """Thresholds chosen around this model's own scores on `film`: the first label comes out
-    positive, the second negative, the third uncertain (inside its band)."""
-    torch.manual_seed(0)
-    model = create_model("tiny", "linear", OBSERVATIONS, weights="none", size=64)
+    """Thresholds around this model's own scores on `film`: positive, negative, uncertain."""
     path = tmp_path_factory.mktemp("serve") / "tiny.safetensors"
-    save_checkpoint(path, model, config={"name": "serve-test"}, epoch=0, step=0)
-    probs = load_ensemble([path], device="cpu").predict_images([read_image(film)])[0]
-    values = [float(p) for p in probs]
-    values[0], values[1] = values[0] - 0.01, values[1] + 0.01
-    band = [(v, v) for v in values]
-    band[2] = (values[2] - 0.02, values[2] + 0.02)
-    thresholds = Thresholds(OBSERVATIONS, tuple(values), "youden", tuple(band), "test scores")
-    save_checkpoint(
-        path, model, config={"name": "serve-test"}, epoch=0, step=0, thresholds=thresholds
-    )
-    return path
+    return banded_checkpoint(path, film, "serve-test")
 
 
 @pytest.fixture(scope="module")
