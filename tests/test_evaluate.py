@@ -266,6 +266,9 @@ def test_read_predictions_matches_rows_and_scores_like_sklearn(tiny_dataset: Pat
     frame.rename(columns={"Path": "File"}).to_csv(tmp_path / "bad.csv", index=False)
     with pytest.raises(ValueError, match="'Path' or 'Image Index'"):
         read_predictions(tmp_path / "bad.csv", table)
+    frame[["Path"]].assign(Hernia=0.5).to_csv(tmp_path / "none.csv", index=False)
+    with pytest.raises(ValueError, match="no probability column matches"):
+        read_predictions(tmp_path / "none.csv", table)
     frame.assign(Cardiomegaly=1.5).to_csv(tmp_path / "range.csv", index=False)
     with pytest.raises(ValueError, match="within"):
         read_predictions(tmp_path / "range.csv", table)

@@ -184,14 +184,16 @@ def read_predictions(
         raise ValueError(f"{path}: predictions need a 'Path' or 'Image Index' column")
     table = ensure_ids(filter_view(table, view))
     columns = prediction_columns(list(frame.columns))
-    labels = [o for o in OBSERVATIONS if o in columns]
-    targets, mask = table.targets(labels, policy) if labels else (None, None)
-    if labels:  # only observations the label file actually labels
-        keep = [k for k in range(len(labels)) if mask[:, k].any()]
-        labels = [labels[k] for k in keep]
-        targets, mask = targets[:, keep], mask[:, keep]
+    predicted = [o for o in OBSERVATIONS if o in columns]
+    no_match = f"{path}: no probability column matches an observation {table.source} labels"
+    if not predicted:
+        raise ValueError(no_match)
+    targets, mask = table.targets(predicted, policy)
+    labelled = mask.any(axis=0)  # only observations the label file actually labels
+    labels = [o for o, keep in zip(predicted, labelled, strict=True) if keep]
     if not labels:
-        raise ValueError(f"{path}: no probability column matches a labelled observation")
+        raise ValueError(no_match)
+    targets, mask = targets[:, labelled], mask[:, labelled]
     rows = _match_rows(frame[key], table, path)
     found = rows >= 0
     scores = frame[[columns[o] for o in labels]].to_numpy(np.float64)[rows[found]]
