@@ -25,7 +25,6 @@ import html
 import io
 import logging
 import math
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -721,17 +720,9 @@ def read_loss_rows(run_dir: Path) -> list[dict[str, object]]:
     return frame.to_dict("records")
 
 
-def _loss_png(rows: Sequence[dict[str, object]]) -> bytes:
-    """The run's own loss plot (cxrlabel.train.plot_losses), as PNG bytes."""
-    from cxrlabel.train import plot_losses
-
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "loss.png"
-        plot_losses(path, rows)
-        return path.read_bytes()
-
-
 def _loss_section(runs: Sequence[tuple[Path, list[dict[str, object]]]]) -> Section:
+    from cxrlabel.train import loss_plot_png
+
     if not runs:
         note = "No training run folder was given (e.g. external predictions): no loss curves."
         return Section("loss", "Training loss curves", (Text(note, "note"),))
@@ -742,7 +733,8 @@ def _loss_section(runs: Sequence[tuple[Path, list[dict[str, object]]]]) -> Secti
         steps = [r for r in rows if r["kind"] == "step"]
         caption = f"Run folder {run_dir}: {len(steps)} steps, {len(epochs)} epochs."
         parts.append(Heading(f"Run {run_dir.name}"))
-        parts.append(Picture(file, _loss_png(rows), f"Loss curves of run {run_dir.name}", caption))
+        alt = f"Loss curves of run {run_dir.name}"
+        parts.append(Picture(file, loss_plot_png(rows), alt, caption))
     return Section("loss", "Training loss curves", tuple(parts))
 
 

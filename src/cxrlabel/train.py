@@ -72,7 +72,7 @@ from cxrlabel.checkpoint import (
 )
 from cxrlabel.config import RunConfig, load_config
 from cxrlabel.data import CXRDataset, collate_skipping, resize_settings
-from cxrlabel.fileio import atomic_save, atomic_write_text
+from cxrlabel.fileio import atomic_write_bytes, atomic_write_text
 from cxrlabel.formats import load_table
 from cxrlabel.labels import LabelTable, filter_certain, filter_view, resolve_labels
 from cxrlabel.metrics import METRIC_NAMES, metrics_table
@@ -408,8 +408,10 @@ def _json_float(value: Any) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def plot_losses(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
-    """Top: training loss per step. Bottom: mean training and validation loss per epoch."""
+def loss_plot_png(rows: Sequence[Mapping[str, Any]]) -> bytes:
+    """PNG: training loss per step (top) and mean training and validation loss per epoch."""
+    import io
+
     # Figure directly, not pyplot: no global backend or figure registry is touched.
     from matplotlib.figure import Figure
 
@@ -424,7 +426,9 @@ def plot_losses(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
     bottom.plot(x, [r["val_loss"] for r in epochs], "s-", label="validation")
     bottom.set(xlabel="epoch", ylabel="loss", title="Loss per epoch")
     bottom.legend()
-    atomic_save(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    return buffer.getvalue()
 
 
 def label_aurocs(table: pd.DataFrame) -> dict[str, float | None]:
@@ -800,7 +804,7 @@ class _Run:
         if better:
             self.save_best(self.best, metrics, thresholds, epoch=ended)
         self.prune_epoch_files()
-        plot_losses(self.run_dir / "plots" / "loss.png", self.rows)
+        atomic_write_bytes(self.run_dir / "plots" / "loss.png", loss_plot_png(self.rows))
 
     def choose_thresholds(
         self, scores: np.ndarray, targets: np.ndarray, masks: np.ndarray
