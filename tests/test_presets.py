@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from cxrlabel.cli import main
-from cxrlabel.config import build_config
+from cxrlabel.config import build_config, load_config
 from cxrlabel.labels import LABEL_SETS
 
 
@@ -25,7 +25,7 @@ def test_method_preset_trains_evaluates_and_labels(preset, tiny_dataset: Path, t
         "require_certain=false",
     ]
     assert main(["train", "--preset", preset, "--run-dir", str(run), *overrides]) == 0
-    saved = build_config(None, json.loads(json.dumps(_yaml(run / "config.yaml"))))
+    saved = load_config(run / "config.yaml")
     assert (saved.backbone, saved.size, saved.labels) == (config.backbone, config.size,
                                                          config.labels)  # fmt: skip
     meta = json.loads((run / "checkpoints" / "best.json").read_text())
@@ -38,9 +38,3 @@ def test_method_preset_trains_evaluates_and_labels(preset, tiny_dataset: Path, t
                  "--no-progress"]) == 0  # fmt: skip
     header = (out / "labels.csv").read_text().splitlines()[0].split(",")
     assert header[0] == "Path" and len(header) == 15
-
-
-def _yaml(path: Path) -> dict:
-    import yaml
-
-    return yaml.safe_load(path.read_text())

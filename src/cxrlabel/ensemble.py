@@ -169,11 +169,21 @@ class Ensemble:
         if not len(images):
             return np.zeros((0, len(self.labels)), dtype=np.float32)
         total = np.zeros((len(images), len(self.labels)), dtype=np.float64)
-        for member in self.members:
-            prep = member.model.preprocessing
+        for group in self._by_preprocessing():
+            prep = group[0].model.preprocessing
             batch = torch.stack([preprocess(img, prep) for img in images])
-            total += self._member_probs(member, batch)
+            for member in group:
+                total += self._member_probs(member, batch)
         return (total / len(self.members)).astype(np.float32)
+
+    def _by_preprocessing(self) -> list[list[Member]]:
+        """Members grouped by preprocessing: a group's films are resized and normalised once
+        (`RUN:best5` would otherwise prepare every film five times)."""
+        groups: dict[str, list[Member]] = {}
+        for member in self.members:
+            key = json.dumps(member.model.preprocessing.to_dict(), sort_keys=True)
+            groups.setdefault(key, []).append(member)
+        return list(groups.values())
 
     def predict_table(
         self,
@@ -188,16 +198,11 @@ class Ensemble:
         from cxrlabel.data import CXRDataset, collate_skipping
 
         table = ensure_ids(table)
-        # Members sharing a preprocessing share one pass over the images: decoding is the slow
-        # part, and `RUN:best5` would otherwise decode every film five times.
-        groups: dict[str, list[Member]] = {}
-        for member in self.members:
-            key = json.dumps(member.model.preprocessing.to_dict(), sort_keys=True)
-            groups.setdefault(key, []).append(member)
         total: np.ndarray | None = None
         rows: np.ndarray | None = None
         targets = masks = None
-        for group in groups.values():
+        # One pass over the images per preprocessing: decoding is the slow part.
+        for group in self._by_preprocessing():
             prep = group[0].model.preprocessing
             dataset = CXRDataset(table, self.labels, prep, policy=policy, on_error="skip")
             loader = DataLoader(

@@ -213,9 +213,15 @@ def _model_fingerprint(model: Predictor | None) -> dict[str, Any] | None:
     }
 
 
-def _model_resize(models: Sequence[Predictor]) -> Preprocessing | None:
-    """The one resize every model applies, if they share it; films are then resized once at
-    reading time (predict_images' own resize of an S x S film is the identity)."""
+def resize_geometry(prep: Preprocessing) -> tuple[int, str, str]:
+    """What `resize` depends on (mean and std do not change the resized film)."""
+    return prep.size, prep.resize_mode, prep.interpolation
+
+
+def shared_resize(models: Sequence[Predictor]) -> Preprocessing | None:
+    """The one resize every model (every ensemble member) applies, or None when they differ.
+    With one, a film can be resized once as soon as it is read (predict_images' own resize of
+    an S x S film is then the identity) and the full-size film dropped."""
     preps: list[Preprocessing] = []
     for model in models:
         members = getattr(model, "members", None)
@@ -223,8 +229,7 @@ def _model_resize(models: Sequence[Predictor]) -> Preprocessing | None:
             preps.extend(m.model.preprocessing for m in members)
         else:
             preps.append(model.preprocessing)  # type: ignore[attr-defined]
-    keys = {(p.size, p.resize_mode, p.interpolation) for p in preps}
-    return preps[0] if len(keys) == 1 else None
+    return preps[0] if len({resize_geometry(p) for p in preps}) == 1 else None
 
 
 # --------------------------------------------------------------------------------------------
@@ -682,7 +687,7 @@ class _Labeller:
         self.labels = _union_labels(list(self.models.values()))
         self.partial = _Partial(out_dir, self.labels)
         self.heatmapper = heatmapper
-        self.resize_to = _model_resize(list(self.models.values()))
+        self.resize_to = shared_resize(list(self.models.values()))
 
     def route(self, film: Film) -> tuple[str, str]:
         """Which model labels a film, and the flag to record."""

@@ -77,7 +77,7 @@ from cxrlabel.images import (
     UnsupportedImageError,
     read_image,
 )
-from cxrlabel.predict import Predictor, heatmap_model
+from cxrlabel.predict import Predictor, heatmap_model, resize_geometry, shared_resize
 from cxrlabel.predict import load_model as load_predictor
 from cxrlabel.thresholds import Thresholds
 from cxrlabel.transforms import Preprocessing, scale_to_fit, to_uint8
@@ -434,24 +434,6 @@ def _heatmap_model(model: Predictor) -> tuple[Any, Any, str | None]:
     return cam_model, layer, None
 
 
-def _geometry(prep: Preprocessing) -> tuple[int, str, str]:
-    """What `resize` depends on (mean and std do not change the resized film)."""
-    return prep.size, prep.resize_mode, prep.interpolation
-
-
-def _input_prep(model: Predictor) -> Preprocessing | None:
-    """The one resize every member of `model` applies, or None when members differ (then no
-    single smaller film gives every member its exact input)."""
-    members = getattr(model, "members", None)
-    if members:
-        preps = [m.model.preprocessing for m in members]
-    else:
-        preps = [getattr(model, "preprocessing", None)]
-    if any(not isinstance(p, Preprocessing) for p in preps):
-        return None
-    return preps[0] if len({_geometry(p) for p in preps}) == 1 else None
-
-
 def model_id(info: dict[str, Any]) -> str:
     """A short stable id: sha256 over the members' weight hashes (else over the info)."""
     hashes = [str(m.get("sha256")) for m in info.get("members", []) if m.get("sha256")]
@@ -514,7 +496,7 @@ class _Service:
             version=cxrlabel.__version__,
         )
         self.cam_model, self.cam_layer, self.no_heatmaps = _heatmap_model(model)
-        self.input_prep = _input_prep(model)
+        self.input_prep = shared_resize([model])
         # The film kept for a result is scaled as the heatmap model scales it (else as the
         # model does); a model without preprocessing gets a plain preview size.
         cam_prep = getattr(self.cam_model, "preprocessing", None)
@@ -573,7 +555,7 @@ class _Service:
             film = None
             if keep_film:
                 shared = self.input_prep is not None and (
-                    _geometry(self.input_prep) == _geometry(self.film_prep)
+                    resize_geometry(self.input_prep) == resize_geometry(self.film_prep)
                 )
                 film = model_input if shared else self.film_view(image)
             # Drop the full-size film before waiting for the model lock: only model-sized
