@@ -20,9 +20,9 @@ from collections.abc import Callable
 
 import numpy as np
 
-from cxrlabel.labels import OBSERVATIONS
-from cxrlabel.metrics import bootstrap_auroc, calibration_table, metrics_table
-from cxrlabel.train import cpu_name
+from cxrlabel.data.labels import OBSERVATIONS
+from cxrlabel.evaluation.metrics import bootstrap_auroc, calibration_table, metrics_table
+from cxrlabel.training.execution import cpu_name
 
 
 def random_predictions(

@@ -40,14 +40,15 @@ import pandas as pd
 import torch
 from sklearn.metrics import roc_auc_score
 
-from cxrlabel.checkpoint import save_checkpoint
+from cxrlabel.data.images import read_image
+from cxrlabel.data.labels import OBSERVATIONS
+from cxrlabel.data.transforms import preprocess
 from cxrlabel.fileio import atomic_write_text
-from cxrlabel.images import read_image
-from cxrlabel.labels import OBSERVATIONS
-from cxrlabel.models import CXRModel, create_model
-from cxrlabel.predict import default_backend, label_inputs, load_model
-from cxrlabel.train import cpu_flags, cpu_name
-from cxrlabel.transforms import preprocess
+from cxrlabel.labelling.batch import label_inputs
+from cxrlabel.models.checkpoint import save_checkpoint
+from cxrlabel.models.factory import CXRModel, create_model
+from cxrlabel.models.predictor import default_backend, load_model
+from cxrlabel.training.execution import cpu_flags, cpu_name
 
 NIH = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "nih-cxr14"
 BATCH = 16

@@ -19,10 +19,10 @@ from pathlib import Path
 
 import torch
 
-from cxrlabel.cache import ResizeSettings, load_resized, prepare_cache
-from cxrlabel.data import CXRDataset
-from cxrlabel.formats import load_table
-from cxrlabel.transforms import Preprocessing
+from cxrlabel.data.cache import ResizeSettings, load_resized, prepare_cache
+from cxrlabel.data.dataset import CXRDataset
+from cxrlabel.data.formats import load_table
+from cxrlabel.data.transforms import Preprocessing
 
 NIH = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "nih-cxr14" / "labels.csv"
 

@@ -28,11 +28,11 @@ import httpx
 import numpy as np
 import torch
 
-from cxrlabel.checkpoint import save_checkpoint
-from cxrlabel.labels import OBSERVATIONS
-from cxrlabel.models import create_model
+from cxrlabel.data.labels import OBSERVATIONS
+from cxrlabel.models.checkpoint import save_checkpoint
+from cxrlabel.models.factory import create_model
 from cxrlabel.synth import write_dataset
-from cxrlabel.train import cpu_name
+from cxrlabel.training.execution import cpu_name
 
 SHARED_FILM = Path(__file__).resolve().parents[2] / "shared/data/fixtures/nih_320/00000075_000.jpg"
 

@@ -21,17 +21,17 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from cxrlabel.cache import prepare_cache
-from cxrlabel.data import CXRDataset, collate_skipping, resize_settings
-from cxrlabel.features import default_size, sweep
-from cxrlabel.formats import load_table
-from cxrlabel.labels import LABEL_SETS, filter_certain
-from cxrlabel.metrics import metrics_table
-from cxrlabel.models import HEADS, create_backbone, create_head, masked_bce_loss
-from cxrlabel.splits import patient_split
+from cxrlabel.data.cache import prepare_cache
+from cxrlabel.data.dataset import CXRDataset, collate_skipping, resize_settings
+from cxrlabel.data.formats import load_table
+from cxrlabel.data.labels import LABEL_SETS, filter_certain
+from cxrlabel.data.splits import patient_split
+from cxrlabel.data.transforms import Preprocessing
+from cxrlabel.evaluation.metrics import metrics_table
+from cxrlabel.models.factory import HEADS, create_backbone, create_head, masked_bce_loss
 from cxrlabel.synth import write_dataset
-from cxrlabel.train import cpu_name
-from cxrlabel.transforms import Preprocessing
+from cxrlabel.training.execution import cpu_name
+from cxrlabel.training.features import default_size, sweep
 
 LABELS = LABEL_SETS["competition"]
 

@@ -1,7 +1,8 @@
 """Training throughput: our training step versus a plain eager fp32 PyTorch loop.
 
 For each model (the tiny-cpu preset, and DenseNet121 at 320 px with weights 'none') this times
-`cxrlabel.train.train_step` under the execution plan `choose_execution` picks for this machine
+`cxrlabel.training.finetune.train_step` under the execution plan `choose_execution` picks for
+this machine
 (bf16 autocast + channels_last where the CPU has AMX/AVX512-BF16 or on CUDA, else fp32), and
 the textbook loop (fp32, contiguous, `model(x)`, loss, backward, Adam step) over the same model
 and batch, and prints images/s for both and their ratio.
@@ -20,9 +21,10 @@ from collections.abc import Callable
 import torch
 
 from cxrlabel.config import build_config
-from cxrlabel.labels import resolve_labels
-from cxrlabel.models import CXRModel, create_model, masked_bce_loss
-from cxrlabel.train import ExecutionPlan, choose_execution, cpu_name, to_device, train_step
+from cxrlabel.data.labels import resolve_labels
+from cxrlabel.models.factory import CXRModel, create_model, masked_bce_loss
+from cxrlabel.training.execution import ExecutionPlan, choose_execution, cpu_name, to_device
+from cxrlabel.training.finetune import train_step
 
 
 def _model(name: str) -> tuple[CXRModel, int]:

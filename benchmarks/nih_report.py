@@ -35,12 +35,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the CV benchmark bes
 from nih_xception_cv import LABELS_CSV, WEIGHTS, fold_masks, labelled_observations
 
 from cxrlabel import cli
-from cxrlabel.evaluate import prediction_columns
-from cxrlabel.features import FeatureSet, extract_features, predict_head, train_head
+from cxrlabel.data.formats import load_table
+from cxrlabel.data.transforms import Preprocessing
+from cxrlabel.evaluation.scoring import prediction_columns
 from cxrlabel.fileio import atomic_write_text
-from cxrlabel.formats import load_table
-from cxrlabel.models import HEADS, create_backbone, model_display_name
-from cxrlabel.transforms import Preprocessing
+from cxrlabel.models.factory import HEADS, create_backbone, model_display_name
+from cxrlabel.training.features import FeatureSet, extract_features, predict_head, train_head
 
 REFERENCE_CSV = LABELS_CSV.parent / "reference_chexnet_repro_preds.csv"
 REFERENCE_NAME = "CheXNet repro (DenseNet121)"

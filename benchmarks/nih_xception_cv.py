@@ -23,13 +23,13 @@ import torch
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
-from cxrlabel.features import FeatureSet, extract_features, predict_head, train_head
-from cxrlabel.formats import load_table
-from cxrlabel.labels import LABEL_SETS, OBSERVATIONS, LabelTable
-from cxrlabel.metrics import metrics_table
-from cxrlabel.models import HEADS, create_backbone, model_display_name
-from cxrlabel.splits import patient_folds
-from cxrlabel.transforms import Preprocessing
+from cxrlabel.data.formats import load_table
+from cxrlabel.data.labels import LABEL_SETS, OBSERVATIONS, LabelTable
+from cxrlabel.data.splits import patient_folds
+from cxrlabel.data.transforms import Preprocessing
+from cxrlabel.evaluation.metrics import metrics_table
+from cxrlabel.models.factory import HEADS, create_backbone, model_display_name
+from cxrlabel.training.features import FeatureSet, extract_features, predict_head, train_head
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"

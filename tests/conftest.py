@@ -22,7 +22,7 @@ def tiny_run(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory):
     """One finished tiny-CNN run (3 epochs at 64 px, best 2 epochs kept), trained once per
     session for the evaluation and CLI tests. Tests that change its files work on a copy."""
     from cxrlabel.config import build_config
-    from cxrlabel.train import train
+    from cxrlabel.training.finetune import train
 
     config = build_config(
         "tiny-cpu",

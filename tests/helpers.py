@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cxrlabel.labels import OBSERVATIONS
+from cxrlabel.data.labels import OBSERVATIONS
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -27,11 +27,11 @@ def banded_checkpoint(path: Path, film: Path, run_name: str) -> Path:
     band), so one film exercises all three label values."""
     import torch
 
-    from cxrlabel.checkpoint import save_checkpoint
-    from cxrlabel.ensemble import load_ensemble
-    from cxrlabel.images import read_image
-    from cxrlabel.models import create_model
-    from cxrlabel.thresholds import Thresholds
+    from cxrlabel.data.images import read_image
+    from cxrlabel.models.checkpoint import save_checkpoint
+    from cxrlabel.models.ensemble import load_ensemble
+    from cxrlabel.models.factory import create_model
+    from cxrlabel.models.thresholds import Thresholds
 
     torch.manual_seed(0)
     model = create_model("tiny", "linear", OBSERVATIONS, weights="none", size=64)

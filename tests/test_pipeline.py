@@ -6,13 +6,13 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader
 
-from cxrlabel.cache import ResizeSettings, prepare_cache
-from cxrlabel.data import CXRDataset
-from cxrlabel.formats import load_table
-from cxrlabel.labels import BlankMeaning, filter_certain, filter_view
-from cxrlabel.splits import patient_split
-from cxrlabel.stats import label_stats
-from cxrlabel.transforms import Preprocessing
+from cxrlabel.data.cache import ResizeSettings, prepare_cache
+from cxrlabel.data.dataset import CXRDataset
+from cxrlabel.data.formats import load_table
+from cxrlabel.data.labels import BlankMeaning, filter_certain, filter_view
+from cxrlabel.data.splits import patient_split
+from cxrlabel.data.stats import label_stats
+from cxrlabel.data.transforms import Preprocessing
 
 
 def test_synthetic_csvs_load_as_chexpert(tiny_dataset):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from cxrlabel.labels import BlankMeaning, LabelTable
+from cxrlabel.data.labels import BlankMeaning, LabelTable
 
 log = logging.getLogger("cxrlabel")
 
@@ -20,7 +20,7 @@ DEMO_REAL_FILMS = Path("../shared/data/fixtures")
 
 def _add_format_args(parser: argparse.ArgumentParser) -> None:
     """How to read a label file: its format and the options some formats need."""
-    from cxrlabel.formats import FORMATS
+    from cxrlabel.data.formats import FORMATS
 
     parser.add_argument("--format", default="auto", choices=FORMATS, help="label file format")
     parser.add_argument("--mimic-metadata", type=Path, help="MIMIC-CXR metadata CSV")
@@ -40,7 +40,7 @@ def _add_table_args(parser: argparse.ArgumentParser) -> None:
 def _load_table(args: argparse.Namespace, csv: Path | None = None) -> LabelTable:
     """The label table of `csv` (default: the command's positional CSV), read as the format
     arguments say."""
-    from cxrlabel.formats import load_table
+    from cxrlabel.data.formats import load_table
 
     return load_table(
         args.csv if csv is None else csv,
@@ -78,8 +78,8 @@ def _add_eval_table_args(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
+    from cxrlabel.data.stats import label_stats
     from cxrlabel.fileio import atomic_write_text
-    from cxrlabel.stats import label_stats
 
     table = _load_table(args)
     units = ("study", "image") if args.by == "both" else (args.by,)
@@ -94,7 +94,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 
 def cmd_split(args: argparse.Namespace) -> int:
-    from cxrlabel.splits import patient_split, save_split
+    from cxrlabel.data.splits import patient_split, save_split
 
     table = _load_table(args)
     split = patient_split(table, valid_fraction=args.valid_fraction, seed=args.seed)
@@ -119,7 +119,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from cxrlabel.cache import ResizeSettings, prepare_cache
+    from cxrlabel.data.cache import ResizeSettings, prepare_cache
 
     table = _load_table(args)
     settings = ResizeSettings(args.size, args.resize_mode, args.interpolation)
@@ -143,7 +143,7 @@ def _weights_arg(value: str) -> str | Path:
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
-    from cxrlabel.features import run_extract
+    from cxrlabel.training.features import run_extract
 
     features = run_extract(
         args.csv, args.out, backbone=args.backbone, weights=_weights_arg(args.weights),
@@ -157,7 +157,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
 
 
 def cmd_train_head(args: argparse.Namespace) -> int:
-    from cxrlabel.features import run_train_head
+    from cxrlabel.training.features import run_train_head
 
     out = run_train_head(
         args.csv, args.features, args.out, head=args.head, epochs=args.epochs, fmt=args.format,
@@ -168,7 +168,7 @@ def cmd_train_head(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from cxrlabel.features import format_sweep_table, run_sweep
+    from cxrlabel.training.features import format_sweep_table, run_sweep
 
     table = run_sweep(
         args.train_csv, args.valid_csv, args.cache,
@@ -184,7 +184,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from cxrlabel.config import build_config, load_config, parse_overrides
-    from cxrlabel.train import train
+    from cxrlabel.training.finetune import train
 
     if args.config is not None:
         base = load_config(args.config).to_dict()
@@ -210,7 +210,7 @@ def _named_csvs(items: Sequence[str]) -> list[tuple[str | None, Path]]:
 
 
 def _report_dir(args: argparse.Namespace) -> Path:
-    from cxrlabel.evaluate import run_dir_of
+    from cxrlabel.evaluation.scoring import run_dir_of
 
     if args.out is not None:
         return args.out
@@ -222,7 +222,9 @@ def _report_dir(args: argparse.Namespace) -> Path:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from cxrlabel.evaluate import (
+    from cxrlabel.data.stats import label_stats
+    from cxrlabel.evaluation.report import write_report
+    from cxrlabel.evaluation.scoring import (
         data_names,
         evaluate,
         format_evaluations,
@@ -231,8 +233,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         save_evaluations,
         score_predictions,
     )
-    from cxrlabel.report import write_report
-    from cxrlabel.stats import label_stats
 
     if not args.model and not args.predictions:
         raise ValueError("nothing to evaluate: give --model and/or --predictions")
@@ -272,7 +272,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_thresholds(args: argparse.Namespace) -> int:
-    from cxrlabel.evaluate import choose_and_store_thresholds
+    from cxrlabel.evaluation.scoring import choose_and_store_thresholds
 
     table = _load_table(args, args.data)
     stored, thresholds = choose_and_store_thresholds(
@@ -290,7 +290,7 @@ def cmd_thresholds(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from cxrlabel.evaluate import compare_runs, format_comparison
+    from cxrlabel.evaluation.scoring import compare_runs, format_comparison
     from cxrlabel.fileio import atomic_write_text
 
     text = format_comparison(compare_runs(args.runs))
@@ -315,7 +315,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from cxrlabel.serve import load_model, serve, token_from_env
+    from cxrlabel.labelling.service import load_model, serve, token_from_env
 
     token = token_from_env(args.token_env)
     model = load_model(args.model, device=args.device)
@@ -330,8 +330,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_label(args: argparse.Namespace) -> int:
-    from cxrlabel.labels import resolve_labels
-    from cxrlabel.predict import label_inputs, load_model
+    from cxrlabel.data.labels import resolve_labels
+    from cxrlabel.labelling.batch import label_inputs
+    from cxrlabel.models.predictor import load_model
 
     model = load_model(args.model, backend=args.backend, device=args.device)
     lateral = None
@@ -348,7 +349,7 @@ def cmd_label(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from cxrlabel.export import export_onnx
+    from cxrlabel.models.onnx import export_onnx
 
     if args.onnx is None:
         raise ValueError("choose an export format: --onnx [FILE]")
@@ -362,8 +363,8 @@ def _default_onnx_path(spec: str | Path) -> Path:
     """Where `export --onnx` writes without a FILE: RUN/model-bestK.onnx for RUN:bestK (inside
     the run, no colon in the name), RUN/model.onnx for a run folder, and beside a checkpoint
     file (its name + .onnx)."""
-    from cxrlabel.checkpoint import WEIGHTS_SUFFIX, checkpoint_paths
-    from cxrlabel.ensemble import split_best_k  # the same parse as loading, so the two agree
+    from cxrlabel.models.checkpoint import WEIGHTS_SUFFIX, checkpoint_paths
+    from cxrlabel.models.ensemble import split_best_k  # the same parse as loading, so the two agree
 
     path, k = split_best_k(spec)
     if k is not None:
@@ -375,7 +376,7 @@ def _default_onnx_path(spec: str | Path) -> Path:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from cxrlabel.formats import FORMATS
+    from cxrlabel.data.formats import FORMATS
 
     parser = argparse.ArgumentParser(prog="cxrlabel", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -589,8 +590,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",
     )
-    from cxrlabel.images import ImageError
-    from cxrlabel.labels import LabelError
+    from cxrlabel.data.images import ImageError
+    from cxrlabel.data.labels import LabelError
 
     try:
         return args.func(args)

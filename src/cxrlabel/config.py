@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 from cxrlabel.fileio import atomic_write_text
-from cxrlabel.thresholds import RULES
+from cxrlabel.models.thresholds import RULES
 
 PRESET_DIR = Path(__file__).parent / "presets"
 _FLOAT_RE = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")

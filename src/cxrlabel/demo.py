@@ -15,21 +15,22 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from cxrlabel.config import build_config
-from cxrlabel.ensemble import load_ensemble
-from cxrlabel.evaluate import (
+from cxrlabel.data.formats import load_table
+from cxrlabel.data.stats import label_stats
+from cxrlabel.evaluation.report import write_report
+from cxrlabel.evaluation.scoring import (
     format_evaluations,
     predict_datasets,
     save_evaluations,
     score_predictions,
 )
-from cxrlabel.features import format_sweep_table, run_sweep
 from cxrlabel.fileio import atomic_write_text
-from cxrlabel.formats import load_table
-from cxrlabel.predict import label_inputs, load_model
-from cxrlabel.report import write_report
-from cxrlabel.stats import label_stats
+from cxrlabel.labelling.batch import label_inputs
+from cxrlabel.models.ensemble import load_ensemble
+from cxrlabel.models.predictor import load_model
 from cxrlabel.synth import contact_sheet, write_dataset
-from cxrlabel.train import train
+from cxrlabel.training.features import format_sweep_table, run_sweep
+from cxrlabel.training.finetune import train
 
 log = logging.getLogger(__name__)
 

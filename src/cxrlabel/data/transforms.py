@@ -1,0 +1,400 @@
+"""Resize, channel expansion, normalisation and (optional) training augmentation.
+
+Input everywhere is what :func:`cxrlabel.data.images.read_image` returns: a float32 ``(H, W)`` array
+in ``[0, 1]``, 1 = white. The steps to a model input are::
+
+    img = read_image(path)                      # (H, W) float32 in [0, 1]
+    img = resize(img, prep.size, prep.resize_mode, prep.interpolation)   # (S, S)
+    x = to_model_input(img, prep)               # (3, S, S) float32, normalised
+
+or :func:`preprocess`, which does the last two. Normalisation (``mean``/``std``) and input size
+always come from a :class:`Preprocessing`, which should be built from the model's own config
+(:meth:`Preprocessing.from_timm_config`); nothing here defaults to ImageNet statistics.
+:data:`IMAGENET_MEAN`/:data:`IMAGENET_STD` exist only for explicit use.
+
+Resizing uses Pillow's mode ``'F'`` (32-bit float) resampling: it antialiases when shrinking
+(its filter support scales with the reduction factor), is deterministic, keeps full float
+precision (no round trip through uint8) and matches the PIL-based resizing timm's pretrained
+models were evaluated with. A 1024 -> 320 resize takes about 5 ms on one core, faster than
+``torch.nn.functional.interpolate(antialias=True)`` on CPU.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, fields
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from PIL import Image
+
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+RESIZE_MODES: tuple[str, ...] = ("pad", "crop")
+INTERPOLATIONS: tuple[str, ...] = ("bilinear", "bicubic")
+
+_PIL_RESAMPLE = {
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+}
+
+# --------------------------------------------------------------------------------------------
+# Preprocessing config
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """Everything needed to turn a ``[0, 1]`` greyscale image into a model input.
+
+    Attributes:
+        size: output side in pixels (inputs are square).
+        mean: per-channel mean subtracted after the grey image is repeated to 3 channels.
+        std: per-channel standard deviation divided by (all > 0).
+        resize_mode: ``"pad"`` keeps the whole image (longer side scaled to ``size``, the
+            rest padded with black, centred); ``"crop"`` fills the square (shorter side scaled
+            to ``size``, centre-cropped), losing the edges of non-square images. ``"pad"`` is
+            the safer choice for radiographs: costophrenic angles and apices sit at the edges.
+        interpolation: ``"bilinear"`` or ``"bicubic"``.
+
+    No field has a default: normalisation must come from the model that will consume the input.
+    """
+
+    size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    resize_mode: str
+    interpolation: str
+
+    def __post_init__(self) -> None:
+        if isinstance(self.size, bool) or not isinstance(self.size, int | np.integer):
+            raise TypeError(f"size must be an int, got {self.size!r}")
+        if self.size <= 0:
+            raise ValueError(f"size must be positive, got {self.size}")
+        object.__setattr__(self, "size", int(self.size))
+        object.__setattr__(self, "mean", _three_floats("mean", self.mean))
+        std = _three_floats("std", self.std)
+        if any(not s > 0 for s in std):
+            raise ValueError(f"std values must all be > 0, got {std}")
+        object.__setattr__(self, "std", std)
+        if self.resize_mode not in RESIZE_MODES:
+            raise ValueError(f"resize_mode must be one of {RESIZE_MODES}, got {self.resize_mode!r}")
+        if self.interpolation not in INTERPOLATIONS:
+            raise ValueError(
+                f"interpolation must be one of {INTERPOLATIONS}, got {self.interpolation!r}"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON/YAML-friendly dict (tuples become lists); inverse of :meth:`from_dict`."""
+        d = asdict(self)
+        d["mean"], d["std"] = list(self.mean), list(self.std)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Preprocessing:
+        """Build from :meth:`to_dict` output. Unknown or missing keys are errors, not ignored."""
+        return cls(**_checked_kwargs(cls, d))
+
+    @classmethod
+    def from_timm_config(cls, cfg: Mapping[str, Any], resize_mode: str = "pad") -> Preprocessing:
+        """Build from a timm ``pretrained_cfg`` or ``resolve_data_config`` dict.
+
+        Reads ``input_size`` (``(3, H, W)``, square only), ``mean``, ``std`` and
+        ``interpolation``. A dict that nests them under ``"pretrained_cfg"`` is accepted.
+        ``crop_pct``/``crop_mode`` are deliberately ignored: the whole film is kept.
+        """
+        if "input_size" not in cfg and isinstance(cfg.get("pretrained_cfg"), Mapping):
+            cfg = cfg["pretrained_cfg"]
+        missing = [k for k in ("input_size", "mean", "std") if k not in cfg]
+        if missing:
+            raise KeyError(f"timm config lacks {missing}; got keys {sorted(cfg)}")
+        input_size = tuple(int(v) for v in cfg["input_size"])
+        if len(input_size) != 3 or input_size[0] != 3:
+            raise ValueError(f"input_size must be (3, H, W), got {cfg['input_size']!r}")
+        if input_size[1] != input_size[2]:
+            raise ValueError(f"only square inputs are supported, got input_size {input_size}")
+        interpolation = str(cfg.get("interpolation") or "bilinear")
+        if interpolation not in INTERPOLATIONS:
+            raise ValueError(f"timm interpolation {interpolation!r} is not one of {INTERPOLATIONS}")
+        return cls(
+            size=input_size[1],
+            mean=tuple(cfg["mean"]),  # type: ignore[arg-type]
+            std=tuple(cfg["std"]),  # type: ignore[arg-type]
+            resize_mode=resize_mode,
+            interpolation=interpolation,
+        )
+
+
+def _three_floats(name: str, values: Sequence[float]) -> tuple[float, float, float]:
+    try:
+        out = tuple(float(v) for v in values)
+    except TypeError:
+        raise TypeError(f"{name} must be a sequence of 3 numbers, got {values!r}") from None
+    if len(out) != 3 or not all(math.isfinite(v) for v in out):
+        raise ValueError(f"{name} must be 3 finite numbers (one per channel), got {values!r}")
+    return out  # type: ignore[return-value]
+
+
+def _checked_kwargs(cls: type, d: Mapping[str, Any]) -> dict[str, Any]:
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} keys {unknown}; allowed: {sorted(names)}")
+    return dict(d)
+
+
+# --------------------------------------------------------------------------------------------
+# Resize and dtype helpers
+# --------------------------------------------------------------------------------------------
+
+
+def resize(
+    img: np.ndarray, size: int, mode: str = "pad", interpolation: str = "bilinear"
+) -> np.ndarray:
+    """Resize a ``(H, W)`` float image to ``(size, size)`` float32, keeping it in ``[0, 1]``.
+
+    ``mode="pad"``: scale so the longer side is ``size`` (aspect kept), centre on a black
+    (0) square. ``mode="crop"``: scale so the shorter side is ``size``, centre-crop.
+    Bicubic overshoot is clipped back to ``[0, 1]``. Deterministic.
+    """
+    if mode not in RESIZE_MODES:
+        raise ValueError(f"mode must be one of {RESIZE_MODES}, got {mode!r}")
+    if interpolation not in INTERPOLATIONS:
+        raise ValueError(f"interpolation must be one of {INTERPOLATIONS}, got {interpolation!r}")
+    if size <= 0:
+        raise ValueError(f"size must be positive, got {size}")
+    img = np.asarray(img)
+    if img.ndim != 2 or img.shape[0] == 0 or img.shape[1] == 0:
+        raise ValueError(f"expected a non-empty (H, W) array, got shape {img.shape}")
+    new_h, new_w = scaled_shape(img.shape, size, mode)
+    scaled = _resize_exact(img, new_h, new_w, interpolation)
+    if mode == "pad":
+        out = np.zeros((size, size), dtype=np.float32)
+        top, left = (size - new_h) // 2, (size - new_w) // 2
+        out[top : top + new_h, left : left + new_w] = scaled
+        return out
+    top, left = (new_h - size) // 2, (new_w - size) // 2
+    return np.ascontiguousarray(scaled[top : top + size, left : left + size])
+
+
+def scaled_shape(shape: tuple[int, ...], size: int, mode: str) -> tuple[int, int]:
+    """``(height, width)`` that :func:`resize` scales a ``shape`` film to before its pad or
+    crop: ``"pad"`` fits the longer side to ``size``, ``"crop"`` the shorter one."""
+    height, width = shape
+    if mode == "pad":
+        scale = size / max(height, width)
+        return min(size, max(1, round(height * scale))), min(size, max(1, round(width * scale)))
+    scale = size / min(height, width)
+    return max(size, round(height * scale)), max(size, round(width * scale))
+
+
+def scale_to_fit(img: np.ndarray, prep: Preprocessing) -> np.ndarray:
+    """The film scaled exactly as :func:`resize` scales it under ``prep``, before the pad or
+    crop (aspect kept), as float32.
+
+    :func:`resize` of the result scales by exactly 1, so it gives the very same ``(S, S)``
+    model input as resizing the original: a model-sized stand-in for a large film.
+    """
+    img = np.asarray(img)
+    if img.ndim != 2 or img.shape[0] == 0 or img.shape[1] == 0:
+        raise ValueError(f"expected a non-empty (H, W) array, got shape {img.shape}")
+    height, width = scaled_shape(img.shape, prep.size, prep.resize_mode)
+    return _resize_exact(img, height, width, prep.interpolation)
+
+
+def _resize_exact(img: np.ndarray, height: int, width: int, interpolation: str) -> np.ndarray:
+    src = np.ascontiguousarray(img, dtype=np.float32)
+    if src.shape == (height, width):
+        return src.copy()
+    resized = Image.fromarray(src).resize((width, height), _PIL_RESAMPLE[interpolation])
+    out = np.asarray(resized, dtype=np.float32).copy()
+    np.clip(out, 0.0, 1.0, out=out)
+    return out
+
+
+def to_uint8(img: np.ndarray) -> np.ndarray:
+    """``[0, 1]`` float -> uint8 ``0..255`` (rounded to nearest, clipped; NaN -> 0)."""
+    scaled = np.nan_to_num(np.asarray(img, dtype=np.float32), nan=0.0) * np.float32(255.0)
+    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+
+
+def from_uint8(a: np.ndarray) -> np.ndarray:
+    """uint8 ``0..255`` -> float32 ``[0, 1]``; exact inverse of :func:`to_uint8` on its output."""
+    a = np.asarray(a)
+    if a.dtype != np.uint8:
+        raise TypeError(f"expected a uint8 array, got {a.dtype}")
+    return a.astype(np.float32) / np.float32(255.0)
+
+
+# --------------------------------------------------------------------------------------------
+# Model input
+# --------------------------------------------------------------------------------------------
+
+
+def to_model_input(img: np.ndarray | torch.Tensor, prep: Preprocessing) -> torch.Tensor:
+    """Grey ``(H, W)`` (or ``(1, H, W)``) in ``[0, 1]`` -> normalised float32 ``(3, H, W)``.
+
+    The grey channel is repeated to 3 channels (pretrained backbones expect RGB), then each
+    channel is standardised with ``prep.mean``/``prep.std``. No resizing happens here: call
+    :func:`resize` first, or use :func:`preprocess`.
+    """
+    x = torch.as_tensor(img, dtype=torch.float32)
+    if x.ndim == 3 and x.shape[0] == 1:
+        x = x[0]
+    if x.ndim != 2:
+        raise ValueError(f"expected a (H, W) or (1, H, W) image, got shape {tuple(x.shape)}")
+    return to_model_input_batch(x[None, None], prep)[0]
+
+
+def to_model_input_batch(batch: torch.Tensor, prep: Preprocessing) -> torch.Tensor:
+    """Batched :func:`to_model_input`: ``(B, H, W)`` or ``(B, 1, H, W)`` -> ``(B, 3, H, W)``.
+
+    Runs on the batch's device (e.g. normalise on the GPU after transfer); floating dtypes are
+    kept, integer inputs become float32.
+    """
+    if batch.ndim == 3:
+        batch = batch[:, None]
+    if batch.ndim != 4 or batch.shape[1] != 1:
+        raise ValueError(f"expected (B, H, W) or (B, 1, H, W), got shape {tuple(batch.shape)}")
+    if not batch.is_floating_point():
+        batch = batch.float()
+    mean = torch.tensor(prep.mean, dtype=batch.dtype, device=batch.device).view(1, 3, 1, 1)
+    std = torch.tensor(prep.std, dtype=batch.dtype, device=batch.device).view(1, 3, 1, 1)
+    # One allocation, then in place: large temporaries cost page faults on every call.
+    return batch.expand(-1, 3, -1, -1).sub(mean).div_(std)
+
+
+def preprocess(img: np.ndarray, prep: Preprocessing) -> torch.Tensor:
+    """:func:`resize` then :func:`to_model_input`: ``(H, W)`` in [0, 1] -> ``(3, S, S)``."""
+    return to_model_input(resize(img, prep.size, prep.resize_mode, prep.interpolation), prep)
+
+
+# --------------------------------------------------------------------------------------------
+# Augmentation
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Random training augmentation; the defaults are the identity (no augmentation).
+
+    Attributes:
+        rotation_deg: rotate by an angle drawn uniformly from ``[-rotation_deg, rotation_deg]``.
+        scale: zoom factor drawn uniformly from ``(low, high)``; ``(1, 1)`` disables.
+        translate: shift by up to this fraction of width/height in each direction.
+        brightness: multiply intensities by a factor in ``[1 - brightness, 1 + brightness]``.
+        contrast: blend with the mean grey by a factor in ``[1 - contrast, 1 + contrast]``.
+        hflip: allow horizontal flips. Off by default because a chest is *not* left-right
+            symmetric: the heart, aortic knob and gastric bubble are on the patient's left
+            (and films carry L/R markers), so a flipped film is an anatomically impossible
+            image (dextrocardia) that can teach a model wrong cues for Cardiomegaly etc.
+        hflip_p: probability of a flip when ``hflip`` is true.
+
+    Geometric transforms fill uncovered pixels with black (0), like the pad in :func:`resize`.
+    """
+
+    rotation_deg: float = 0.0
+    scale: tuple[float, float] = (1.0, 1.0)
+    translate: float = 0.0
+    brightness: float = 0.0
+    contrast: float = 0.0
+    hflip: bool = False
+    hflip_p: float = 0.5
+
+    _N_DRAWS: ClassVar[int] = 7  # random numbers consumed per call, enabled or not
+
+    def __post_init__(self) -> None:
+        low, high = (float(v) for v in self.scale)
+        object.__setattr__(self, "scale", (low, high))
+        if not 0 < low <= high:
+            raise ValueError(f"scale must be (low, high) with 0 < low <= high, got {self.scale}")
+        if not 0 <= self.rotation_deg <= 180:
+            raise ValueError(f"rotation_deg must be in [0, 180], got {self.rotation_deg}")
+        for name in ("translate", "brightness", "contrast"):
+            value = getattr(self, name)
+            if not 0 <= value < 1:
+                raise ValueError(f"{name} must be in [0, 1), got {value}")
+        if not 0 <= self.hflip_p <= 1:
+            raise ValueError(f"hflip_p must be in [0, 1], got {self.hflip_p}")
+
+    @classmethod
+    def none(cls) -> AugmentConfig:
+        """The identity: no augmentation (evaluation, or training without augmentation)."""
+        return cls()
+
+    @property
+    def enabled(self) -> bool:
+        """True when :func:`augment` can change an image."""
+        return self.geometric or bool(self.brightness or self.contrast) or self._may_flip
+
+    @property
+    def geometric(self) -> bool:
+        return bool(self.rotation_deg or self.translate or self.scale != (1.0, 1.0))
+
+    @property
+    def _may_flip(self) -> bool:
+        return self.hflip and self.hflip_p > 0
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["scale"] = list(self.scale)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> AugmentConfig:
+        """Build from :meth:`to_dict` output; unknown keys are errors, missing keys default."""
+        kwargs = _checked_kwargs(cls, d)
+        if "scale" in kwargs:
+            kwargs["scale"] = tuple(kwargs["scale"])
+        return cls(**kwargs)
+
+
+def augment(img: torch.Tensor, cfg: AugmentConfig, generator: torch.Generator) -> torch.Tensor:
+    """Randomly transform a ``(H, W)`` or ``(1, H, W)`` float image in ``[0, 1]``.
+
+    Deterministic for a given generator state: every call draws the same number of random
+    values from ``generator`` (whatever is enabled), in a fixed order, so the output depends
+    only on the generator's seed/state and ``cfg``. When ``cfg.enabled`` is false the input is
+    returned unchanged (same object, no copy). Never flips unless ``cfg.hflip`` is true.
+    """
+    if not cfg.enabled:
+        return img
+    if img.ndim not in (2, 3) or (img.ndim == 3 and img.shape[0] != 1):
+        raise ValueError(f"expected a (H, W) or (1, H, W) image, got shape {tuple(img.shape)}")
+    if not img.is_floating_point():
+        raise TypeError(f"expected a float image in [0, 1], got dtype {img.dtype}")
+    # Imported here: torchvision costs ~3 s to import and only training augmentation needs it.
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms.v2 import functional as TF
+
+    u = torch.rand(AugmentConfig._N_DRAWS, generator=generator, device=generator.device).tolist()
+    x = img if img.ndim == 3 else img[None]
+    height, width = x.shape[-2:]
+    if cfg.geometric:
+        x = TF.affine(
+            x,
+            angle=_between(u[0], -cfg.rotation_deg, cfg.rotation_deg),
+            translate=[
+                _between(u[1], -cfg.translate, cfg.translate) * width,
+                _between(u[2], -cfg.translate, cfg.translate) * height,
+            ],
+            scale=_between(u[3], *cfg.scale),
+            shear=[0.0, 0.0],
+            interpolation=InterpolationMode.BILINEAR,
+            fill=0.0,
+        )
+    if cfg.brightness:
+        x = TF.adjust_brightness(x, _between(u[4], 1 - cfg.brightness, 1 + cfg.brightness))
+    if cfg.contrast:
+        x = TF.adjust_contrast(x, _between(u[5], 1 - cfg.contrast, 1 + cfg.contrast))
+    if cfg._may_flip and u[6] < cfg.hflip_p:
+        x = TF.horizontal_flip(x)
+    x = x.clamp(0.0, 1.0)
+    return x if img.ndim == 3 else x[0]
+
+
+def _between(u: float, low: float, high: float) -> float:
+    return low + (high - low) * u

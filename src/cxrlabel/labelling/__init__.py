@@ -1,0 +1,1 @@
+"""Labelling: the batch labeller and its resume journal, heatmaps, the HTTP service."""

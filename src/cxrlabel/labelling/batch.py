@@ -1,0 +1,752 @@
+"""Batch labelling: films in, CheXpert-format labels and probabilities out.
+
+`label_inputs` walks files, folders (recursively: PNG, JPEG, DICOM) and CSVs with a `Path`
+column lazily, reads and predicts one batch at a time, and appends each finished batch to
+partial files in ``<out>/.cxrlabel-partial/``. After every batch the partial files are flushed
+to disk and a small state file records how many inputs are done, the partial files' byte sizes
+and a hash of the input paths so far. A run started again with the same arguments truncates the
+partial files to the recorded sizes (dropping a batch that was being written when it stopped),
+checks the inputs hash, skips the done inputs and goes on, so rows are neither duplicated nor
+missing. A restart with different arguments is refused. At the end the output files are written
+atomically from the partial files and the partial folder is removed:
+
+    labels.csv               Path + the 14 observations: 1.0 / 0.0 / -1.0 (in the band) /
+                             blank (a label the model does not predict)
+    probabilities.csv        Path + one probability per predicted label
+    images.csv               per image: ids, view and where it came from, laterality, which model
+                             labelled it, flags, heatmap folder
+    errors.csv               unreadable inputs: Path, error, reason
+    study_labels.csv,        one row per study (max over its views), when ids come from the
+    study_probabilities.csv  patient/study path layout, DICOM tags or CSV id columns
+    run.json                 counts, timing, model info, arguments
+    heatmaps/                with heatmaps: one Grad-CAM overlay per label and a contact sheet
+
+Memory stays flat: only one batch of films is held at a time (study aggregation at the end
+keeps one row per study).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from itertools import islice
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from cxrlabel.data.images import ImageError, read_dicom_metadata, read_image
+from cxrlabel.data.inputs import (
+    InputItem,
+    _is_dicom_file,
+    check_inputs,
+    ids_from_path,
+    iter_inputs,
+    view_from_name,
+    view_from_text,
+)
+from cxrlabel.data.labels import OBSERVATIONS
+from cxrlabel.data.transforms import Preprocessing, resize
+from cxrlabel.fileio import atomic_path, atomic_write_bytes, atomic_write_text
+from cxrlabel.labelling.heatmaps import contact_sheet_png, find_target_layer, gradcams, overlay_png
+from cxrlabel.models.predictor import Predictor, heatmap_model, shared_resize
+from cxrlabel.models.thresholds import Thresholds
+
+log = logging.getLogger(__name__)
+
+PARTIAL_DIR = ".cxrlabel-partial"
+HEATMAP_DIR = "heatmaps"
+RUN_FORMAT = 1
+# Heatmaps are drawn at most this many pixels on a side (a 3000 px DICOM overlay per label
+# would be tens of MB and no easier to read).
+HEATMAP_MAX_SIDE = 1024
+
+IMAGE_COLUMNS = (
+    "Path",
+    "patient_id",
+    "study_id",
+    "view",
+    "view_source",
+    "laterality",
+    "labelled_by",
+    "flag",
+    "heatmaps",
+)
+ERROR_COLUMNS = ("Path", "error", "reason")
+
+
+class CsvWriter(Protocol):
+    """What run_batch needs from csv.writer's object (whose class is private to _csv)."""
+
+    def writerow(self, row: Iterable[Any], /) -> Any: ...
+
+
+def _model_fingerprint(model: Predictor | None) -> dict[str, Any] | None:
+    """What identifies a model's outputs (weights' hashes, labels, thresholds, backend), not
+    how its path was spelled."""
+    if model is None:
+        return None
+    info = model.model_info()
+    return {
+        "name": model.name,
+        "kind": model.kind,
+        "labels": list(model.labels),
+        "thresholds": model.thresholds.to_dict(),
+        "weights": [m.get("sha256") for m in info.get("members", [])],
+        "backend": info.get("backend", "torch"),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Reading one batch
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Film:
+    """One input after reading: the pixels (or the error) and what we know about it."""
+
+    seq: int
+    item: InputItem
+    pixels: np.ndarray | None = None  # resized when the models share a resize, else as read
+    # Heatmaps only: the film at most HEATMAP_MAX_SIDE px on a side, not the full-resolution
+    # original (a 3000 px DICOM is tens of MB, and a batch holds batch_size of them).
+    display_image: np.ndarray | None = None
+    error: str = ""
+    reason: str = ""
+    patient_id: str = ""
+    study_id: str = ""
+    view: str = ""
+    view_source: str = ""
+    laterality: str = ""
+
+
+def _describe(film: Film, meta: dict[str, Any] | None) -> None:
+    """Fill ids, view and laterality: CSV columns first, then DICOM tags, then the path."""
+    item = film.item
+    film.patient_id, film.study_id = item.patient_id, item.study_id
+    if meta:
+        if not film.study_id and meta.get("study_instance_uid"):
+            film.patient_id = film.patient_id or meta.get("patient_id") or ""
+            film.study_id = meta["study_instance_uid"]
+        film.laterality = meta.get("laterality") or ""
+    if not film.study_id:
+        film.patient_id, film.study_id = ids_from_path(item.display)
+    for source, value in (
+        ("csv", view_from_text(item.view)),
+        ("dicom", view_from_text((meta or {}).get("view_position") or "")),
+        ("filename", view_from_name(item.display)),
+    ):
+        if value:
+            film.view, film.view_source = value, source
+            return
+
+
+def read_film(
+    seq: int, item: InputItem, resize_to: Preprocessing | None, keep_display: bool
+) -> Film:
+    """Read and describe one input; any failure becomes the film's error, never an exception."""
+    film = Film(seq, item)
+    try:
+        meta = read_dicom_metadata(item.path) if _is_dicom_file(item.path) else None
+        image = read_image(item.path)
+    except ImageError as exc:
+        film.error, film.reason = type(exc).__name__, exc.reason
+        return film
+    except Exception as exc:  # a decoder bug must not stop a batch job; the file is reported
+        film.error, film.reason = type(exc).__name__, f"{item.path}: {exc}"
+        return film
+    _describe(film, meta)
+    film.display_image = _display_film(image) if keep_display else None
+    if resize_to is not None:
+        image = resize(image, resize_to.size, resize_to.resize_mode, resize_to.interpolation)
+    film.pixels = image
+    return film
+
+
+def _batches(
+    items: Iterable[tuple[int, InputItem]], size: int
+) -> Iterator[list[tuple[int, InputItem]]]:
+    iterator = iter(items)
+    while batch := list(islice(iterator, size)):
+        yield batch
+
+
+# --------------------------------------------------------------------------------------------
+# Partial files, manifest and state
+# --------------------------------------------------------------------------------------------
+
+
+def _fmt_label(value: float) -> str:
+    return "" if math.isnan(value) else f"{value:.1f}"
+
+
+def _fmt_prob(value: float) -> str:
+    return "" if math.isnan(value) else repr(float(value))
+
+
+class _Partial:
+    """The append-only partial files of one run and its state, in `<out>/.cxrlabel-partial`."""
+
+    def __init__(self, out_dir: Path, labels: Sequence[str]) -> None:
+        self.dir = out_dir / PARTIAL_DIR
+        self.images = self.dir / "images.csv"
+        self.errors = self.dir / "errors.csv"
+        self.manifest = self.dir / "manifest.json"
+        self.state_file = self.dir / "state.json"
+        self.labels = tuple(labels)
+        self.header = (
+            "seq",
+            *IMAGE_COLUMNS,
+            *(f"p:{k}" for k in self.labels),
+            *(f"y:{k}" for k in self.labels),
+        )
+
+    def start(self, manifest: dict[str, Any]) -> dict[str, Any]:
+        """A fresh run's empty state, or an interrupted one's (refused if arguments differ)."""
+        if self.manifest.is_file():
+            old = json.loads(self.manifest.read_text(encoding="utf-8"))
+            if old != manifest:
+                diff = sorted(k for k in set(old) | set(manifest) if old.get(k) != manifest.get(k))
+                raise ValueError(
+                    f"{self.dir.parent} holds an interrupted labelling run with different "
+                    f"arguments ({', '.join(diff)} differ); rerun with the same arguments to "
+                    f"continue it, or choose another --out, or delete {self.dir} to start over"
+                )
+            if self.state_file.is_file():
+                return self._resume_state()
+        self._remove_earlier_outputs()
+        shutil.rmtree(self.dir, ignore_errors=True)
+        self.dir.mkdir(parents=True)
+        atomic_write_text(self.manifest, json.dumps(manifest, indent=2))
+        with open(self.images, "w", newline="", encoding="utf-8") as f:
+            csv.writer(f).writerow(self.header)
+        with open(self.errors, "w", newline="", encoding="utf-8") as f:
+            csv.writer(f).writerow(("seq", *ERROR_COLUMNS))
+        state = {
+            "done": 0,
+            "paths_sha256": hashlib.sha256().hexdigest(),
+            "bytes": {"images": self.images.stat().st_size, "errors": self.errors.stat().st_size},
+            "counts": {"labelled": 0, "errors": 0, "flagged": 0, "heatmaps": 0},
+            "seconds": 0.0,
+        }
+        atomic_write_text(self.state_file, json.dumps(state))
+        return state
+
+    def _remove_earlier_outputs(self) -> None:
+        """A fresh run into a folder that holds an earlier run (its run.json or partial folder)
+        removes that run's heatmaps (named by input number, so they would mix with the new
+        ones) and its study files (a run whose films have no study ids writes none, and the
+        old ones must not pass for its own). Someone else's files are left alone."""
+        out_dir = self.dir.parent
+        if not ((out_dir / "run.json").is_file() or self.dir.is_dir()):
+            return
+        old = out_dir / HEATMAP_DIR
+        if old.is_dir():
+            log.info("removing %s from an earlier run", old)
+            shutil.rmtree(old)
+        for name in ("study_labels.csv", "study_probabilities.csv"):
+            (out_dir / name).unlink(missing_ok=True)
+
+    def _resume_state(self) -> dict[str, Any]:
+        state = json.loads(self.state_file.read_text(encoding="utf-8"))
+        for key, path in (("images", self.images), ("errors", self.errors)):
+            size = state["bytes"][key]
+            if not path.is_file() or path.stat().st_size < size:
+                raise ValueError(
+                    f"{path} is shorter than its recorded {size} bytes: the partial run is "
+                    f"damaged; delete {self.dir} to start over"
+                )
+            # Drop whatever a batch that did not finish had written after the last commit.
+            with open(path, "r+b") as f:
+                f.truncate(size)
+        log.info("continuing an interrupted run after %d inputs", state["done"])
+        return state
+
+    def commit(self, state: dict[str, Any], files: Sequence[Any]) -> None:
+        """Make the rows appended so far durable, then record them in the state."""
+        for f in files:
+            f.flush()
+            os.fsync(f.fileno())
+        state["bytes"] = {
+            "images": self.images.stat().st_size,
+            "errors": self.errors.stat().st_size,
+        }
+        atomic_write_text(self.state_file, json.dumps(state))
+
+
+# --------------------------------------------------------------------------------------------
+# Labelling
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LabelSummary:
+    """What a labelling run did and wrote."""
+
+    inputs: int = 0
+    labelled: int = 0
+    errors: int = 0
+    flagged: int = 0
+    studies: int = 0
+    heatmaps: int = 0
+    resumed_after: int = 0
+    seconds: float = 0.0
+    images_per_s: float = 0.0
+    model: str = ""
+    kind: str = ""
+    outputs: dict[str, Path] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {k: v for k, v in self.__dict__.items() if k != "outputs"}
+        out["outputs"] = {k: str(v) for k, v in self.outputs.items()}
+        return out
+
+    def to_text(self) -> str:
+        lines = [
+            f"{self.labelled} films labelled by {self.model} ({self.kind}), "
+            f"{self.errors} unreadable, {self.flagged} flagged"
+            + (f", {self.studies} studies" if self.studies else "")
+            + (f", {self.heatmaps} heatmap PNGs" if self.heatmaps else ""),
+            f"{self.images_per_s:.1f} images/s over {self.seconds:.1f} s"
+            + (f" (continued after {self.resumed_after} inputs)" if self.resumed_after else ""),
+        ]
+        lines += [f"  {name}: {path}" for name, path in self.outputs.items()]
+        return "\n".join(lines)
+
+
+def _union_labels(models: Sequence[Predictor]) -> tuple[str, ...]:
+    wanted = {name for m in models for name in m.labels}
+    return tuple(o for o in OBSERVATIONS if o in wanted)
+
+
+def _union_thresholds(models: Sequence[Predictor], labels: Sequence[str]) -> Thresholds:
+    """Per label, the first model's threshold that predicts it (the frontal model first)."""
+    values, bands, has_band = [], [], False
+    for name in labels:
+        source = next(m.thresholds for m in models if name in m.labels)
+        k = source.labels.index(name)
+        values.append(source.values[k])
+        band = source.band[k] if source.band is not None else (source.values[k],) * 2
+        has_band |= source.band is not None
+        bands.append(band)
+    return Thresholds(tuple(labels), tuple(values), band=tuple(bands) if has_band else None)
+
+
+def _safe_name(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "film"
+
+
+def _display_film(image: np.ndarray) -> np.ndarray:
+    """The film at most HEATMAP_MAX_SIDE px on a side (aspect kept) for heatmaps."""
+    height, width = image.shape
+    scale = HEATMAP_MAX_SIDE / max(height, width)
+    if scale >= 1:
+        return image
+    from PIL import Image
+
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    small = Image.fromarray(np.asarray(image, np.float32)).resize(size, Image.Resampling.BILINEAR)
+    return np.clip(np.asarray(small, dtype=np.float32), 0.0, 1.0)
+
+
+class _Heatmapper:
+    """Writes each film's Grad-CAM overlays and contact sheet."""
+
+    def __init__(
+        self,
+        out_dir: Path,
+        models: dict[str, Predictor],
+        chosen: Sequence[str] | None,
+    ) -> None:
+        self.dir = out_dir / HEATMAP_DIR
+        self.chosen = tuple(chosen) if chosen else None
+        self.torch_models: dict[str, tuple[torch.nn.Module, str]] = {}
+        self.layers: dict[str, torch.nn.Module] = {}
+        for role, model in models.items():
+            if self.chosen:
+                unknown = [n for n in self.chosen if n not in model.labels]
+                if unknown and role == "model":
+                    raise ValueError(
+                        f"heatmap labels {unknown} are not predicted by {model.name}; "
+                        f"it predicts {list(model.labels)}"
+                    )
+            self.torch_models[role] = heatmap_model(model)
+            self.layers[role] = find_target_layer(self.torch_models[role][0])
+            log.info("heatmaps (%s): %s", role, self.torch_models[role][1])
+
+    @property
+    def notes(self) -> dict[str, str]:
+        return {role: note for role, (_, note) in self.torch_models.items()}
+
+    def write(
+        self, film: Film, role: str, labels: Sequence[str], probs: np.ndarray, decided: np.ndarray
+    ) -> tuple[str, int]:
+        model, note = self.torch_models[role]
+        image = film.display_image
+        if image is None:
+            raise RuntimeError(f"{film.item.display}: the film was not kept for its heatmaps")
+        if self.chosen:
+            names = [n for n in self.chosen if n in labels]
+        else:
+            names = [n for k, n in enumerate(labels) if decided[k] == 1.0]
+        cams = gradcams(model, image, names, target_layer=self.layers[role])
+        folder = self.dir / f"{film.seq:06d}_{_safe_name(Path(film.item.display).stem)}"
+        for name, cam in cams.items():
+            atomic_write_bytes(folder / f"{_safe_name(name)}.png", overlay_png(image, cam))
+        sheet = contact_sheet_png(
+            image,
+            cams,
+            probabilities={n: float(probs[labels.index(n)]) for n in names},
+            title=f"{film.item.display} | {note}",
+        )
+        atomic_write_bytes(folder / "contact_sheet.png", sheet)
+        return folder.relative_to(self.dir.parent).as_posix(), len(cams) + 1
+
+
+class _Labeller:
+    """One labelling run: models, outputs and the per-batch work."""
+
+    def __init__(
+        self,
+        model: Predictor,
+        lateral_model: Predictor | None,
+        out_dir: Path,
+        heatmapper: _Heatmapper | None,
+    ) -> None:
+        self.models = {"model": model}
+        if lateral_model is not None:
+            self.models["lateral model"] = lateral_model
+        self.labels = _union_labels(list(self.models.values()))
+        self.partial = _Partial(out_dir, self.labels)
+        self.heatmapper = heatmapper
+        self.resize_to = shared_resize(list(self.models.values()))
+
+    def route(self, film: Film) -> tuple[str, str]:
+        """Which model labels a film, and the flag to record."""
+        if film.view != "lateral":
+            return "model", ""
+        if "lateral model" in self.models:
+            return "lateral model", ""
+        return "model", "lateral view, no lateral model given: labelled by the frontal model"
+
+    def predict(self, films: Sequence[Film]) -> dict[int, tuple[str, str, np.ndarray]]:
+        """seq -> (role, flag, probabilities in that model's label order)."""
+        routes = {f.seq: self.route(f) for f in films}
+        out: dict[int, tuple[str, str, np.ndarray]] = {}
+        for role, model in self.models.items():
+            group = [f for f in films if routes[f.seq][0] == role]
+            if not group:
+                continue
+            with torch.inference_mode():
+                probs = np.asarray(model.predict_images([f.pixels for f in group]))
+            for film, p in zip(group, probs, strict=True):
+                out[film.seq] = (role, routes[film.seq][1], p)
+        return out
+
+    def image_row(
+        self, film: Film, role: str, flag: str, probs: np.ndarray, heatmaps: str
+    ) -> list[str]:
+        model = self.models[role]
+        decided = model.thresholds.apply(probs[None])[0]
+        p_cells, y_cells = [], []
+        for name in self.labels:
+            if name in model.labels:
+                k = model.labels.index(name)
+                p_cells.append(_fmt_prob(probs[k]))
+                y_cells.append(_fmt_label(decided[k]))
+            else:
+                p_cells.append("")
+                y_cells.append("")
+        return [
+            str(film.seq),
+            film.item.display,
+            film.patient_id,
+            film.study_id,
+            film.view,
+            film.view_source,
+            film.laterality,
+            role,
+            flag,
+            heatmaps,
+            *p_cells,
+            *y_cells,
+        ]
+
+    def run_batch(
+        self, films: Sequence[Film], writers: tuple[CsvWriter, CsvWriter], counts: dict[str, int]
+    ) -> None:
+        images_out, errors_out = writers
+        good = [f for f in films if f.pixels is not None]
+        results = self.predict(good) if good else {}
+        for film in films:
+            if film.pixels is None:
+                errors_out.writerow([film.seq, film.item.display, film.error, film.reason])
+                counts["errors"] += 1
+                continue
+            role, flag, probs = results[film.seq]
+            folder = ""
+            if self.heatmapper is not None:
+                model = self.models[role]
+                decided = model.thresholds.apply(probs[None])[0]
+                folder, n = self.heatmapper.write(film, role, model.labels, probs, decided)
+                counts["heatmaps"] += n
+            images_out.writerow(self.image_row(film, role, flag, probs, folder))
+            counts["labelled"] += 1
+            counts["flagged"] += bool(flag)
+
+
+def _manifest(
+    inputs: Sequence[Path],
+    model: Predictor,
+    lateral_model: Predictor | None,
+    heatmaps: bool,
+    heatmap_labels: Sequence[str] | None,
+) -> dict[str, Any]:
+    return {
+        "format": RUN_FORMAT,
+        "inputs": [str(p.resolve()) for p in inputs],
+        "model": _model_fingerprint(model),
+        "lateral_model": _model_fingerprint(lateral_model),
+        "heatmaps": bool(heatmaps),
+        "heatmap_labels": list(heatmap_labels) if heatmap_labels else None,
+    }
+
+
+def label_inputs(
+    inputs: Sequence[str | Path],
+    model: Predictor,
+    out_dir: Path,
+    *,
+    batch_size: int = 16,
+    heatmaps: bool = False,
+    heatmap_labels: Sequence[str] | None = None,
+    lateral_model: Predictor | None = None,
+    progress: bool = True,
+    on_batch: Callable[[int], None] | None = None,
+) -> LabelSummary:
+    """Label every film in `inputs` into `out_dir` (see the module doc for the files).
+
+    `on_batch(done)` is called after each batch is safely on disk with the number of inputs
+    done so far (progress reporting, memory sampling; raising from it stops the run, which a
+    later call with the same arguments continues).
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    out_dir = Path(out_dir)
+    paths = check_inputs(inputs)
+    models = {"model": model, **({"lateral model": lateral_model} if lateral_model else {})}
+    heatmapper = _Heatmapper(out_dir, models, heatmap_labels) if heatmaps else None
+    labeller = _Labeller(model, lateral_model, out_dir, heatmapper)
+    partial = labeller.partial
+    state = partial.start(_manifest(paths, model, lateral_model, heatmaps, heatmap_labels))
+    summary = LabelSummary(resumed_after=state["done"], model=model.name, kind=model.kind)
+    started = time.perf_counter()
+    processed = _label_stream(paths, out_dir, labeller, state, batch_size, progress, on_batch)
+    elapsed = time.perf_counter() - started
+    state["seconds"] += elapsed
+    summary.seconds = state["seconds"]
+    summary.images_per_s = processed / elapsed if elapsed > 0 else 0.0
+    _finish(out_dir, labeller, state, summary, heatmapper)
+    return summary
+
+
+def _label_stream(
+    paths: Sequence[Path],
+    out_dir: Path,
+    labeller: _Labeller,
+    state: dict[str, Any],
+    batch_size: int,
+    progress: bool,
+    on_batch: Callable[[int], None] | None,
+) -> int:
+    """Read, predict and append batch after batch; returns how many inputs this call did."""
+    from tqdm.auto import tqdm
+
+    partial = labeller.partial
+    hasher = hashlib.sha256()
+    items = enumerate(iter_inputs(paths, exclude=out_dir))
+    done = state["done"]
+    for _ in range(done):  # skip what an interrupted run finished, checking it is the same
+        seq_item = next(items, None)
+        if seq_item is None:
+            break
+        hasher.update(f"{seq_item[1].path}\n".encode())
+    if hasher.hexdigest() != state["paths_sha256"]:
+        raise ValueError(
+            f"the inputs changed since the interrupted run in {partial.dir} (its first {done} "
+            f"files differ now); delete {partial.dir} to start over"
+        )
+    keep_display = labeller.heatmapper is not None
+    processed = 0
+    bar = tqdm(desc="label", unit="img", initial=done, disable=not progress, dynamic_ncols=True)
+    with (
+        open(partial.images, "a", newline="", encoding="utf-8") as images_f,
+        open(partial.errors, "a", newline="", encoding="utf-8") as errors_f,
+        bar,
+    ):
+        writers = (csv.writer(images_f), csv.writer(errors_f))
+        for batch in _batches(items, batch_size):
+            films = [read_film(s, it, labeller.resize_to, keep_display) for s, it in batch]
+            labeller.run_batch(films, writers, state["counts"])
+            for _, item in batch:
+                hasher.update(f"{item.path}\n".encode())
+            state["done"] += len(batch)
+            state["paths_sha256"] = hasher.hexdigest()
+            partial.commit(state, (images_f, errors_f))
+            processed += len(batch)
+            bar.update(len(batch))
+            if on_batch is not None:
+                on_batch(state["done"])
+    return processed
+
+
+# --------------------------------------------------------------------------------------------
+# Final files
+# --------------------------------------------------------------------------------------------
+
+
+def _read_partial(path: Path) -> Iterator[dict[str, str]]:
+    with open(path, newline="", encoding="utf-8") as f:
+        yield from csv.DictReader(f)
+
+
+def _write_csv(path: Path, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> Path:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return path
+
+
+def _prob_cell(text: str) -> str:
+    return f"{float(text):.6f}" if text else ""
+
+
+def _study_rows(partial: _Partial) -> dict[str, list[Any]]:
+    """study -> [patient, number of films, per-label max probability (NaN: not predicted)]."""
+    studies: dict[str, list[Any]] = {}
+    for row in _read_partial(partial.images):
+        study = row["study_id"]
+        if not study:
+            continue
+        probs = np.array([float(row[f"p:{k}"] or "nan") for k in partial.labels])
+        entry = studies.setdefault(study, [row["patient_id"], 0, np.full(len(probs), np.nan)])
+        entry[1] += 1
+        entry[2] = np.fmax(entry[2], probs)  # fmax: a label one view lacks does not blank it
+    return studies
+
+
+def _study_label_row(
+    study: str, probs: np.ndarray, decided: np.ndarray, labels: Sequence[str]
+) -> list[str]:
+    cells = []
+    for name in OBSERVATIONS:
+        k = labels.index(name) if name in labels else -1
+        cells.append("" if k < 0 or math.isnan(probs[k]) else _fmt_label(decided[k]))
+    return [study, *cells]
+
+
+def _write_studies(out_dir: Path, labeller: _Labeller) -> tuple[dict[str, Path], int]:
+    """Study-level files (max over each study's films); none when no film has a study id."""
+    partial = labeller.partial
+    studies = _study_rows(partial)
+    if not studies:
+        return {}, 0
+    labels = partial.labels
+    thresholds = _union_thresholds(list(labeller.models.values()), labels)
+    label_rows = (
+        _study_label_row(s, v[2], thresholds.apply(np.nan_to_num(v[2])[None])[0], labels)
+        for s, v in studies.items()
+    )
+    prob_rows = (
+        [s, v[0], v[1], *("" if math.isnan(p) else f"{p:.6f}" for p in v[2])]
+        for s, v in studies.items()
+    )
+    outputs = {
+        "study_labels": _write_csv(
+            out_dir / "study_labels.csv", ["Path", *OBSERVATIONS], label_rows
+        ),
+        "study_probabilities": _write_csv(
+            out_dir / "study_probabilities.csv",
+            ["Path", "patient_id", "images", *labels],
+            prob_rows,
+        ),
+    }
+    return outputs, len(studies)
+
+
+def _finish(
+    out_dir: Path,
+    labeller: _Labeller,
+    state: dict[str, Any],
+    summary: LabelSummary,
+    heatmapper: _Heatmapper | None,
+) -> None:
+    partial = labeller.partial
+    labels = partial.labels
+    outputs = {
+        "labels": _write_csv(
+            out_dir / "labels.csv",
+            ["Path", *OBSERVATIONS],
+            (
+                [r["Path"], *(r.get(f"y:{o}", "") for o in OBSERVATIONS)]
+                for r in _read_partial(partial.images)
+            ),
+        ),
+        "probabilities": _write_csv(
+            out_dir / "probabilities.csv",
+            ["Path", *labels],
+            (
+                [r["Path"], *(_prob_cell(r[f"p:{k}"]) for k in labels)]
+                for r in _read_partial(partial.images)
+            ),
+        ),
+        "images": _write_csv(
+            out_dir / "images.csv",
+            IMAGE_COLUMNS,
+            ([r[c] for c in IMAGE_COLUMNS] for r in _read_partial(partial.images)),
+        ),
+        "errors": _write_csv(
+            out_dir / "errors.csv",
+            ERROR_COLUMNS,
+            ([r[c] for c in ERROR_COLUMNS] for r in _read_partial(partial.errors)),
+        ),
+    }
+    study_outputs, summary.studies = _write_studies(out_dir, labeller)
+    outputs.update(study_outputs)
+    counts = state["counts"]
+    summary.inputs = state["done"]
+    summary.labelled, summary.errors = counts["labelled"], counts["errors"]
+    summary.flagged, summary.heatmaps = counts["flagged"], counts["heatmaps"]
+    if heatmapper is not None:
+        outputs["heatmaps"] = heatmapper.dir
+    run_json = out_dir / "run.json"
+    summary.outputs = {**outputs, "run": run_json}
+    manifest = json.loads(partial.manifest.read_text(encoding="utf-8"))
+    record = {
+        "summary": summary.to_dict(),
+        "arguments": manifest,
+        "model": labeller.models["model"].model_info(),
+        "lateral_model": labeller.models["lateral model"].model_info()
+        if "lateral model" in labeller.models
+        else None,
+        "heatmaps": heatmapper.notes if heatmapper is not None else None,
+        "notes": [
+            "labels: 1.0 positive, 0.0 negative, -1.0 inside the stored uncertainty band, "
+            "blank where the model does not predict the observation",
+            "study rows: the maximum probability over the study's films",
+        ],
+    }
+    atomic_write_text(run_json, json.dumps(record, indent=2, default=str))
+    shutil.rmtree(partial.dir)

@@ -1,0 +1,918 @@
+"""The labelling service: an HTTP API (FastAPI + uvicorn) and a web page for one model.
+
+Endpoints (all errors are JSON ``{"error": code, "detail": message}``):
+
+* ``POST /predict[?heatmaps=true]`` — one image (multipart field ``file``, or the raw bytes as
+  the body) -> per-label probabilities, three-valued labels (1 positive, 0 negative,
+  -1 uncertain) from the model's stored thresholds, the thresholds, model id and version and,
+  when asked, links to the film as the model saw it and to a Grad-CAM heatmap per label.
+* ``GET /heatmaps/{result_id}/{label}.png``, ``GET /results/{result_id}/film.png`` — computed
+  lazily from a bounded cache of recent results.
+* ``GET /health`` (never needs the token), ``GET /model``, ``GET /openapi.json``, and ``GET /``:
+  the web page (plain HTML/JS/CSS from ``cxrlabel/static``, nothing from a CDN).
+
+Uploads are checked by content, never by file name or declared type: PNG, JPEG and DICOM
+(with or without the 128-byte preamble) are recognised from their first bytes, written to a
+temporary file and decoded by :func:`cxrlabel.data.images.read_image`, so every format and every
+:class:`~cxrlabel.data.images.ImageError` behaves exactly as on the command line. Bad input gets a
+4xx, never a 500: 413 when the body exceeds the upload limit (enforced from Content-Length and
+while reading, before the whole body is in memory), 415 for content that is not a supported
+image, 422 for an image that cannot be decoded, 401 without the bearer token when one is set.
+
+Inference runs in a worker thread, off the event loop, and one lock per model serialises
+forward passes: PyTorch modules are not meant to run concurrently from several threads
+(Grad-CAM even attaches hooks to the model). Decoding, the slow part for large films, runs
+outside the lock.
+
+Memory is bounded, not proportional to the number of clients: a small upload can decode to a
+huge array (a 130 KB 8192 x 8192 PNG is 256 MB as float32). So at most `max_concurrent`
+requests decode and predict at once (a semaphore), at most `max_queue` more wait for their
+turn, and any further request gets 503 ``busy`` at once, before its body is read. Right after
+decoding, in the same worker thread, the film is replaced by its copy scaled to the model's
+input (which the model's own resize then leaves unchanged, so the probabilities are the same)
+and the full-size array is dropped before waiting for the model lock.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import re
+import secrets
+import socket
+import tempfile
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import quote
+
+import numpy as np
+from fastapi import FastAPI, Query, Request, Security
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.staticfiles import StaticFiles
+from PIL import Image
+from pydantic import BaseModel, Field
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+import cxrlabel
+from cxrlabel.data.images import (
+    EmptyImageError,
+    ImageError,
+    NotAnImageError,
+    UnsupportedImageError,
+    read_image,
+)
+from cxrlabel.data.transforms import Preprocessing, scale_to_fit, to_uint8
+from cxrlabel.labelling.heatmaps import find_target_layer, gradcams, overlay_png
+from cxrlabel.models.predictor import Predictor, heatmap_model, resize_geometry, shared_resize
+from cxrlabel.models.predictor import load_model as load_predictor
+from cxrlabel.models.thresholds import Thresholds
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_UPLOAD_BYTES = 20 * 2**20
+DEFAULT_HEATMAP_CACHE = 64
+# Requests decoding + predicting at once (each may hold a full-size decoded film for a moment),
+# and requests allowed to wait for a turn; beyond both, 503. Two workers keep the model busy
+# (one decodes while the other holds the lock) without multiplying peak memory.
+DEFAULT_MAX_CONCURRENT = 2
+DEFAULT_MAX_QUEUE = 16
+TOKEN_ENV = "CXRLABEL_TOKEN"
+STATIC_DIR = Path(__file__).with_name("static")
+
+# Multipart framing (boundaries, part headers) around the file; the file itself is checked
+# against the exact limit once parsed.
+MULTIPART_SLACK = 64 * 1024
+# Films shown on the page when no model preprocessing says what size the model sees (only
+# the geometry matters here: mean and std are never applied to a preview).
+PREVIEW_SIZE = 512
+PREVIEW_PREP = Preprocessing(PREVIEW_SIZE, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), "pad", "bilinear")
+MAX_NAME = 255  # characters of the client's file name echoed back in responses
+LABEL_TEXT = {1: "positive", 0: "negative", -1: "uncertain"}
+_SUFFIX = {"png": ".png", "jpeg": ".jpg", "dicom": ".dcm"}
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_JPEG_SIGNATURE = b"\xff\xd8\xff"
+_DICOM_MAGIC_OFFSET = 128
+
+
+class ServiceError(Exception):
+    """A request the service refuses: HTTP status, a stable error code and a message."""
+
+    def __init__(
+        self, status: int, code: str, detail: str, headers: dict[str, str] | None = None
+    ) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.code = code
+        self.detail = detail
+        self.headers = headers
+
+
+# --------------------------------------------------------------------------------------------
+# Response schemas (they make the OpenAPI document describe the real responses)
+# --------------------------------------------------------------------------------------------
+
+
+class ErrorBody(BaseModel):
+    error: str = Field(description="stable machine-readable code, e.g. not_an_image")
+    detail: str = Field(description="what was wrong, naming the uploaded file")
+
+
+class HealthBody(BaseModel):
+    status: Literal["ok"]
+    model_id: str
+    version: str
+
+
+class ModelRef(BaseModel):
+    id: str = Field(description="sha256 over the weights of every checkpoint (first 16 hex)")
+    name: str
+    kind: str = Field(description='"single model" or "ensemble of N checkpoints"')
+    version: str = Field(description="cxrlabel package version")
+
+
+class FileInfo(BaseModel):
+    name: str
+    format: Literal["png", "jpeg", "dicom"]
+    bytes: int
+    width: int
+    height: int
+
+
+class LabelResult(BaseModel):
+    label: str
+    probability: float
+    value: Literal[1, 0, -1] = Field(description="1 positive, 0 negative, -1 uncertain")
+    text: Literal["positive", "negative", "uncertain"]
+    threshold: float
+    band: tuple[float, float] | None = Field(description="uncertainty band (low, high), if any")
+
+
+class HeatmapInfo(BaseModel):
+    requested: bool
+    available: bool
+    reason: str | None = None
+    film: str | None = Field(None, description="the film as the model saw it, PNG")
+    links: dict[str, str] = Field(default_factory=dict, description="label -> Grad-CAM PNG")
+
+
+class PredictBody(BaseModel):
+    result_id: str
+    model: ModelRef
+    file: FileInfo
+    labels: dict[str, Literal[1, 0, -1]] = Field(description="label -> 1 / 0 / -1")
+    probabilities: dict[str, float]
+    results: list[LabelResult]
+    thresholds: dict[str, Any] = Field(description="the thresholds used (rule, values, band)")
+    heatmaps: HeatmapInfo
+    timing_ms: dict[str, float]
+
+
+_ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorBody, "description": "missing or wrong bearer token"},
+    413: {"model": ErrorBody, "description": "upload larger than the limit"},
+    415: {"model": ErrorBody, "description": "not a PNG, JPEG or DICOM image"},
+    422: {"model": ErrorBody, "description": "an image that cannot be decoded"},
+}
+
+_UPLOAD_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["file"],
+                    "properties": {"file": {"type": "string", "format": "binary"}},
+                }
+            },
+            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+        },
+    }
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Uploads: size limit, content sniffing, decoding
+# --------------------------------------------------------------------------------------------
+
+
+class _UploadTooLarge(StarletteHTTPException):
+    """Raised from `receive` mid-body; an HTTPException so FastAPI's body parsing passes it on
+    unchanged (it turns other exceptions into a generic 400)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"upload is larger than the limit of {limit:,} bytes")
+
+
+class UploadLimit:
+    """ASGI middleware: refuse request bodies over `max_bytes` before reading them whole.
+
+    A declared Content-Length over the limit is answered at once, without reading the body;
+    otherwise bytes are counted as they arrive and reading stops at the first byte too many.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int, file_limit: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+        self.file_limit = file_limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
+            await self.app(scope, receive, send)
+            return
+        declared = _content_length(scope)
+        if declared is not None and declared > self.max_bytes:
+            await _too_large(self.file_limit)(scope, receive, send)
+            return
+        received = 0
+        started = False
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise _UploadTooLarge(self.file_limit)
+            return message
+
+        async def watched_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, watched_send)
+        except _UploadTooLarge:
+            if started:
+                raise
+            await _too_large(self.file_limit)(scope, receive, send)
+
+
+def _content_length(scope: Scope) -> int | None:
+    for name, value in scope.get("headers", []):
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
+
+
+def _too_large(limit: int) -> JSONResponse:
+    return _error_response(ServiceError(413, "too_large", _UploadTooLarge(limit).detail))
+
+
+def sniff_format(data: bytes) -> str | None:
+    """'png', 'jpeg' or 'dicom' from the first bytes of a file; None for anything else.
+
+    DICOM is recognised by 'DICM' at offset 128 or, for files without the preamble, by a first
+    element in group 0002 or 0008 (little endian), as such files start; the decoder then checks
+    that DICOM elements really follow.
+    """
+    if data.startswith(_PNG_SIGNATURE):
+        return "png"
+    if data.startswith(_JPEG_SIGNATURE):
+        return "jpeg"
+    if data[_DICOM_MAGIC_OFFSET : _DICOM_MAGIC_OFFSET + 4] == b"DICM":
+        return "dicom"
+    if len(data) >= 8 and data[:2] in (b"\x02\x00", b"\x08\x00") and data[3] == 0:
+        return "dicom"
+    return None
+
+
+def _snake(name: str) -> str:
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower().removesuffix("_error")
+
+
+def _image_error(exc: ImageError, filename: str) -> ServiceError:
+    """415 when the content is not a supported image, 422 when it cannot be decoded; the
+    message names the uploaded file, not the server's temporary copy."""
+    status = 415 if isinstance(exc, NotAnImageError | UnsupportedImageError) else 422
+    return ServiceError(status, _snake(type(exc).__name__), f"{filename}: {exc.reason}")
+
+
+def decode_upload(data: bytes, filename: str) -> tuple[np.ndarray, str]:
+    """Bytes of an uploaded file -> (float32 (H, W) image in [0, 1], format) or ServiceError."""
+    if not data:
+        raise _image_error(EmptyImageError(filename, "file is empty (0 bytes)"), filename)
+    fmt = sniff_format(data)
+    if fmt is None:
+        reason = "not a PNG, JPEG or DICOM image (the content is checked, not the file name)"
+        raise _image_error(NotAnImageError(filename, reason), filename)
+    with tempfile.TemporaryDirectory(prefix="cxrlabel-upload-") as tmp:
+        # The suffix matters only for DICOM without a preamble, which read_image reads by name.
+        path = Path(tmp) / f"upload{_SUFFIX[fmt]}"
+        path.write_bytes(data)
+        try:
+            return read_image(path), fmt
+        except ImageError as exc:
+            raise _image_error(exc, filename) from exc
+        except Exception as exc:
+            # Decoders may fail in ways read_image does not classify; it is still the input.
+            log.warning("unclassified decoding failure for %s", filename, exc_info=True)
+            raise ServiceError(
+                422, "corrupt_image", f"{filename}: cannot be decoded ({exc})"
+            ) from exc
+
+
+async def _read_upload(request: Request, limit: int) -> tuple[bytes, str]:
+    """The uploaded file's bytes and name, from multipart field `file` or the raw body."""
+    content_type = request.headers.get("content-type", "")
+    if content_type.startswith("multipart/form-data"):
+        form = await request.form(max_files=1, max_fields=8)
+        try:
+            upload = form.get("file")
+            if not isinstance(upload, UploadFile):
+                raise ServiceError(400, "missing_file", "send the image as multipart field 'file'")
+            data = await upload.read(limit + 1)
+            name = upload.filename or "upload"
+        finally:
+            await form.close()  # removes the spooled temporary file now
+    else:
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise ServiceError(413, "too_large", _UploadTooLarge(limit).detail)
+            chunks.append(chunk)
+        data, name = b"".join(chunks), request.headers.get("x-filename", "upload")
+        if not data and size == 0:
+            raise ServiceError(
+                400,
+                "missing_file",
+                "send the image as multipart field 'file' or as the request body",
+            )
+    if len(data) > limit:
+        raise ServiceError(413, "too_large", _UploadTooLarge(limit).detail)
+    return data, name[:MAX_NAME]
+
+
+# --------------------------------------------------------------------------------------------
+# Results kept for heatmaps
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Result:
+    film: np.ndarray  # the film as the heatmap model sees it (float32, [0, 1])
+    pngs: dict[str, bytes] = field(default_factory=dict)
+
+
+class ResultCache:
+    """The most recent `capacity` results (least recently used evicted), thread-safe."""
+
+    def __init__(self, capacity: int) -> None:
+        if capacity < 1:
+            raise ValueError("the heatmap cache must hold at least one result")
+        self.capacity = capacity
+        self._items: OrderedDict[str, _Result] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def put(self, result: _Result) -> str:
+        key = uuid.uuid4().hex
+        with self._lock:
+            self._items[key] = result
+            while len(self._items) > self.capacity:
+                self._items.popitem(last=False)
+        return key
+
+    def get(self, key: str) -> _Result | None:
+        with self._lock:
+            result = self._items.get(key)
+            if result is not None:
+                self._items.move_to_end(key)
+            return result
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._items)
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    """A [0, 1] grey image as 8-bit PNG bytes (for HTTP responses, not files)."""
+    buffer = io.BytesIO()
+    Image.fromarray(to_uint8(image)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+# --------------------------------------------------------------------------------------------
+# The service
+# --------------------------------------------------------------------------------------------
+
+
+def _heatmap_model(model: Predictor) -> tuple[Any, Any, str | None]:
+    """(torch model for Grad-CAM, its target layer, None), or (None, None, why heatmaps are
+    unavailable). An ONNX model gets heatmaps from the checkpoint it was exported from, when
+    that file is still there and unchanged."""
+    try:
+        cam_model, note = heatmap_model(model)
+        # Found once here: gradcams would otherwise hook every module and run an extra forward
+        # pass for each heatmap request, under the model lock.
+        layer = find_target_layer(cam_model)
+    except Exception as exc:
+        # Heatmaps are optional: whatever stops them (a missing or changed checkpoint, an
+        # unreadable file) must not stop the service from labelling; the reason is reported.
+        log.warning("heatmaps unavailable: %s", exc)
+        return None, None, f"heatmaps unavailable: {exc}"
+    log.info("heatmaps: %s", note)
+    return cam_model, layer, None
+
+
+def model_id(info: dict[str, Any]) -> str:
+    """A short stable id: sha256 over the members' weight hashes (else over the info)."""
+    hashes = [str(m.get("sha256")) for m in info.get("members", []) if m.get("sha256")]
+    text = "\n".join(hashes) if hashes else json.dumps(info, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+@dataclass
+class _Labelled:
+    """One upload, decoded and scored; the full-size film is not kept."""
+
+    probs: np.ndarray
+    fmt: str
+    width: int
+    height: int
+    film: np.ndarray | None  # the film as the heatmap model sees it, when asked for
+    decode_s: float
+    queued_s: float
+    predict_s: float
+
+
+class _Service:
+    """Everything a request handler needs; one per app, no module-level state."""
+
+    def __init__(
+        self,
+        model: Predictor,
+        *,
+        max_upload_bytes: int,
+        token: str | None,
+        heatmap_cache: int,
+        max_concurrent: int = DEFAULT_MAX_CONCURRENT,
+        max_queue: int = DEFAULT_MAX_QUEUE,
+    ) -> None:
+        if max_upload_bytes < 1:
+            raise ValueError("max_upload_bytes must be positive")
+        if token is not None and not token.strip():
+            raise ValueError("the bearer token must not be empty")
+        if max_concurrent < 1:
+            raise ValueError("max_concurrent must be at least 1")
+        if max_queue < 0:
+            raise ValueError("max_queue must not be negative")
+        self.model = model
+        self.max_upload_bytes = max_upload_bytes
+        self.token = token
+        self.lock = threading.Lock()
+        self.max_concurrent = max_concurrent
+        self.max_queue = max_queue
+        # Taken in the worker thread around decode + predict: at most `max_concurrent`
+        # decoded films exist at once, however many requests arrive.
+        self.slots = threading.BoundedSemaphore(max_concurrent)
+        self._admitted = 0
+        self._admit_lock = threading.Lock()
+        self.cache = ResultCache(heatmap_cache)
+        self.info = model.model_info()
+        self.ref = ModelRef(
+            id=model_id(self.info),
+            name=model.name,
+            kind=model.kind,
+            version=cxrlabel.__version__,
+        )
+        self.cam_model, self.cam_layer, self.no_heatmaps = _heatmap_model(model)
+        self.input_prep = shared_resize([model])
+        # The film kept for a result is scaled as the heatmap model scales it (else as the
+        # model does); a model without preprocessing gets a plain preview size.
+        cam_prep = getattr(self.cam_model, "preprocessing", None)
+        self.film_prep: Preprocessing = cam_prep or self.input_prep or PREVIEW_PREP
+
+    def check_token(self, credentials: HTTPAuthorizationCredentials | None) -> None:
+        if self.token is None:
+            return
+        given = credentials.credentials if credentials is not None else ""
+        if not secrets.compare_digest(given.encode(), self.token.encode()):
+            raise ServiceError(
+                401,
+                "unauthorized",
+                "this service needs 'Authorization: Bearer <token>'",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+
+    @contextmanager
+    def admit(self) -> Iterator[None]:
+        """A place among the requests working or waiting, or 503 at once when all are taken.
+
+        Never blocks: it runs on the event loop, before the upload is read, so a refused
+        request costs neither its body in memory nor a worker thread.
+        """
+        limit = self.max_concurrent + self.max_queue
+        with self._admit_lock:
+            if self._admitted >= limit:
+                raise ServiceError(
+                    503,
+                    "busy",
+                    f"the service is busy ({self.max_concurrent} requests being labelled and "
+                    f"{self.max_queue} waiting); try again shortly",
+                    headers={"Retry-After": "1"},
+                )
+            self._admitted += 1
+        try:
+            yield
+        finally:
+            with self._admit_lock:
+                self._admitted -= 1
+
+    @property
+    def admitted(self) -> int:
+        """Requests working or waiting now."""
+        with self._admit_lock:
+            return self._admitted
+
+    def label(self, data: bytes, filename: str, keep_film: bool) -> _Labelled:
+        """Decode and score one upload; runs in a worker thread, holding one of the slots."""
+        waiting = time.perf_counter()
+        with self.slots:
+            started = time.perf_counter()
+            image, fmt = decode_upload(data, filename)
+            height, width = image.shape
+            model_input = self.model_view(image)
+            film = None
+            if keep_film:
+                shared = self.input_prep is not None and (
+                    resize_geometry(self.input_prep) == resize_geometry(self.film_prep)
+                )
+                film = model_input if shared else self.film_view(image)
+            # Drop the full-size film before waiting for the model lock: only model-sized
+            # copies wait (unless members differ in their resize; see model_view).
+            del image
+            decoded = time.perf_counter()
+            probs = self.predict(model_input)
+            predicted = time.perf_counter()
+        return _Labelled(
+            probs=probs,
+            fmt=fmt,
+            width=width,
+            height=height,
+            film=film,
+            decode_s=decoded - started,
+            queued_s=started - waiting,
+            predict_s=predicted - decoded,
+        )
+
+    def model_view(self, image: np.ndarray) -> np.ndarray:
+        """The film scaled to the model's input before its pad or crop, which the model's own
+        resize then leaves unchanged: the same probabilities from a model-sized array. An
+        ensemble whose members resize differently gets the film itself."""
+        return image if self.input_prep is None else scale_to_fit(image, self.input_prep)
+
+    def predict(self, image: np.ndarray) -> np.ndarray:
+        with self.lock:
+            return np.asarray(self.model.predict_images([image]), dtype=np.float64)[0]
+
+    def film_view(self, image: np.ndarray) -> np.ndarray:
+        """The film scaled as the heatmap model scales it, before its pad or crop.
+
+        Preprocessing this again scales by exactly 1, so the model input (and so the heatmap)
+        is identical to the one scored, while a result keeps only a model-sized film rather
+        than the full upload; the page shows it without the padding.
+        """
+        return scale_to_fit(image, self.film_prep)
+
+    def heatmap_png(self, result: _Result, label: str) -> bytes:
+        cached = result.pngs.get(label)
+        if cached is not None:
+            return cached
+        with self.lock:
+            cam = gradcams(self.cam_model, result.film, [label], target_layer=self.cam_layer)
+        png = overlay_png(result.film, cam[label])
+        result.pngs[label] = png
+        return png
+
+
+def _results(probs: np.ndarray, thresholds: Thresholds) -> list[LabelResult]:
+    values = thresholds.apply(probs[None, :])[0]
+    out = []
+    for k, label in enumerate(thresholds.labels):
+        value = int(values[k])
+        out.append(
+            LabelResult(
+                label=label,
+                probability=float(probs[k]),
+                value=value,  # type: ignore[arg-type]
+                text=LABEL_TEXT[value],  # type: ignore[arg-type]
+                threshold=float(thresholds.values[k]),
+                band=None if thresholds.band is None else thresholds.band[k],
+            )
+        )
+    return out
+
+
+def _error_response(exc: ServiceError) -> JSONResponse:
+    body = ErrorBody(error=exc.code, detail=exc.detail).model_dump()
+    headers = dict(exc.headers or {})
+    if exc.status in (413, 503):
+        # Close the connection rather than read and discard the rest of a huge body (413) or
+        # of a body refused unread because the service is busy (503).
+        headers["Connection"] = "close"
+    return JSONResponse(body, status_code=exc.status, headers=headers)
+
+
+def create_app(
+    model: Predictor,
+    *,
+    max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
+    token: str | None = None,
+    heatmap_cache: int = DEFAULT_HEATMAP_CACHE,
+    max_concurrent: int = DEFAULT_MAX_CONCURRENT,
+    max_queue: int = DEFAULT_MAX_QUEUE,
+) -> FastAPI:
+    """The HTTP API and web page for `model` (an Ensemble, an OnnxModel, or anything with
+    their interface).
+
+    Args:
+        max_upload_bytes: largest accepted image file; larger uploads get 413.
+        token: when set, every endpoint but /health, / and the page's static files needs
+            ``Authorization: Bearer <token>``.
+        heatmap_cache: how many recent results keep their film for heatmaps.
+        max_concurrent: uploads decoded and scored at once (each holds its full-size decoded
+            film while it is being scaled down).
+        max_queue: further /predict requests that may wait for their turn; beyond that they
+            get 503 ``busy``. Waiting requests hold a worker thread each, so keep
+            ``max_concurrent + max_queue`` under the thread pool's size (40 by default).
+    """
+    service = _Service(
+        model,
+        max_upload_bytes=max_upload_bytes,
+        token=token,
+        heatmap_cache=heatmap_cache,
+        max_concurrent=max_concurrent,
+        max_queue=max_queue,
+    )
+    app = FastAPI(
+        title="cxrlabel",
+        version=cxrlabel.__version__,
+        description="Labels chest radiographs with the 14 CheXpert observations.",
+        # The interactive docs load their scripts from a CDN; the schema is at /openapi.json.
+        docs_url=None,
+        redoc_url=None,
+    )
+    app.state.service = service
+    app.add_middleware(
+        UploadLimit, max_bytes=max_upload_bytes + MULTIPART_SLACK, file_limit=max_upload_bytes
+    )
+    _add_error_handlers(app)
+    _add_routes(app, service)
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    return app
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ServiceError)
+    async def service_error(_: Request, exc: ServiceError) -> JSONResponse:
+        return _error_response(exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = "too_large" if exc.status_code == 413 else f"http_{exc.status_code}"
+        headers = getattr(exc, "headers", None)
+        return _error_response(ServiceError(exc.status_code, code, str(exc.detail), headers))
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
+        parts = [f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()]
+        return _error_response(ServiceError(422, "invalid_request", "; ".join(parts)))
+
+
+def _add_routes(app: FastAPI, service: _Service) -> None:
+    bearer = HTTPBearer(auto_error=False, description="set when the service has a token")
+
+    def authorised(
+        credentials: HTTPAuthorizationCredentials | None = Security(bearer),  # noqa: B008
+    ) -> None:
+        service.check_token(credentials)
+
+    auth = [Security(authorised)]
+
+    @app.get("/", include_in_schema=False)
+    async def index() -> FileResponse:
+        return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
+
+    @app.get("/health", response_model=HealthBody, summary="liveness; needs no token")
+    async def health() -> HealthBody:
+        return HealthBody(status="ok", model_id=service.ref.id, version=service.ref.version)
+
+    @app.get("/model", dependencies=auth, responses=_ERROR_RESPONSES, summary="model details")
+    async def model_info() -> dict[str, Any]:
+        return {
+            **service.info,
+            "id": service.ref.id,
+            "version": service.ref.version,
+            "heatmaps": {"available": service.cam_model is not None, "reason": service.no_heatmaps},
+            "max_upload_bytes": service.max_upload_bytes,
+            "max_concurrent": service.max_concurrent,
+            "max_queue": service.max_queue,
+            "auth": service.token is not None,
+        }
+
+    @app.post(
+        "/predict",
+        dependencies=auth,
+        response_model=PredictBody,
+        responses={
+            400: {"model": ErrorBody},
+            **_ERROR_RESPONSES,
+            503: {"model": ErrorBody, "description": "busy: too many requests; retry later"},
+        },
+        openapi_extra=_UPLOAD_BODY,
+        summary="label one chest radiograph (PNG, JPEG or DICOM)",
+    )
+    async def predict(
+        request: Request,
+        heatmaps: bool = Query(False, description="also return heatmap and film links"),
+    ) -> PredictBody:
+        started = time.perf_counter()
+        # Admitted (or refused with 503) before the body is read: waiting requests are
+        # bounded, and so are the uploads held in memory.
+        with service.admit():
+            data, filename = await _read_upload(request, service.max_upload_bytes)
+            read_s = time.perf_counter() - started
+            done = await run_in_threadpool(service.label, data, filename, heatmaps)
+        result_id = uuid.uuid4().hex
+        heatmap_info = HeatmapInfo(requested=heatmaps, available=False)
+        if done.film is not None:
+            result_id = service.cache.put(_Result(done.film))
+            heatmap_info = _heatmap_links(service, result_id)
+        results = _results(done.probs, service.model.thresholds)
+        return PredictBody(
+            result_id=result_id,
+            model=service.ref,
+            file=FileInfo(
+                name=filename,
+                format=done.fmt,  # type: ignore[arg-type]
+                bytes=len(data),
+                width=done.width,
+                height=done.height,
+            ),
+            labels={r.label: r.value for r in results},
+            probabilities={r.label: r.probability for r in results},
+            results=results,
+            thresholds=service.model.thresholds.to_dict(),
+            heatmaps=heatmap_info,
+            timing_ms={
+                "read_and_decode": round((read_s + done.decode_s) * 1e3, 2),
+                "queued": round(done.queued_s * 1e3, 2),
+                "predict": round(done.predict_s * 1e3, 2),
+            },
+        )
+
+    @app.get(
+        "/results/{result_id}/film.png",
+        dependencies=auth,
+        responses={200: {"content": {"image/png": {}}}, 404: {"model": ErrorBody}},
+        summary="the film of a recent result as the model saw it",
+    )
+    async def film(result_id: str) -> Response:
+        result = _cached(service, result_id)
+        return Response(await run_in_threadpool(png_bytes, result.film), media_type="image/png")
+
+    @app.get(
+        "/heatmaps/{result_id}/{filename}",
+        dependencies=auth,
+        responses={200: {"content": {"image/png": {}}}, 404: {"model": ErrorBody}},
+        summary="Grad-CAM heatmap of one label for a recent result, e.g. Edema.png",
+    )
+    async def heatmap(result_id: str, filename: str) -> Response:
+        label = filename.removesuffix(".png")
+        if service.cam_model is None:
+            raise ServiceError(404, "heatmaps_unavailable", str(service.no_heatmaps))
+        if label not in service.model.labels:
+            raise ServiceError(404, "unknown_label", f"the model does not predict {label!r}")
+        result = _cached(service, result_id)
+        png = await run_in_threadpool(service.heatmap_png, result, label)
+        return Response(png, media_type="image/png")
+
+
+def _heatmap_links(service: _Service, result_id: str) -> HeatmapInfo:
+    film = f"/results/{result_id}/film.png"
+    if service.cam_model is None:
+        return HeatmapInfo(requested=True, available=False, reason=service.no_heatmaps, film=film)
+    links = {label: f"/heatmaps/{result_id}/{quote(label)}.png" for label in service.model.labels}
+    return HeatmapInfo(requested=True, available=True, film=film, links=links)
+
+
+def _cached(service: _Service, result_id: str) -> _Result:
+    result = service.cache.get(result_id)
+    if result is None:
+        raise ServiceError(
+            404,
+            "unknown_result",
+            f"result {result_id!r} is unknown or expired (the service keeps the last "
+            f"{service.cache.capacity}); POST the image again with heatmaps=true",
+        )
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# Running it
+# --------------------------------------------------------------------------------------------
+
+
+def token_from_env(name: str | None, environ: Mapping[str, str] | None = None) -> str | None:
+    """The bearer token from environment variable `name`, else from CXRLABEL_TOKEN if set.
+
+    Read from the environment rather than the command line, where `ps` would show it. A
+    variable that is named explicitly must be set and non-empty.
+    """
+    env = os.environ if environ is None else environ
+    if name is None:
+        return env.get(TOKEN_ENV) or None
+    value = env.get(name, "").strip()
+    if not value:
+        raise ValueError(f"--token-env {name}: environment variable {name} is not set or empty")
+    return value
+
+
+def load_model(specs: Sequence[str | Path], *, device: str = "auto") -> Predictor:
+    """Checkpoints / run folders with PyTorch, or one exported .onnx file with ONNX Runtime.
+
+    Unlike `cxrlabel label`, checkpoints are never exported to ONNX on the fly here: the
+    service keeps PyTorch for them, whose first member also gives the heatmaps.
+    """
+    onnx = any(str(spec).lower().endswith(".onnx") for spec in specs)
+    return load_predictor(specs, backend="onnx" if onnx else "torch", device=device)
+
+
+def serve(
+    model: Predictor,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
+    token: str | None = None,
+    heatmap_cache: int = DEFAULT_HEATMAP_CACHE,
+    max_concurrent: int = DEFAULT_MAX_CONCURRENT,
+    max_queue: int = DEFAULT_MAX_QUEUE,
+    log_level: str = "info",
+) -> None:
+    """Serve `model` with uvicorn until interrupted (one process: the model is loaded once)."""
+    import uvicorn
+
+    app = create_app(
+        model,
+        max_upload_bytes=max_upload_bytes,
+        token=token,
+        heatmap_cache=heatmap_cache,
+        max_concurrent=max_concurrent,
+        max_queue=max_queue,
+    )
+    uvicorn.run(app, host=host, port=port, log_level=log_level)
+
+
+@contextmanager
+def serve_in_thread(
+    app: ASGIApp, *, host: str = "127.0.0.1", port: int = 0, timeout: float = 30.0
+) -> Iterator[str]:
+    """Run `app` under uvicorn in a background thread; yield its base URL, stop on exit.
+
+    Port 0 picks a free port: the socket is bound here, so the URL is known before startup
+    and no other process can take the port in between.
+    """
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        _wait_until(lambda: server.started or not thread.is_alive(), timeout)
+        if not server.started:
+            raise RuntimeError(f"uvicorn did not start on {host}:{sock.getsockname()[1]}")
+        yield f"http://{host}:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout)
+        sock.close()
+
+
+def _wait_until(condition: Callable[[], bool], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.02)

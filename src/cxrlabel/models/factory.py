@@ -1,0 +1,266 @@
+"""Backbones, heads and the one `create_model` factory.
+
+Backbones come from timm under short names for the five the method compares; any other timm
+name works too. Weights are `imagenet` (timm's normal pretrained download — the path users
+take), a local file (safetensors, or `.pth` read with `torch.load(weights_only=True)`), or
+`none` (random init). The preprocessing a backbone expects (size, mean, std, interpolation)
+comes from its pretrained config and travels with the model.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from cxrlabel.data.transforms import Preprocessing
+
+log = logging.getLogger(__name__)
+
+# Short name -> (timm name, display name used in reports, e.g. "Xception_3_D").
+BACKBONES: dict[str, tuple[str, str]] = {
+    "xception": ("legacy_xception", "Xception"),
+    "densenet121": ("densenet121", "DenseNet121"),
+    "resnet50": ("resnet50", "ResNet50"),
+    "vgg19": ("vgg19", "VGG19"),
+    "mobilenet": ("mobilenetv1_100", "MobileNet"),
+    # Not in the method: a few-thousand-parameter CNN so tests and the CPU demo train in
+    # seconds. It has no pretrained weights.
+    "tiny": ("tiny", "Tiny"),
+}
+
+# Head kind -> suffix in report names (the method's "1", "3" and "3_D").
+HEADS: dict[str, str] = {"linear": "1", "mlp3": "3", "mlp3_dropout": "3_D"}
+
+# Preprocessing for the tiny CNN (it has no pretrained config to read it from).
+TINY_PREPROCESSING = Preprocessing(
+    size=128,
+    mean=(0.5, 0.5, 0.5),
+    std=(0.25, 0.25, 0.25),
+    resize_mode="pad",
+    interpolation="bilinear",
+)
+
+
+class WeightsError(ValueError):
+    """A weights file that does not fit the backbone, with what did not match."""
+
+
+class TinyCNN(nn.Module):
+    """Four conv blocks (each halves the size) and global pooling: enough to learn the
+    synthetic findings on a CPU. Inputs must be at least 16 px."""
+
+    def __init__(self, width: int = 16) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        channels = 3
+        for i in range(4):
+            out = width * 2**i
+            layers += [
+                nn.Conv2d(channels, out, 3, padding=1, bias=False),
+                nn.BatchNorm2d(out),
+                nn.ReLU(inplace=True),
+                nn.MaxPool2d(2),
+            ]
+            channels = out
+        self.features = nn.Sequential(*layers)
+        self.num_features = channels
+        self.pool = nn.AdaptiveAvgPool2d(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool(self.features(x)).flatten(1)
+
+
+def backbone_display_name(backbone: str) -> str:
+    return BACKBONES[backbone][1] if backbone in BACKBONES else backbone
+
+
+def model_display_name(backbone: str, head: str) -> str:
+    """The method's naming: `<Backbone>_<1|3|3_D>`, e.g. `Xception_3_D`."""
+    if head not in HEADS:
+        raise ValueError(f"unknown head {head!r}; choose one of {sorted(HEADS)}")
+    return f"{backbone_display_name(backbone)}_{HEADS[head]}"
+
+
+def _timm_name(backbone: str) -> str:
+    return BACKBONES[backbone][0] if backbone in BACKBONES else backbone
+
+
+def load_weights_file(model: nn.Module, path: Path) -> None:
+    """Load a local safetensors or .pth state dict; refuse mismatches and name them."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"{path}: weights file not found")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    else:
+        # weights_only: never unpickle arbitrary objects from a file we did not write.
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(state, Mapping) and "state_dict" in state:
+            state = state["state_dict"]
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong_shape = sorted(
+        f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in set(own) & set(state)
+        if tuple(state[k].shape) != tuple(own[k].shape)
+    )
+    if missing or unexpected or wrong_shape:
+        raise WeightsError(
+            f"{path} does not fit {type(model).__name__}: "
+            f"{len(missing)} missing (e.g. {missing[:3]}), "
+            f"{len(unexpected)} unexpected (e.g. {unexpected[:3]}), "
+            f"{len(wrong_shape)} wrong shape (e.g. {wrong_shape[:3]})"
+        )
+    model.load_state_dict(state, strict=True)
+    log.info("loaded %d tensors from %s", len(state), path)
+
+
+def create_backbone(
+    backbone: str, weights: str | Path = "imagenet", *, resize_mode: str = "pad"
+) -> tuple[nn.Module, Preprocessing]:
+    """A feature extractor (pooled features, no classifier) and the preprocessing it expects.
+
+    weights: 'imagenet' (timm download), 'none' (random init) or a path to a local file.
+    """
+    if backbone == "tiny":
+        if str(weights) == "imagenet":
+            raise WeightsError("the tiny backbone has no ImageNet weights; use weights='none'")
+        model: nn.Module = TinyCNN()
+        prep = TINY_PREPROCESSING
+    else:
+        import timm
+
+        pretrained = str(weights) == "imagenet"
+        model = timm.create_model(_timm_name(backbone), pretrained=pretrained, num_classes=0)
+        prep = Preprocessing.from_timm_config(model.pretrained_cfg, resize_mode=resize_mode)
+    if str(weights) not in ("imagenet", "none"):
+        load_weights_file(model, Path(weights))
+    return model, prep
+
+
+def make_keras_compatible(model: nn.Module) -> nn.Module:
+    """Make a timm model compute what Keras computes with the same (converted) weights.
+
+    Keras uses BatchNorm epsilon 1e-3 (timm 1e-5) and TensorFlow "same" max-pool padding (pad
+    bottom/right only; timm pads symmetrically). With Keras-trained weights, such as the offline
+    Xception file in shared/data/weights, the features then match Keras to ~1e-6; without this
+    they differ (cosine ~0.97), which costs frozen-feature heads several AUROC points.
+    """
+    from timm.layers.pool2d_same import MaxPool2dSame
+
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.eps = 1e-3
+        for name, child in module.named_children():
+            if isinstance(child, nn.MaxPool2d) and child.stride != 1:
+                setattr(module, name, MaxPool2dSame(child.kernel_size, child.stride))
+    return model
+
+
+def create_head(kind: str, in_features: int, num_labels: int, hidden: int = 256) -> nn.Module:
+    """The method's feed-forward classifiers: one layer, three layers, three with dropout 0.5."""
+    if kind == "linear":
+        return nn.Linear(in_features, num_labels)
+    if kind in ("mlp3", "mlp3_dropout"):
+        drop = 0.5 if kind == "mlp3_dropout" else 0.0
+        return nn.Sequential(
+            nn.Linear(in_features, hidden),
+            nn.ReLU(),
+            nn.Dropout(drop),
+            nn.Linear(hidden, hidden),
+            nn.ReLU(),
+            nn.Dropout(drop),
+            nn.Linear(hidden, num_labels),
+        )
+    raise ValueError(f"unknown head {kind!r}; choose one of {sorted(HEADS)}")
+
+
+@torch.no_grad()
+def feature_dim(backbone: nn.Module, size: int) -> int:
+    """Width of a backbone's pooled output (timm's num_features is not always it, e.g. VGG)."""
+    was_training = backbone.training
+    backbone.eval()
+    out = backbone(torch.zeros(1, 3, size, size))
+    backbone.train(was_training)
+    return int(out.shape[-1])
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What defines a model besides its weights; saved with every checkpoint."""
+
+    backbone: str
+    head: str
+    labels: tuple[str, ...]
+    hidden: int = 256
+
+
+class CXRModel(nn.Module):
+    """Backbone + head: images (B, 3, S, S) -> one logit per label (sigmoid gives P)."""
+
+    def __init__(
+        self, backbone: nn.Module, head: nn.Module, spec: ModelSpec, preprocessing: Preprocessing
+    ) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+        self.spec = spec
+        self.preprocessing = preprocessing
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))
+
+
+def resolve_device(device: str) -> torch.device:
+    """auto | cpu | cuda -> the torch device; 'cuda' without CUDA is an error, not a fallback."""
+    if device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"device must be auto, cpu or cuda, not {device!r}")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' was asked for but CUDA is not available")
+    return torch.device(device)
+
+
+def create_model(
+    backbone: str,
+    head: str,
+    labels: Sequence[str],
+    *,
+    weights: str | Path = "imagenet",
+    hidden: int = 256,
+    size: int | None = None,
+    resize_mode: str = "pad",
+) -> CXRModel:
+    """The factory: backbone (with weights) + head for `labels`, and its preprocessing.
+
+    `size` overrides the backbone's native input size (e.g. 220 or 320 as in the method);
+    mean, std and interpolation still come from the backbone's config.
+    """
+    net, prep = create_backbone(backbone, weights, resize_mode=resize_mode)
+    if size is not None and size != prep.size:
+        prep = Preprocessing(size, prep.mean, prep.std, prep.resize_mode, prep.interpolation)
+    spec = ModelSpec(backbone=backbone, head=head, labels=tuple(labels), hidden=hidden)
+    dim = feature_dim(net, prep.size)
+    return CXRModel(net, create_head(head, dim, len(spec.labels), hidden), spec, prep)
+
+
+def masked_bce_loss(
+    logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    """Binary cross-entropy summed over each image's certain labels, averaged over the batch.
+
+    This is the method's equation (1): masked (uncertain or unknown) labels contribute nothing.
+    """
+    per_label = nn.functional.binary_cross_entropy_with_logits(
+        logits, targets.to(logits.dtype), reduction="none"
+    )
+    return (per_label * mask.to(per_label.dtype)).sum(dim=1).mean()

@@ -1,0 +1,112 @@
+"""Execution planning: where and how a training step runs (device, precision, memory format).
+
+bf16 autocast + channels_last is chosen where it is native (CUDA, CPUs with AMX/AVX512-BF16);
+elsewhere bf16 is emulated and slower, so `auto` stays in fp32. Tests inject CPU flags to check
+the choice without depending on the machine that runs them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cxrlabel.models.factory import resolve_device
+
+
+@dataclass(frozen=True)
+class ExecutionPlan:
+    """Where and how the training step runs, and why it was chosen."""
+
+    device: str
+    amp_dtype: str | None  # "bfloat16" or None (fp32)
+    channels_last: bool
+    reason: str
+
+    @property
+    def precision(self) -> str:
+        return "bf16" if self.amp_dtype else "fp32"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "device": self.device,
+            "precision": self.precision,
+            "channels_last": self.channels_last,
+            "reason": self.reason,
+        }
+
+
+def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str]:
+    """The CPU feature flags Linux reports (empty where /proc/cpuinfo does not exist)."""
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return frozenset(line.partition(":")[2].split())
+    return frozenset()
+
+
+def cpu_name(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    import platform
+
+    try:
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_has_fast_bf16(flags: frozenset[str] | None = None) -> bool:
+    """True where bf16 matmuls/convolutions are native (AMX or AVX512-BF16).
+
+    Elsewhere bf16 on a CPU is emulated and slower than fp32, so "auto" must not pick it.
+    """
+    flags = cpu_flags() if flags is None else flags
+    if flags & {"amx_bf16", "avx512_bf16"}:
+        return True
+    # Without /proc/cpuinfo (macOS, Windows) oneDNN's own view is the best available.
+    if not flags:
+        with contextlib.suppress(Exception):
+            return torch.backends.cpu.get_cpu_capability() == "AVX512_BF16"
+    return False
+
+
+def choose_execution(
+    device: str = "auto", precision: str = "auto", *, flags: frozenset[str] | None = None
+) -> ExecutionPlan:
+    """device auto|cpu|cuda and precision auto|fp32|bf16 -> what the training step does."""
+    if precision not in ("auto", "fp32", "bf16"):
+        raise ValueError(f"precision must be auto, fp32 or bf16, not {precision!r}")
+    device = resolve_device(device).type
+    if precision == "fp32":
+        return ExecutionPlan(device, None, False, "precision fp32 was asked for")
+    if precision == "bf16":
+        return ExecutionPlan(device, "bfloat16", True, "precision bf16 was asked for")
+    if device == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return ExecutionPlan(device, "bfloat16", True, "CUDA with bf16 support")
+        return ExecutionPlan(device, None, True, "CUDA without bf16 support")
+    if cpu_has_fast_bf16(flags):
+        return ExecutionPlan(device, "bfloat16", True, "CPU has AMX/AVX512-BF16")
+    return ExecutionPlan(device, None, False, "CPU lacks AMX/AVX512-BF16: bf16 would be slower")
+
+
+def autocast(plan: ExecutionPlan) -> contextlib.AbstractContextManager:
+    if plan.amp_dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(plan.device, dtype=getattr(torch, plan.amp_dtype))
+
+
+def to_device(batch: Mapping[str, torch.Tensor], plan: ExecutionPlan) -> dict[str, torch.Tensor]:
+    out = {k: v.to(plan.device, non_blocking=True) for k, v in batch.items()}
+    if plan.channels_last:
+        out["image"] = out["image"].contiguous(memory_format=torch.channels_last)
+    return out

@@ -1,0 +1,859 @@
+"""End-to-end fine-tuning (approach 2): one `train(config)` call makes a complete run folder.
+
+Run folder layout (default ``<config.runs_dir>/<config.name>``)::
+
+    config.yaml                   the resolved RunConfig (load_config rebuilds the run)
+    splits/split.csv              patient_id,split when validation is split off train
+    metrics.csv                   kind=step|epoch, epoch, step, train_loss, val_loss, val_auroc,
+                                  lr, images_per_s, loader_images_per_s
+    plots/loss.png                per-step training loss; per-epoch train vs validation loss
+    checkpoints/last.*            end of every epoch and every `checkpoint_every_steps` steps,
+                                  with optimizer and RNG state for `resume=True`
+    checkpoints/best.*            best epoch by validation loss (or mean AUROC)
+    checkpoints/epoch-NNNN.*      with keep_best=k>1: each of the k best epochs under its own
+                                  (0-based) epoch number; a displaced one is deleted
+    checkpoints/kept.json         the ranking, best first: rank, epoch, value, path (for
+                                  keep_best=1 the one entry is best.*); `RUN:bestK` reads it
+    summary.json                  labels, best epoch, its validation loss, AUROCs and mean
+                                  metrics at its thresholds, the kept checkpoints, speed
+
+End-of-epoch bookkeeping survives a kill at any point. A kept epoch's file is new, so writing
+it touches nothing recorded; the ranking is recorded with `last` (the commit), then in
+kept.json, then best.* is written and displaced epochs' files are deleted. A resumed run
+deletes epoch files the recorded ranking does not name and rewrites best.* if the kill came
+before it. `last` itself is saved beside a hard-linked copy of the previous one
+(last.prev.*, deleted once the new one is whole), which a resume falls back to when `last` is
+torn; metrics.csv is written first and trimmed on resume to what `last` covers.
+
+Every best / kept checkpoint carries decision thresholds in its metadata ("thresholds"):
+chosen per label by `config.threshold_rule` (fixed 0.5, youden, max_f1) on that epoch's
+validation predictions (image level), optionally with a +/- `uncertainty_band`. They are chosen
+when the checkpoint is saved, from the very predictions that ranked it, so no extra pass over
+the validation set is needed and a resumed run stores the same thresholds.
+
+Preprocessing caches go to ``<run_dir>/../.cache/<settings>-<image list hash>/`` so runs over
+the same images at the same resize settings share one.
+
+Resuming is exact: each epoch's order comes from a generator seeded by (seed, epoch), the
+batches an interrupted epoch already did are skipped, and weights, optimizer state and the
+global RNG come back from `last`. With ``config.deterministic`` a resumed run ends with the
+same weights, bit for bit, as one that was never interrupted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader
+
+from cxrlabel.config import RunConfig, load_config
+from cxrlabel.data.cache import ImageCache, prepare_cache
+from cxrlabel.data.dataset import CXRDataset, collate_skipping, resize_settings
+from cxrlabel.data.formats import load_table
+from cxrlabel.data.labels import LabelTable, filter_certain, filter_view, resolve_labels
+from cxrlabel.data.splits import patient_split, save_split
+from cxrlabel.data.transforms import AugmentConfig
+from cxrlabel.evaluation.metrics import METRIC_NAMES, metrics_table
+from cxrlabel.fileio import atomic_write_bytes, atomic_write_text
+from cxrlabel.models.checkpoint import (
+    CheckpointError,
+    checkpoint_paths,
+    load_training_state,
+    read_metadata,
+    remove_checkpoint,
+    save_checkpoint,
+)
+from cxrlabel.models.factory import CXRModel, create_model, masked_bce_loss
+from cxrlabel.models.thresholds import Thresholds, choose_thresholds
+from cxrlabel.training.execution import ExecutionPlan, autocast, choose_execution, to_device
+
+log = logging.getLogger(__name__)
+
+# Without an explicit `checkpoint_every_steps`, `last` is also refreshed this often mid-epoch,
+# so a killed long epoch (DenseNet at 320 px: hours) loses at most this many steps.
+DEFAULT_CHECKPOINT_EVERY_STEPS = 200
+
+METRIC_COLUMNS = (
+    "kind",
+    "epoch",
+    "step",
+    "train_loss",
+    "val_loss",
+    "val_auroc",
+    "lr",
+    "images_per_s",
+    "loader_images_per_s",
+)
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """Where a run went and how its best epoch did on validation."""
+
+    run_dir: Path
+    best_checkpoint: Path  # the weights file; its metadata is the .json beside it
+    last_checkpoint: Path
+    metrics: Mapping[str, Any]  # summary.json's contents
+    completed: bool = True  # False when `stop_after_steps` ended the run early
+
+
+def train_step(
+    model: torch.nn.Module,
+    batch: Mapping[str, torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    plan: ExecutionPlan,
+) -> float:
+    """One optimisation step on a batch already on the device; returns the loss."""
+    model.train()
+    optimizer.zero_grad(set_to_none=True)
+    with autocast(plan):
+        logits = model(batch["image"])
+    # The loss in fp32: bf16 logits would round the small per-label terms away.
+    loss = masked_bce_loss(logits.float(), batch["target"], batch["mask"])
+    loss.backward()
+    optimizer.step()
+    return float(loss.detach())
+
+
+@torch.no_grad()
+def predict(
+    model: torch.nn.Module, loader: DataLoader, plan: ExecutionPlan
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    """Probabilities, targets and masks over a loader, and the mean masked BCE per image."""
+    model.eval()
+    scores, targets, masks = [], [], []
+    loss_sum, count = 0.0, 0
+    for raw in loader:
+        if raw is None:  # every image of the batch was unreadable (and reported)
+            continue
+        batch = to_device(raw, plan)
+        with autocast(plan):
+            logits = model(batch["image"]).float()
+        n = logits.shape[0]
+        loss_sum += float(masked_bce_loss(logits, batch["target"], batch["mask"])) * n
+        count += n
+        scores.append(torch.sigmoid(logits).cpu().numpy())
+        targets.append(raw["target"].numpy())
+        masks.append(raw["mask"].numpy())
+    if not count:
+        raise ValueError("validation set is empty")
+    return (
+        np.concatenate(scores),
+        np.concatenate(targets),
+        np.concatenate(masks),
+        loss_sum / count,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------------
+
+
+def _filtered(table: LabelTable, config: RunConfig, labels: Sequence[str]) -> LabelTable:
+    table = filter_view(table, config.view)
+    return filter_certain(table, labels) if config.require_certain else table
+
+
+def load_tables(config: RunConfig, run_dir: Path) -> tuple[LabelTable, LabelTable]:
+    """Training and validation tables, filtered; a split of train is saved under splits/."""
+    if not config.train_csv:
+        raise ValueError("config.train_csv is empty: nothing to train on")
+    labels = resolve_labels(config.labels)
+    train_table = _filtered(load_table(Path(config.train_csv), config.format), config, labels)
+    if config.valid_csv:
+        valid_table = _filtered(load_table(Path(config.valid_csv), config.format), config, labels)
+    else:
+        split = patient_split(train_table, config.valid_fraction, config.seed)
+        save_split(split, run_dir / "splits" / "split.csv")
+        train_table, valid_table = split.apply(train_table)
+    if not len(train_table) or not len(valid_table):
+        raise ValueError(
+            f"after filtering: {len(train_table)} training and {len(valid_table)} validation "
+            "images; both must be non-empty"
+        )
+    log.info("%d training and %d validation images", len(train_table), len(valid_table))
+    return train_table, valid_table
+
+
+def cache_dir_for(root: Path, paths: Sequence[Path], model: CXRModel) -> Path:
+    """A cache folder keyed by resize settings and the image list, so runs can share it."""
+    settings = resize_settings(model.preprocessing)
+    digest = hashlib.sha256("\n".join(str(p) for p in paths).encode()).hexdigest()[:16]
+    name = f"{settings.size}px-{settings.resize_mode}-{settings.interpolation}-{digest}"
+    return root / name
+
+
+def make_dataset(
+    table: LabelTable,
+    model: CXRModel,
+    config: RunConfig,
+    cache_root: Path,
+    *,
+    augmentation: AugmentConfig | None,
+) -> CXRDataset:
+    cache: ImageCache | None = None
+    if config.use_cache:
+        paths = table.image_paths()
+        settings = resize_settings(model.preprocessing)
+        cache = prepare_cache(
+            paths,
+            cache_dir_for(cache_root, paths, model),
+            settings,
+            workers=config.workers or None,
+        )
+    return CXRDataset(
+        table,
+        model.spec.labels,
+        model.preprocessing,
+        policy=config.policy,
+        cache=cache,
+        augmentation=augmentation,
+        on_error="skip",
+        seed=config.seed,
+    )
+
+
+def augmentation_from(config: RunConfig) -> AugmentConfig | None:
+    aug = AugmentConfig(
+        rotation_deg=config.rotation_deg,
+        translate=config.translate,
+        brightness=config.brightness,
+        contrast=config.contrast,
+        hflip=config.hflip,
+    )
+    return aug if aug.enabled else None
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """Seed for one epoch's order and augmentations: a function of (seed, epoch) only."""
+    return (seed * 1_000_003 + epoch * 7_919 + 1) % (2**63)
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    generator = torch.Generator().manual_seed(epoch_seed(seed, epoch))
+    return torch.randperm(n, generator=generator).tolist()
+
+
+def make_loader(
+    dataset: CXRDataset,
+    order: Sequence[int] | None,
+    config: RunConfig,
+    plan: ExecutionPlan,
+    *,
+    seed: int = 0,
+) -> DataLoader:
+    """A loader over `order` (a list of dataset indices), or over the dataset in sequence."""
+    # Its own generator: otherwise each new iterator draws its worker base seed from the
+    # global RNG, and a resumed run (one more iterator) would drift from an uninterrupted one.
+    return DataLoader(
+        dataset,
+        batch_size=config.batch_size,
+        sampler=list(order) if order is not None else None,
+        shuffle=False,
+        num_workers=config.workers,
+        collate_fn=collate_skipping,
+        pin_memory=plan.device == "cuda",
+        generator=torch.Generator().manual_seed(seed),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Run folder: metrics, plot, summary
+# --------------------------------------------------------------------------------------------
+
+
+def write_metrics(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
+    frame = pd.DataFrame(list(rows), columns=list(METRIC_COLUMNS))
+    atomic_write_text(path, frame.to_csv(index=False))
+
+
+def read_metrics(path: Path, up_to_step: int, before_epoch: int) -> list[dict[str, Any]]:
+    """Rows of an interrupted run's metrics.csv that its checkpoint covers: steps up to
+    `up_to_step`, epoch rows of epochs before `before_epoch` (the one in progress).
+
+    The file is written before `last`, so after a kill it may run ahead of it; an epoch's row
+    shares its last step's number, so the epoch filter keeps an epoch that `last` stopped at
+    the end of, but had not yet validated, from being recorded twice.
+    """
+    if not path.is_file():
+        return []
+    frame = pd.read_csv(path)
+    is_epoch = frame["kind"] == "epoch"
+    frame = frame[(frame["step"] <= up_to_step) & (~is_epoch | (frame["epoch"] < before_epoch))]
+    rows = frame.to_dict("records")
+    return [{k: (None if _isnan(v) else v) for k, v in row.items()} for row in rows]
+
+
+def _isnan(value: Any) -> bool:
+    return isinstance(value, float) and math.isnan(value)
+
+
+def _json_float(value: Any) -> float | None:
+    """A float for JSON, None for NaN / infinite (no AUROC, or no value to rank by)."""
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def loss_plot_png(rows: Sequence[Mapping[str, Any]]) -> bytes:
+    """PNG: training loss per step (top) and mean training and validation loss per epoch."""
+    import io
+
+    # Figure directly, not pyplot: no global backend or figure registry is touched.
+    from matplotlib.figure import Figure
+
+    steps = [r for r in rows if r["kind"] == "step"]
+    epochs = [r for r in rows if r["kind"] == "epoch"]
+    fig = Figure(figsize=(7, 6), tight_layout=True)
+    top, bottom = fig.subplots(2, 1)
+    top.plot([r["step"] for r in steps], [r["train_loss"] for r in steps], lw=0.8)
+    top.set(xlabel="step", ylabel="training loss", title="Training loss per step")
+    x = [r["epoch"] for r in epochs]
+    bottom.plot(x, [r["train_loss"] for r in epochs], "o-", label="train")
+    bottom.plot(x, [r["val_loss"] for r in epochs], "s-", label="validation")
+    bottom.set(xlabel="epoch", ylabel="loss", title="Loss per epoch")
+    bottom.legend()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    return buffer.getvalue()
+
+
+def label_aurocs(table: pd.DataFrame) -> dict[str, float | None]:
+    return {
+        str(row["Label"]): None if _isnan(float(row["AUROC"])) else float(row["AUROC"])
+        for _, row in table.iterrows()
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------------------------
+
+
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def scheduled_lr(base_lr: float, schedule: str, step: int, total_steps: int) -> float:
+    """Learning rate for optimisation step `step` (0-based) of `total_steps`.
+
+    A pure function of the step, so a resumed run needs no scheduler state. "constant" is the
+    method's setup; "cosine" decays to zero over the run, which steadies short CPU runs whose
+    BatchNorm statistics otherwise keep jumping at a high constant rate.
+    """
+    if schedule == "constant":
+        return base_lr
+    if schedule == "cosine":
+        return base_lr * 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / total_steps))
+    raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, not {schedule!r}")
+
+
+@dataclass
+class Progress:
+    """Where training stands; saved in `last.json` so a resumed run picks up here."""
+
+    epoch: int = 0  # the epoch in progress (0-based)
+    batch: int = 0  # batches of that epoch already done
+    step: int = 0  # optimisation steps done over the whole run
+    best_epoch: int | None = None
+    best_value: float | None = None
+    best_metrics: dict[str, Any] | None = None
+    # The keep_best ranking, best first: {"epoch", "value"} per kept epoch.
+    kept: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@contextlib.contextmanager
+def run_context(config: RunConfig) -> Iterator[None]:
+    """Seed the global RNG and set determinism for the run; put everything back afterwards."""
+    was_deterministic = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    cudnn_benchmark = torch.backends.cudnn.benchmark
+    devices = list(range(torch.cuda.device_count()))
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(config.seed)
+        try:
+            if config.deterministic:
+                torch.use_deterministic_algorithms(True)
+                torch.backends.cudnn.benchmark = False
+            yield
+        finally:
+            torch.use_deterministic_algorithms(was_deterministic, warn_only=warn_only)
+            torch.backends.cudnn.benchmark = cudnn_benchmark
+
+
+def validation_source(config: RunConfig) -> str:
+    """What the run validates on, in words (for thresholds' `chosen_on` and reports)."""
+    if config.valid_csv:
+        return Path(config.valid_csv).name
+    return f"{config.valid_fraction:.0%} patient split of {Path(config.train_csv).name}"
+
+
+def rank_kept(
+    kept: Sequence[Mapping[str, Any]], new: Mapping[str, Any], k: int, select_best: str
+) -> list[dict[str, Any]]:
+    """The best `k` of `kept` plus `new` ({"epoch", "value"}), best first.
+
+    Lower is better for val_loss, higher for val_auroc; on a tie the earlier epoch ranks first,
+    as a later epoch only becomes `best` when strictly better. A NaN value ranks last.
+    """
+    sign = -1.0 if select_best == "val_auroc" else 1.0
+
+    def key(entry: Mapping[str, Any]) -> tuple[float, int]:
+        value = float(entry["value"])
+        return (math.inf if math.isnan(value) else sign * value, int(entry["epoch"]))
+
+    return sorted((dict(e) for e in (*kept, new)), key=key)[:k]
+
+
+# Kept epochs are saved under their epoch number and never renamed: a file's name says which
+# epoch it holds whatever point a kill interrupted, and the ranking lives in `last`/kept.json.
+_EPOCH_FILE = re.compile(r"^epoch-(?P<epoch>\d+)\.")
+# Read by cxrlabel.models.ensemble.resolve_model_paths for `RUN:bestK` (same name there).
+KEPT_FILE = "kept.json"
+
+
+def epoch_path(ckpt_dir: Path, epoch: int) -> Path:
+    """The weights file a kept epoch (0-based) is saved to when keep_best > 1."""
+    return ckpt_dir / f"epoch-{epoch:04d}.safetensors"
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)  # no copy of the data; `src` is later replaced, not rewritten in place
+    except OSError:  # a file system without hard links
+        shutil.copyfile(src, dst)
+
+
+def _check_resumable(config: RunConfig, run_dir: Path) -> None:
+    saved = run_dir / "config.yaml"
+    if not saved.is_file():
+        return
+    old, new = load_config(saved).to_dict(), config.to_dict()
+    changed = sorted(k for k in new if old.get(k) != new[k])
+    if changed:
+        raise ValueError(f"{run_dir}: cannot resume with a different config (changed: {changed})")
+
+
+class _Run:
+    """State shared by the steps of one `train` call."""
+
+    def __init__(self, config: RunConfig, run_dir: Path, every: int | None) -> None:
+        self.config = config
+        self.run_dir = run_dir
+        self.every = every
+        self.ckpt_dir = run_dir / "checkpoints"
+        self.last = self.ckpt_dir / "last.safetensors"
+        # The previous `last`, kept while a new one is written (see save_last).
+        self.last_prev = self.ckpt_dir / "last.prev.safetensors"
+        self.best = self.ckpt_dir / "best.safetensors"
+        self.plan = choose_execution(config.device, config.precision)
+        log.info("execution: %s", self.plan.to_dict())
+        train_table, valid_table = load_tables(config, run_dir)
+        self.model = create_model(
+            config.backbone,
+            config.head,
+            resolve_labels(config.labels),
+            weights=config.weights,
+            hidden=config.hidden,
+            size=config.size or None,
+            resize_mode=config.resize_mode,
+        ).to(self.plan.device)
+        if self.plan.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        cache_root = run_dir.parent / ".cache"
+        self.train_set = make_dataset(
+            train_table, self.model, config, cache_root, augmentation=augmentation_from(config)
+        )
+        self.valid_set = make_dataset(
+            valid_table, self.model, config, cache_root, augmentation=None
+        )
+        self.optimizer = torch.optim.Adam(
+            self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay
+        )
+        self.total_steps = config.epochs * math.ceil(len(self.train_set) / config.batch_size)
+        self.progress = Progress()
+        self.valid_source = validation_source(config)
+        self.rows: list[dict[str, Any]] = []
+        self.images_per_s: list[float] = []
+        # Whether checkpoints/last.* is known to be whole, so worth keeping as last.prev.*.
+        self.last_whole = False
+
+    def resume(self) -> None:
+        try:
+            meta = load_training_state(self.last, self.model, self.optimizer)
+            self.last_whole = True
+            remove_checkpoint(self.last_prev)  # not needed: what a kill left of it goes
+        except CheckpointError as exc:
+            # Killed while `last` was being rewritten: its files disagree, the previous is whole.
+            if not checkpoint_paths(self.last_prev)[2].is_file():
+                raise
+            log.warning("%s; resuming from the previous one, %s", exc, self.last_prev.name)
+            meta = load_training_state(self.last_prev, self.model, self.optimizer)
+        self.progress = Progress(**meta["extra"]["progress"])
+        self.rows = read_metrics(
+            self.run_dir / "metrics.csv", self.progress.step, self.progress.epoch
+        )
+        self.settle_kept()
+        log.info(
+            "resumed %s at epoch %d, batch %d (step %d)",
+            self.run_dir,
+            self.progress.epoch,
+            self.progress.batch,
+            self.progress.step,
+        )
+
+    def settle_kept(self) -> None:
+        """Make the kept checkpoints match the resumed ranking after a kill in end_epoch.
+
+        Files of a kill's half-done saves and epoch files the ranking does not name (one saved
+        before the kill could record it, or one displaced but not yet deleted) go; kept.json
+        is rewritten; best.* is rewritten when the kill came between recording a new best and
+        saving it, which leaves `last` at the start of the next epoch with that best's weights.
+        """
+        for tmp in self.ckpt_dir.glob(".*.tmp"):
+            tmp.unlink(missing_ok=True)
+        self.prune_epoch_files()
+        p = self.progress
+        if p.kept:
+            self.write_kept()
+        else:  # no epoch recorded yet: nothing to name
+            (self.ckpt_dir / KEPT_FILE).unlink(missing_ok=True)
+        if p.best_epoch is None or p.best_metrics is None:
+            return
+        try:
+            if read_metadata(self.best)["epoch"] == p.best_epoch:
+                return
+        except CheckpointError:
+            pass  # missing, or torn by the kill: rewritten below
+        if (p.epoch, p.batch) == (p.best_epoch + 1, 0):
+            log.info("%s: saving best epoch %d again (interrupted)", self.best, p.best_epoch)
+            thresholds = Thresholds.from_dict(p.best_metrics["thresholds"])
+            self.save_best(self.best, p.best_metrics, thresholds, epoch=p.best_epoch)
+        else:
+            log.warning(
+                "%s does not hold the recorded best epoch %d and cannot be rebuilt",
+                self.best,
+                p.best_epoch,
+            )
+
+    def save_last(self) -> None:
+        # metrics.csv first: a resume trims it to what `last` covers (read_metrics), whereas
+        # rows written after `last` would be lost to a kill in between.
+        write_metrics(self.run_dir / "metrics.csv", self.rows)
+        if self.last_whole:
+            self.keep_previous_last()
+        save_checkpoint(
+            self.last,
+            self.model,
+            config=self.config.to_dict(),
+            epoch=self.progress.epoch,
+            step=self.progress.step,
+            optimizer=self.optimizer,
+            extra={
+                "progress": self.progress.to_dict(),
+                "execution": self.plan.to_dict(),
+            },
+        )
+        self.last_whole = True
+        remove_checkpoint(self.last_prev)
+
+    def keep_previous_last(self) -> None:
+        """Hard-link the whole current `last` as last.prev.* before it is overwritten.
+
+        save_checkpoint replaces each file of `last` in turn, so a kill part-way leaves files
+        that disagree (read_metadata refuses them); the links keep the old contents.
+        """
+        remove_checkpoint(self.last_prev)
+        src, dst = checkpoint_paths(self.last), checkpoint_paths(self.last_prev)
+        meta = json.loads(src[2].read_text(encoding="utf-8"))
+        for kind, index in (("weights", 0), ("state", 1)):
+            _link_or_copy(src[index], dst[index])
+            meta["files"][kind] = dst[index].name
+        # Last: the metadata naming the linked files marks the copy whole.
+        atomic_write_text(dst[2], json.dumps(meta, indent=2))
+
+    def run_epoch(self, stop_after_steps: int | None) -> bool:
+        """Train the rest of the current epoch; False if `stop_after_steps` cut it short."""
+        p, config = self.progress, self.config
+        order = epoch_order(len(self.train_set), config.seed, p.epoch)
+        # Augmentation is seeded per (dataset seed, row): a per-epoch seed varies it by epoch.
+        self.train_set.seed = epoch_seed(config.seed, p.epoch)
+        loader = make_loader(
+            self.train_set,
+            order[p.batch * config.batch_size :],
+            config,
+            self.plan,
+            seed=self.train_set.seed,
+        )
+        waited = time.perf_counter()
+        for raw in loader:
+            loaded = time.perf_counter()
+            if raw is None:  # every image of the batch was unreadable (and reported)
+                p.batch += 1  # keeps a resume's position in the epoch's order right
+                waited = time.perf_counter()
+                continue
+            batch = to_device(raw, self.plan)
+            lr = scheduled_lr(config.lr, config.lr_schedule, p.step, self.total_steps)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            loss = train_step(self.model, batch, self.optimizer, self.plan)
+            done = time.perf_counter()
+            n = int(raw["image"].shape[0])
+            p.batch += 1
+            p.step += 1
+            self.images_per_s.append(n / max(done - loaded, 1e-9))
+            self.rows.append(
+                {
+                    "kind": "step",
+                    "epoch": p.epoch,
+                    "step": p.step,
+                    "train_loss": loss,
+                    "lr": self.optimizer.param_groups[0]["lr"],
+                    "images_per_s": self.images_per_s[-1],
+                    "loader_images_per_s": n / max(loaded - waited, 1e-9),
+                }
+            )
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"training loss is {loss} at step {p.step}")
+            stop = stop_after_steps is not None and p.step >= stop_after_steps
+            if stop or (self.every and p.step % self.every == 0):
+                self.save_last()
+            if stop:
+                return False
+            waited = time.perf_counter()
+        return True
+
+    def end_epoch(self) -> None:
+        """Validate, record, keep the best, and move `last` to the next epoch's start."""
+        p, config = self.progress, self.config
+        scores, targets, masks, val_loss = predict(
+            self.model, make_loader(self.valid_set, None, config, self.plan), self.plan
+        )
+        labels = self.model.spec.labels
+        thresholds = self.choose_thresholds(scores, targets, masks)
+        table = metrics_table(targets, scores, masks, labels, thresholds)
+        aurocs = label_aurocs(table)
+        mean_auroc = aurocs.pop("Mean")
+        losses = [
+            r["train_loss"] for r in self.rows if r["kind"] == "step" and r["epoch"] == p.epoch
+        ]
+        self.rows.append(
+            {
+                "kind": "epoch",
+                "epoch": p.epoch,
+                "step": p.step,
+                "train_loss": float(np.mean(losses)) if losses else None,
+                "val_loss": val_loss,
+                "val_auroc": mean_auroc,
+                "lr": self.optimizer.param_groups[0]["lr"],
+            }
+        )
+        log.info(
+            "epoch %d: train loss %.4f, val loss %.4f, val AUROC %s",
+            p.epoch,
+            self.rows[-1]["train_loss"] or math.nan,
+            val_loss,
+            mean_auroc,
+        )
+        if config.select_best == "val_auroc":
+            value = -math.inf if mean_auroc is None else mean_auroc
+            better = p.best_value is None or value > p.best_value
+        else:
+            value = val_loss
+            better = p.best_value is None or value < p.best_value
+        mean = table.set_index("Label").loc["Mean"]
+        metrics = {
+            "val_loss": val_loss,
+            "val_auroc_mean": mean_auroc,
+            "val_auroc": aurocs,
+            "val_mean": {m: _json_float(mean[m]) for m in METRIC_NAMES},
+            "thresholds": thresholds.to_dict(),
+        }
+        if better:
+            p.best_epoch, p.best_value, p.best_metrics = p.epoch, value, metrics
+        ended = p.epoch
+        p.kept = rank_kept(
+            p.kept, {"epoch": ended, "value": value}, config.keep_best, config.select_best
+        )
+        kept = any(e["epoch"] == ended for e in p.kept)
+        if kept and config.keep_best > 1:
+            # A new file: nothing recorded is touched before the ranking is.
+            self.save_best(epoch_path(self.ckpt_dir, ended), metrics, thresholds, epoch=ended)
+        p.epoch += 1
+        p.batch = 0
+        # The commit: from here a resume starts at the next epoch with the new ranking, and
+        # settle_kept finishes whatever of the rest a kill left undone.
+        self.save_last()
+        if kept:
+            self.write_kept()
+        if better:
+            self.save_best(self.best, metrics, thresholds, epoch=ended)
+        self.prune_epoch_files()
+        atomic_write_bytes(self.run_dir / "plots" / "loss.png", loss_plot_png(self.rows))
+
+    def choose_thresholds(
+        self, scores: np.ndarray, targets: np.ndarray, masks: np.ndarray
+    ) -> Thresholds:
+        """This epoch's thresholds by config.threshold_rule on its validation predictions."""
+        config, labels = self.config, self.model.spec.labels
+        chosen_on = (
+            ""  # fixed thresholds are not chosen on any data
+            if config.threshold_rule == "fixed"
+            else f"{self.valid_source} ({len(scores)} images, image level, "
+            f"epoch {self.progress.epoch})"
+        )
+        thresholds = choose_thresholds(
+            targets, scores, masks, labels, config.threshold_rule, chosen_on=chosen_on
+        )
+        if config.uncertainty_band > 0:
+            thresholds = thresholds.with_band(config.uncertainty_band)
+        return thresholds
+
+    def save_best(
+        self, path: Path, metrics: Mapping[str, Any], thresholds: Thresholds, *, epoch: int
+    ) -> None:
+        """Save the model as epoch `epoch`'s inference checkpoint (no optimizer state)."""
+        save_checkpoint(
+            path,
+            self.model,
+            config=self.config.to_dict(),
+            epoch=epoch,
+            step=self.progress.step,
+            extra={"metrics": dict(metrics), "execution": self.plan.to_dict()},
+            thresholds=thresholds,
+        )
+
+    def prune_epoch_files(self) -> None:
+        """Delete epoch-NNNN.* files of epochs the recorded ranking does not keep."""
+        keep = {int(e["epoch"]) for e in self.progress.kept} if self.config.keep_best > 1 else set()
+        stale = {
+            checkpoint_paths(f)[2]
+            for f in list(self.ckpt_dir.glob("epoch-*"))
+            if (m := _EPOCH_FILE.match(f.name)) is not None and int(m["epoch"]) not in keep
+        }
+        for meta in sorted(stale):
+            remove_checkpoint(meta)
+
+    def write_kept(self) -> None:
+        """checkpoints/kept.json: the recorded ranking, for `RUN:bestK` (written atomically)."""
+        data = {
+            "select_best": self.config.select_best,
+            "keep_best": self.config.keep_best,
+            "kept": self.kept_checkpoints(),
+        }
+        atomic_write_text(self.ckpt_dir / KEPT_FILE, json.dumps(data, indent=2))
+
+    def kept_checkpoints(self) -> list[dict[str, Any]]:
+        """summary.json's list of kept checkpoints, best first, paths relative to the run."""
+        out = []
+        for rank, entry in enumerate(self.progress.kept, start=1):
+            path = (
+                self.best
+                if self.config.keep_best == 1
+                else epoch_path(self.ckpt_dir, int(entry["epoch"]))
+            )
+            out.append(
+                {
+                    "rank": rank,
+                    "epoch": entry["epoch"],
+                    self.config.select_best: _json_float(entry["value"]),
+                    "path": str(path.relative_to(self.run_dir)),
+                }
+            )
+        return out
+
+    def summary(self) -> dict[str, Any]:
+        p = self.progress
+        best = p.best_metrics or {}
+        speed = self.images_per_s[1:] or self.images_per_s  # the first step includes warm-up
+        return {
+            "labels": list(self.model.spec.labels),
+            "epochs": p.epoch,
+            "steps": p.step,
+            "select_best": self.config.select_best,
+            "best_epoch": p.best_epoch,
+            "val_loss": best.get("val_loss"),
+            "val_auroc_mean": best.get("val_auroc_mean"),
+            "val_auroc": best.get("val_auroc"),
+            "val_mean": best.get("val_mean"),
+            "thresholds": best.get("thresholds"),
+            "validation": self.valid_source,
+            "keep_best": self.config.keep_best,
+            "kept_checkpoints": self.kept_checkpoints(),
+            "images_per_s": float(np.median(speed)) if speed else None,
+            "train_images": len(self.train_set),
+            "valid_images": len(self.valid_set),
+            "execution": self.plan.to_dict(),
+        }
+
+
+def train(
+    config: RunConfig,
+    *,
+    run_dir: Path | None = None,
+    resume: bool = False,
+    stop_after_steps: int | None = None,
+    checkpoint_every_steps: int | None = DEFAULT_CHECKPOINT_EVERY_STEPS,
+) -> TrainResult:
+    """Fine-tune `config`'s model end to end and write its run folder (see the module doc).
+
+    resume: continue from ``checkpoints/last`` (same data order, optimizer and RNG state);
+        the config must equal the saved one. Without a `last` checkpoint it starts afresh.
+        Without `resume`, a run folder that already holds a checkpoint is an error.
+    stop_after_steps: return after this many optimisation steps over the whole run, having
+        saved `last` (simulates a kill; the result has ``completed=False``).
+    checkpoint_every_steps: also save `last` every this many steps (None: only at epoch ends).
+    The learning-rate schedule is config.lr_schedule: "constant" (the method: Adam at config.lr
+    throughout) or "cosine" (decay to 0 over the run; see :func:`scheduled_lr`).
+    """
+    if config.lr_schedule not in LR_SCHEDULES:
+        raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, not {config.lr_schedule!r}")
+    run_dir = Path(run_dir) if run_dir is not None else Path(config.runs_dir) / config.name
+    last_meta = checkpoint_paths(run_dir / "checkpoints" / "last.safetensors")[2]
+    if resume:
+        _check_resumable(config, run_dir)
+    elif last_meta.is_file():
+        raise FileExistsError(f"{run_dir} holds a run already: resume it (--resume) or rename")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config.save(run_dir / "config.yaml")
+    with run_context(config):
+        run = _Run(config, run_dir, checkpoint_every_steps)
+        if resume and last_meta.is_file():
+            run.resume()
+        elif resume:
+            log.warning("%s: no checkpoint to resume from; starting afresh", run_dir)
+        completed = _train_epochs(run, stop_after_steps)
+    summary = run.summary()
+    summary["completed"] = completed
+    atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
+    if completed:
+        log.info("run %s done: best epoch %s", run_dir, summary["best_epoch"])
+    return TrainResult(run_dir, run.best, run.last, summary, completed)
+
+
+def _train_epochs(run: _Run, stop_after_steps: int | None) -> bool:
+    while run.progress.epoch < run.config.epochs:
+        if stop_after_steps is not None and run.progress.step >= stop_after_steps:
+            run.save_last()
+            return False
+        if not run.run_epoch(stop_after_steps):
+            return False
+        run.end_epoch()
+    return True

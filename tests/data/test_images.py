@@ -1,0 +1,571 @@
+"""Tests for cxrlabel.data.images: every fixture kind reads to one convention; bad inputs fail
+clearly.
+
+Real-image tests use ../shared/data/fixtures beside the project and skip when it is absent;
+synthetic tests (files written to tmp_path) always run.
+"""
+
+from __future__ import annotations
+
+import pickle
+import re
+import struct
+import zlib
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+import pydicom
+import pydicom.pixels
+import pytest
+from PIL import Image, ImageFile
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import encapsulate
+from pydicom.uid import (
+    JPEG2000,
+    MPEG2MPML,
+    ExplicitVRLittleEndian,
+    SecondaryCaptureImageStorage,
+    generate_uid,
+)
+
+from cxrlabel.data.images import (
+    MAX_PIXELS,
+    CorruptImageError,
+    EmptyImageError,
+    ImageError,
+    ImageTooLargeError,
+    MissingImageError,
+    NoPixelDataError,
+    NotAnImageError,
+    TruncatedImageError,
+    UnsupportedDicomError,
+    read_dicom_metadata,
+    read_image,
+)
+
+SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+FIXTURES = SHARED_DATA / "fixtures"
+SIIM_GLOB = "dicom/siim_*.dcm"
+MONO1_TWIN = "dicom/txv_fake_MONOCHROME1_same_pixels.dcm"
+J2K_CHEST = "dicom/pydicom_RG1_J2KI_chest_PA.dcm"
+RGBA_PNG = "nih_1024_rgba/00001369_000.png"
+
+
+@pytest.fixture(scope="module")
+def fixtures() -> Path:
+    if not FIXTURES.is_dir():
+        pytest.skip(f"real-image fixtures folder {FIXTURES} is absent (expected ../shared/data)")
+    return FIXTURES
+
+
+def _one(fixtures: Path, pattern: str) -> Path:
+    matches = sorted(fixtures.glob(pattern))
+    if not matches:
+        pytest.skip(f"no fixture matching {pattern!r} in {fixtures}")
+    return matches[0]
+
+
+def _assert_unit_image(img: np.ndarray) -> None:
+    assert isinstance(img, np.ndarray)
+    assert img.dtype == np.float32
+    assert img.ndim == 2
+    assert img.flags.c_contiguous
+    assert float(img.min()) >= 0.0
+    assert float(img.max()) <= 1.0
+    assert float(img.std()) > 0.02, "image is (nearly) constant"
+
+
+def _mediastinum_brighter_than_lungs(img: np.ndarray) -> bool:
+    """On a correctly displayed PA film the spine/mediastinum is whiter than the lung fields."""
+    h, w = img.shape
+    rows = slice(int(0.3 * h), int(0.5 * h))
+    lungs = (img[rows, int(0.2 * w) : int(0.35 * w)].mean()) / 2 + (
+        img[rows, int(0.65 * w) : int(0.8 * w)].mean()
+    ) / 2
+    mediastinum = img[rows, int(0.45 * w) : int(0.55 * w)].mean()
+    return bool(mediastinum > lungs + 0.15)
+
+
+# --------------------------------------------------------------------------------------------
+# Synthetic file builders
+# --------------------------------------------------------------------------------------------
+
+
+def _write_dicom(
+    path: Path,
+    pixels: np.ndarray | None,
+    *,
+    photometric: str = "MONOCHROME2",
+    bits_stored: int | None = None,
+    **elements: object,
+) -> Path:
+    meta = FileMetaDataset()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = SecondaryCaptureImageStorage
+    ds.SOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID = generate_uid()
+    ds.Modality = "CR"
+    ds.PatientID = "SYNTH-1"
+    ds.ViewPosition = "AP"
+    if pixels is not None:
+        ds.set_pixel_data(pixels, photometric, bits_stored or pixels.dtype.itemsize * 8)
+    for keyword, value in elements.items():
+        setattr(ds, keyword, value)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def _ramp(height: int = 48, width: int = 64, high: int = 4095) -> np.ndarray:
+    values = np.linspace(0, high, height * width).round().reshape(height, width)
+    return values.astype(np.uint16)
+
+
+def _noise_image(path: Path, fmt: str) -> Path:
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (256, 256), dtype=np.uint8)).save(path, fmt)
+    return path
+
+
+def _png_with_claimed_size(path: Path, width: int, height: int) -> Path:
+    """A valid tiny PNG whose IHDR (with a correct CRC) claims width x height."""
+    Image.new("1", (8, 8)).save(path)
+    data = bytearray(path.read_bytes())
+    ihdr = bytearray(data[16:29])  # after signature(8) + length(4) + b"IHDR"(4)
+    ihdr[0:8] = struct.pack(">II", width, height)
+    data[16:29] = ihdr
+    data[29:33] = struct.pack(">I", zlib.crc32(b"IHDR" + bytes(ihdr)))
+    path.write_bytes(bytes(data))
+    return path
+
+
+def _cut_in_half(src: Path, dst: Path) -> Path:
+    data = src.read_bytes()
+    dst.write_bytes(data[: len(data) // 2])
+    return dst
+
+
+# --------------------------------------------------------------------------------------------
+# Real fixtures
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "pattern",
+    [
+        "nih_320/*.jpg",
+        RGBA_PNG,
+        "nih_512/*.png",
+        SIIM_GLOB,
+        MONO1_TWIN,
+        J2K_CHEST,
+        "non_chest/*.dcm",
+        "non_chest/*.png",
+    ],
+)
+def test_every_fixture_kind_reads_to_unit_float32(fixtures: Path, pattern: str) -> None:
+    _assert_unit_image(read_image(_one(fixtures, pattern)))
+
+
+def test_all_nih_jpegs_read_at_320(fixtures: Path) -> None:
+    for path in sorted(fixtures.glob("nih_320/*.jpg")):
+        img = read_image(path)
+        assert img.shape == (320, 320), path.name
+        _assert_unit_image(img)
+
+
+def test_rgba_png_becomes_2d_luminance(fixtures: Path) -> None:
+    path = fixtures / RGBA_PNG
+    img = read_image(path)
+    assert img.shape == (1024, 1024)
+    with Image.open(path) as im:
+        assert im.mode == "RGBA"
+        expected = np.asarray(im.convert("L"), dtype=np.float32) / 255
+    np.testing.assert_array_equal(img, expected)
+    assert _mediastinum_brighter_than_lungs(img)
+
+
+def test_monochrome1_twin_is_inverse_of_monochrome2(fixtures: Path) -> None:
+    mono2 = read_image(_one(fixtures, SIIM_GLOB))
+    mono1 = read_image(fixtures / MONO1_TWIN)
+    assert mono1.shape == mono2.shape == (1024, 1024)
+    assert float(np.abs(mono1 - (1.0 - mono2)).max()) <= 1 / 255 + 1e-6
+    assert _mediastinum_brighter_than_lungs(mono2)
+
+
+def test_15_bit_jpeg2000_monochrome1_decodes(fixtures: Path) -> None:
+    path = fixtures / J2K_CHEST
+    meta = read_dicom_metadata(path)
+    img = read_image(path)
+    assert (meta["rows"], meta["columns"]) == (1955, 1841)
+    assert img.shape == (1955, 1841)  # (Rows, Columns) = (height, width)
+    _assert_unit_image(img)
+    assert 0.2 < float(img.mean()) < 0.95
+    # MONOCHROME1 must be inverted: bone white, lungs darker.
+    assert _mediastinum_brighter_than_lungs(img)
+
+
+def test_read_dicom_metadata_on_fixtures(fixtures: Path) -> None:
+    siim = read_dicom_metadata(_one(fixtures, SIIM_GLOB))
+    twin = read_dicom_metadata(fixtures / MONO1_TWIN)
+    assert siim["view_position"] == "PA"
+    assert siim["photometric_interpretation"] == "MONOCHROME2"
+    assert twin["photometric_interpretation"] == "MONOCHROME1"
+    assert siim["patient_id"] == twin["patient_id"]
+    assert siim["study_instance_uid"]
+    assert (siim["rows"], siim["columns"]) == (1024, 1024)
+    assert siim["number_of_frames"] == 1
+    assert siim["transfer_syntax_uid"] == "1.2.840.10008.1.2.4.50"
+    tibia = read_dicom_metadata(_one(fixtures, "non_chest/*.dcm"))
+    assert tibia["laterality"] == "R"
+    assert tibia["body_part_examined"] == "EXTREMITY"
+
+
+@pytest.mark.parametrize(
+    "pattern", ["nih_320/*.jpg", "nih_512/*.png", RGBA_PNG, SIIM_GLOB, J2K_CHEST]
+)
+@pytest.mark.filterwarnings("ignore:End of file reached:UserWarning")  # pydicom, cut DICOM
+def test_real_file_cut_in_half_is_truncated(fixtures: Path, tmp_path: Path, pattern: str) -> None:
+    src = _one(fixtures, pattern)
+    cut = _cut_in_half(src, tmp_path / f"half_{src.name}")
+    with pytest.raises(TruncatedImageError, match=re.escape(f"half_{src.name}")):
+        read_image(cut)
+
+
+# --------------------------------------------------------------------------------------------
+# Synthetic PNG / JPEG
+# --------------------------------------------------------------------------------------------
+
+
+def test_16_bit_png_scaled_by_65535(tmp_path: Path) -> None:
+    values = np.linspace(0, 65535, 40 * 50).round().astype(np.uint16).reshape(40, 50)
+    path = tmp_path / "sixteen.png"
+    Image.fromarray(values).save(path)
+    with Image.open(path) as im:
+        assert im.mode.startswith("I")
+    img = read_image(path)
+    assert img.dtype == np.float32 and img.shape == (40, 50)
+    np.testing.assert_allclose(img, values / 65535.0, atol=1e-6)
+    assert img.min() == 0.0 and img.max() == 1.0
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB", "RGBA", "LA", "P", "I"])
+def test_png_modes_give_grey_over_255(tmp_path: Path, mode: str) -> None:
+    grey = np.tile(np.arange(0, 256, 4, dtype=np.uint8), (16, 1))  # 16 x 64
+    base = Image.fromarray(grey)
+    suffix = "png"
+    if mode == "P":
+        im = Image.frombytes("P", base.size, grey.tobytes())
+        im.putpalette([v for g in range(256) for v in (g, g, g)])
+    elif mode == "I":
+        # Pillow cannot write mode I as PNG; a TIFF exercises the same 32-bit reading rule.
+        im, suffix = Image.fromarray(grey.astype(np.int32) * 257), "tif"
+    elif mode in ("LA", "RGBA"):
+        im = base.convert(mode)
+        im.putalpha(255)
+    else:
+        im = base.convert(mode)
+    path = tmp_path / f"{mode}.{suffix}"
+    im.save(path)
+    img = read_image(path)
+    assert img.shape == grey.shape and img.dtype == np.float32
+    np.testing.assert_allclose(img, grey / 255.0, atol=1e-6)
+
+
+def test_colour_png_uses_luminance(tmp_path: Path) -> None:
+    rgb = np.zeros((4, 3, 3), dtype=np.uint8)
+    rgb[:, 0, 0], rgb[:, 1, 1], rgb[:, 2, 2] = 255, 255, 255  # pure R, G, B columns
+    path = tmp_path / "rgb.png"
+    Image.fromarray(rgb).save(path)
+    img = read_image(path)
+    np.testing.assert_allclose(img[0], [76 / 255, 150 / 255, 29 / 255], atol=1.5 / 255)
+
+
+def test_alpha_is_dropped_not_composited(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    im = Image.new("LA", (8, 8), (200, 0))  # grey 200, fully transparent
+    path = tmp_path / "transparent.png"
+    im.save(path)
+    with caplog.at_level("WARNING", logger="cxrlabel.data.images"):
+        img = read_image(path)
+    np.testing.assert_allclose(img, 200 / 255, atol=1e-6)
+    assert "alpha" in caplog.text
+
+
+def test_jpeg_reads_close_to_source(tmp_path: Path) -> None:
+    grey = np.tile(np.linspace(0, 255, 64).astype(np.uint8), (64, 1))
+    path = tmp_path / "smooth.jpg"
+    Image.fromarray(grey).save(path, quality=100)
+    img = read_image(path)
+    assert img.shape == (64, 64)
+    assert float(np.abs(img - grey / 255.0).max()) < 3 / 255
+
+
+def test_no_global_pillow_state_changed(tmp_path: Path) -> None:
+    before = (Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES)
+    read_image(_noise_image(tmp_path / "a.png", "PNG"))
+    with pytest.raises(TruncatedImageError):
+        read_image(_cut_in_half(tmp_path / "a.png", tmp_path / "b.png"))
+    assert before == (Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES)
+
+
+# --------------------------------------------------------------------------------------------
+# Synthetic DICOM
+# --------------------------------------------------------------------------------------------
+
+
+def test_dicom_scaled_by_bits_stored(tmp_path: Path) -> None:
+    pixels = _ramp(high=4095)
+    img = read_image(_write_dicom(tmp_path / "d12.dcm", pixels, bits_stored=12))
+    np.testing.assert_allclose(img, pixels / 4095.0, atol=1e-6)
+
+
+def test_dicom_monochrome1_is_inverted(tmp_path: Path) -> None:
+    pixels = _ramp(high=4095)
+    mono2 = read_image(_write_dicom(tmp_path / "m2.dcm", pixels, bits_stored=12))
+    path = _write_dicom(tmp_path / "m1.dcm", pixels, photometric="MONOCHROME1", bits_stored=12)
+    mono1 = read_image(path)
+    np.testing.assert_allclose(mono1, 1.0 - mono2, atol=1e-6)
+
+
+def test_dicom_rescale_and_signed_values(tmp_path: Path) -> None:
+    pixels = (_ramp(high=4095).astype(np.int16) - 2048).astype(np.int16)
+    path = _write_dicom(
+        tmp_path / "signed.dcm", pixels, bits_stored=12, RescaleSlope=2, RescaleIntercept=-100
+    )
+    img = read_image(path)
+    # Stored range [-2048, 2047] maps through the rescale to the full [0, 1].
+    np.testing.assert_allclose(img, (pixels + 2048) / 4095.0, atol=1e-6)
+
+
+def test_dicom_window_applied(tmp_path: Path) -> None:
+    pixels = _ramp(high=4095)
+    path = _write_dicom(
+        tmp_path / "win.dcm", pixels, bits_stored=12, WindowCenter=2048, WindowWidth=1024
+    )
+    img = read_image(path)
+    assert img[pixels <= 1500].max() == 0.0  # below the window: black
+    assert img[pixels >= 2600].min() == 1.0  # above the window: white
+    inside = (pixels > 1600) & (pixels < 2500)
+    expected = (pixels[inside] - 2047.5) / 1023 + 0.5  # DICOM LINEAR window, output [0, 1]
+    np.testing.assert_allclose(img[inside], expected, atol=1e-5)
+
+
+def test_multiframe_dicom_returns_first_frame(tmp_path: Path) -> None:
+    first = _ramp(high=4095)
+    frames = np.stack([first, 4095 - first])
+    img = read_image(_write_dicom(tmp_path / "multi.dcm", frames, bits_stored=12))
+    assert img.shape == first.shape
+    np.testing.assert_allclose(img, first / 4095.0, atol=1e-6)
+
+
+def test_dicom_detected_by_content_not_suffix(tmp_path: Path) -> None:
+    pixels = _ramp(high=255).astype(np.uint8)
+    path = _write_dicom(tmp_path / "actually_dicom.png", pixels)
+    np.testing.assert_allclose(read_image(path), pixels / 255.0, atol=1e-6)
+
+
+def test_dicom_metadata_synthetic(tmp_path: Path) -> None:
+    path = _write_dicom(tmp_path / "meta.dcm", _ramp(), bits_stored=12, ImageLaterality="L")
+    meta = read_dicom_metadata(path)
+    assert meta["view_position"] == "AP"
+    assert meta["laterality"] == "L"
+    assert meta["patient_id"] == "SYNTH-1"
+    assert meta["photometric_interpretation"] == "MONOCHROME2"
+    assert (meta["rows"], meta["columns"], meta["bits_stored"]) == (48, 64, 12)
+
+
+# --------------------------------------------------------------------------------------------
+# Errors
+# --------------------------------------------------------------------------------------------
+
+
+def test_errors_are_value_errors_with_path_reason_and_pickle(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.png"
+    with pytest.raises(MissingImageError) as info:
+        read_image(missing)
+    err = info.value
+    assert isinstance(err, ImageError) and isinstance(err, ValueError)
+    assert err.path == missing
+    assert "does not exist" in err.reason
+    assert "nope.png" in str(err) and err.reason in str(err)
+    clone = pickle.loads(pickle.dumps(err))
+    assert type(clone) is MissingImageError and str(clone) == str(err)
+
+
+@pytest.mark.parametrize("name", ["empty.png", "empty.jpg", "empty.dcm"])
+def test_zero_byte_file(tmp_path: Path, name: str) -> None:
+    (tmp_path / name).write_bytes(b"")
+    with pytest.raises(EmptyImageError, match=re.escape(name)):
+        read_image(tmp_path / name)
+
+
+@pytest.mark.parametrize("fmt, suffix", [("PNG", "png"), ("JPEG", "jpg")])
+def test_truncated_synthetic_image(tmp_path: Path, fmt: str, suffix: str) -> None:
+    full = _noise_image(tmp_path / f"full.{suffix}", fmt)
+    cut = _cut_in_half(full, tmp_path / f"cut.{suffix}")
+    with pytest.raises(TruncatedImageError, match=re.escape(f"cut.{suffix}")):
+        read_image(cut)
+    header_only = tmp_path / f"header.{suffix}"
+    header_only.write_bytes(full.read_bytes()[:20])
+    with pytest.raises(TruncatedImageError, match=re.escape(f"header.{suffix}")):
+        read_image(header_only)
+
+
+def test_truncation_detected_even_if_pillow_lenient(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
+    for fmt, suffix in (("PNG", "png"), ("JPEG", "jpg")):
+        full = _noise_image(tmp_path / f"full.{suffix}", fmt)
+        cut = _cut_in_half(full, tmp_path / f"cut.{suffix}")
+        with pytest.raises(TruncatedImageError, match=re.escape(f"cut.{suffix}")):
+            read_image(cut)
+
+
+def test_truncated_dicom(tmp_path: Path) -> None:
+    full = _write_dicom(tmp_path / "full.dcm", _ramp(128, 128), bits_stored=12)
+    cut = _cut_in_half(full, tmp_path / "cut.dcm")
+    with pytest.raises(TruncatedImageError, match=re.escape("cut.dcm")):
+        read_image(cut)
+
+
+@pytest.mark.parametrize("name", ["notes.png", "notes.jpg", "notes.dcm", "notes.txt"])
+@pytest.mark.filterwarnings("ignore::UserWarning")  # pydicom warns while force-parsing text
+def test_text_file_is_not_an_image(tmp_path: Path, name: str) -> None:
+    path = tmp_path / name
+    path.write_text("patient notes, definitely not pixels\n" * 20)
+    with pytest.raises(NotAnImageError, match=re.escape(name)):
+        read_image(path)
+
+
+def test_directory_is_not_an_image(tmp_path: Path) -> None:
+    with pytest.raises(NotAnImageError, match="directory"):
+        read_image(tmp_path)
+
+
+def test_huge_png_header_refused_before_decoding(tmp_path: Path) -> None:
+    # 9000 x 9000 = 81 M pixels: over our 67 M default, under Pillow's own limits. The file
+    # holds only 8 x 8 pixels of data, so decoding would fail: getting ImageTooLargeError
+    # proves the check comes from the header, before any decoding.
+    path = _png_with_claimed_size(tmp_path / "bomb.png", 9000, 9000)
+    assert MAX_PIXELS < 9000 * 9000
+    with pytest.raises(ImageTooLargeError, match=re.escape("bomb.png")) as info:
+        read_image(path)
+    assert "9000x9000" in info.value.reason
+
+
+def test_png_over_pillow_limit_is_also_too_large(tmp_path: Path) -> None:
+    path = _png_with_claimed_size(tmp_path / "giant.png", 30000, 30000)
+    with pytest.raises(ImageTooLargeError, match=re.escape("giant.png")):
+        read_image(path)
+
+
+def test_max_pixels_argument(tmp_path: Path) -> None:
+    path = _noise_image(tmp_path / "small.png", "PNG")  # 256 x 256
+    with pytest.raises(ImageTooLargeError, match=re.escape("small.png")):
+        read_image(path, max_pixels=256 * 256 - 1)
+    assert read_image(path, max_pixels=256 * 256).shape == (256, 256)
+
+
+def test_huge_dicom_refused_from_rows_columns(tmp_path: Path) -> None:
+    path = _write_dicom(tmp_path / "bomb.dcm", _ramp(), bits_stored=12)
+    ds = pydicom.dcmread(path)
+    ds.Rows, ds.Columns = 9000, 9000  # pixel data still tiny: decoding would fail
+    ds.save_as(path)
+    with pytest.raises(ImageTooLargeError, match=re.escape("bomb.dcm")):
+        read_image(path)
+    with pytest.raises(ImageTooLargeError, match=re.escape("ok.dcm")):
+        read_image(_write_dicom(tmp_path / "ok.dcm", _ramp(), bits_stored=12), max_pixels=100)
+
+
+def test_dicom_without_pixel_data(tmp_path: Path) -> None:
+    path = _write_dicom(tmp_path / "header_only.dcm", None, Rows=512, Columns=512)
+    with pytest.raises(NoPixelDataError, match=re.escape("header_only.dcm")):
+        read_image(path)
+    assert read_dicom_metadata(path)["patient_id"] == "SYNTH-1"  # metadata still readable
+
+
+def _encapsulated_dicom(path: Path, transfer_syntax: str) -> Path:
+    path = _write_dicom(path, _ramp(8, 8, high=255).astype(np.uint8))
+    ds = pydicom.dcmread(path)
+    ds.file_meta.TransferSyntaxUID = transfer_syntax
+    ds.PixelData = encapsulate([b"\x00" * 64])
+    ds["PixelData"].VR = "OB"
+    ds.save_as(path)
+    return path
+
+
+def test_dicom_transfer_syntax_without_decoder(tmp_path: Path) -> None:
+    path = _encapsulated_dicom(tmp_path / "video.dcm", MPEG2MPML)
+    with pytest.raises(UnsupportedDicomError, match=re.escape("video.dcm")) as info:
+        read_image(path)
+    assert "MPEG2" in info.value.reason
+
+
+def test_dicom_missing_decoder_plugin_names_package(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    class _Unavailable:
+        is_available = False
+        missing_dependencies: ClassVar[dict[str, str]] = {
+            "pylibjpeg": "requires pylibjpeg>=2.0 and pylibjpeg-openjpeg>=2.0"
+        }
+
+    path = _encapsulated_dicom(tmp_path / "j2k.dcm", JPEG2000)
+    monkeypatch.setattr(pydicom.pixels, "get_decoder", lambda uid: _Unavailable())
+    with pytest.raises(UnsupportedDicomError, match=re.escape("j2k.dcm")) as info:
+        read_image(path)
+    assert "pip install pylibjpeg pylibjpeg-openjpeg" in info.value.reason
+
+
+def test_corrupt_encapsulated_dicom(tmp_path: Path) -> None:
+    path = _encapsulated_dicom(tmp_path / "garbage_j2k.dcm", JPEG2000)
+    with pytest.raises(CorruptImageError, match=re.escape("garbage_j2k.dcm")):
+        read_image(path)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_read_dicom_metadata_errors(tmp_path: Path) -> None:
+    with pytest.raises(MissingImageError, match=re.escape("absent.dcm")):
+        read_dicom_metadata(tmp_path / "absent.dcm")
+    text = tmp_path / "text.dcm"
+    text.write_text("hello\n" * 50)
+    with pytest.raises(NotAnImageError, match=re.escape("text.dcm")):
+        read_dicom_metadata(text)
+
+
+@pytest.mark.parametrize("vr, bits", [("US", 8), ("OW", 16)])
+def test_dicom_voi_lut_sequence_preferred_over_window(tmp_path: Path, vr: str, bits: int) -> None:
+    pixels = _ramp(high=4095)
+    top = 2**bits - 1
+    lut = (top - np.arange(4096) * (top + 1) // 4096).astype(np.uint16)  # an inverting LUT
+    item = Dataset()
+    item.LUTDescriptor = [4096, 0, bits]  # 4096 entries, first maps stored value 0
+    item.add_new("LUTData", vr, lut.tolist() if vr == "US" else lut.astype("<u2").tobytes())
+    path = _write_dicom(
+        tmp_path / "lut.dcm",
+        pixels,
+        bits_stored=12,
+        VOILUTSequence=[item],
+        WindowCenter=2048,
+        WindowWidth=100,
+    )
+    img = read_image(path)
+    np.testing.assert_allclose(img, lut[pixels] / top, atol=1e-6)
+
+
+@pytest.mark.parametrize("implicit", [True, False])
+def test_bare_dicom_without_preamble_or_file_meta(tmp_path: Path, implicit: bool) -> None:
+    """A raw data set (no 128-byte preamble, no file meta, so no transfer syntax) still
+    decodes: it was parsed with some encoding, which is all uncompressed pixels need."""
+    pixels = _ramp(high=4095)
+    full = _write_dicom(tmp_path / "full.dcm", pixels, bits_stored=12)
+    ds = pydicom.dcmread(full)
+    del ds.file_meta
+    ds.preamble = None
+    bare = tmp_path / "bare.dcm"
+    ds.save_as(bare, implicit_vr=implicit, little_endian=True, enforce_file_format=False)
+    assert b"DICM" not in bare.read_bytes()[:132]
+    np.testing.assert_allclose(read_image(bare), pixels / 4095.0, atol=1e-6)

@@ -1,0 +1,274 @@
+"""Evaluation of saved models: ensembles, study-level scoring, thresholds, records, compare."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from cxrlabel.data.formats import load_table
+from cxrlabel.evaluation.scoring import (
+    choose_and_store_thresholds,
+    compare_runs,
+    data_names,
+    describe_data,
+    evaluate,
+    evaluate_checkpoint,
+    evaluation_record,
+    is_synthetic,
+    markdown_table,
+    prediction_columns,
+    read_predictions,
+    run_dir_of,
+    save_evaluations,
+    score_predictions,
+)
+from cxrlabel.models.checkpoint import read_metadata, set_thresholds
+from cxrlabel.models.thresholds import Thresholds
+from cxrlabel.training.finetune import TrainResult
+from tests.helpers import chexpert_csv
+
+FAST = {"n_resamples": 20, "device": "cpu"}
+
+
+def test_ensemble_averages_member_probabilities(tiny_run: TrainResult, tiny_dataset: Path):
+    data = [("validation", load_table(tiny_dataset / "train.csv"))]
+    # The run's two kept checkpoints, best first (files named by epoch, see summary.json).
+    a, b = (tiny_run.run_dir / k["path"] for k in tiny_run.metrics["kept_checkpoints"])
+    (single_a,) = evaluate([a], data, **FAST)
+    (single_b,) = evaluate([b], data, **FAST)
+    (both,) = evaluate([f"{tiny_run.run_dir}:best2"], data, **FAST)
+    pa, pb, pab = single_a.predictions, single_b.predictions, both.predictions
+    assert pa.kind == "single model" and pab.kind == "ensemble of 2 checkpoints"
+    assert pab.paths == pa.paths == pb.paths
+    np.testing.assert_allclose(pab.y_score, (pa.y_score + pb.y_score) / 2, atol=1e-6)
+    # Two different epochs: the members really differ, so the average is not either one.
+    assert not np.allclose(pa.y_score, pb.y_score)
+    assert pab.model == pa.model  # same architecture and run: one display name
+
+
+def test_study_level_takes_the_max_or_mean_over_views(tiny_run: TrainResult, tiny_dataset: Path):
+    table = load_table(tiny_dataset / "train.csv")
+    data = [("validation", table)]
+    (images,) = evaluate([tiny_run.run_dir], data, view="all", **FAST)
+    (studies,) = evaluate([tiny_run.run_dir], data, view="all", unit="study", **FAST)
+    (means,) = evaluate(
+        [tiny_run.run_dir], data, view="all", unit="study", aggregate="mean", **FAST
+    )
+    pi, ps, pm = images.predictions, studies.predictions, means.predictions
+    assert pi.unit == "image" and ps.unit == "study" and ps.aggregate == "max"
+    assert len(ps) == table.frame["study_id"].nunique() < len(pi)
+    frame = pd.DataFrame(pi.y_score, columns=pi.labels).assign(study=pi.study_ids)
+    expected_max = frame.groupby("study", sort=False).max().loc[list(ps.study_ids)]
+    expected_mean = frame.groupby("study", sort=False).mean().loc[list(pm.study_ids)]
+    np.testing.assert_allclose(ps.y_score, expected_max.to_numpy())
+    np.testing.assert_allclose(pm.y_score, expected_mean.to_numpy())
+    # The metrics are computed on the study rows.
+    assert int(studies.table.set_index("Label").loc["Mean", "Positives"]) <= int(
+        images.table.set_index("Label").loc["Mean", "Positives"]
+    )
+
+
+def test_bad_unit_fails_before_loading(tiny_dataset: Path):
+    data = [("validation", load_table(tiny_dataset / "valid.csv"))]
+    with pytest.raises(ValueError, match="unit must be one of"):
+        evaluate(["no/such/model"], data, unit="patient")
+
+
+def test_data_description_and_synthetic_marker(tiny_dataset: Path, tmp_path: Path):
+    table = load_table(tiny_dataset / "train.csv")
+    assert is_synthetic(table)
+    text = describe_data(table, "frontal")
+    assert text.startswith("synthetic train.csv") and f"{len(table)} images" in text
+    # The same CSV without the generator's marker beside it is not called synthetic.
+    copy = tmp_path / "train.csv"
+    shutil.copy(tiny_dataset / "train.csv", copy)
+    other = load_table(copy)
+    assert not is_synthetic(other) and not describe_data(other, "all").startswith("synthetic")
+
+
+def test_predictions_say_what_they_are(tiny_run: TrainResult, tiny_dataset: Path):
+    table = load_table(tiny_dataset / "train.csv")
+    ev = evaluate_checkpoint(tiny_run.best_checkpoint, table, **FAST)
+    pred = ev.predictions
+    assert pred.synthetic and "synthetic train.csv" in pred.data and "frontal views" in pred.data
+    assert pred.model.startswith("Tiny_1") and pred.kind == "single model"
+    assert pred.thresholds.rule == "fixed"  # what the run stored (the default rule)
+    assert ev.n_resamples == 20
+
+
+def test_thresholds_rule_is_chosen_on_the_first_dataset(tiny_run, tiny_dataset: Path):
+    data = [
+        ("validation", load_table(tiny_dataset / "train.csv")),
+        ("test", load_table(tiny_dataset / "valid.csv")),
+    ]
+    evs = evaluate([tiny_run.run_dir], data, thresholds_rule="max_f1", band=0.05, **FAST)
+    first, second = (ev.predictions.thresholds for ev in evs)
+    assert first == second and first.rule == "max_f1" and first.band is not None
+    assert "train.csv" in first.chosen_on
+    assert first.values != Thresholds.fixed(first.labels).values
+    # The metrics table uses them.
+    table = evs[0].table.set_index("Label")
+    for label, value in zip(first.labels, first.values, strict=True):
+        assert table.loc[label, "Threshold"] == pytest.approx(value)
+
+
+def test_choose_and_store_thresholds(tiny_run: TrainResult, tiny_dataset: Path, tmp_path: Path):
+    run = Path(shutil.copytree(tiny_run.run_dir, tmp_path / "run"))
+    table = load_table(tiny_dataset / "train.csv")
+    paths, chosen = choose_and_store_thresholds([run], table, rule="youden", band=0.1,
+                                                device="cpu")  # fmt: skip
+    assert paths == [run / "checkpoints" / "best.safetensors"]
+    meta = read_metadata(paths[0])
+    assert Thresholds.from_dict(meta["thresholds"]) == chosen
+    (ev,) = evaluate([run], [("validation", table)], **FAST)
+    assert ev.predictions.thresholds == chosen
+    assert ev.band is not None  # the band's summary is part of the evaluation
+
+    # An ensemble's thresholds are chosen on its averaged probabilities and stored in every
+    # member, so the ensemble uses exactly those (not a mean of per-member choices).
+    members = [f"{run}:best2"]
+    paths, chosen = choose_and_store_thresholds(members, table, rule="max_f1", device="cpu")
+    assert len(paths) == 2
+    for path in paths:
+        assert Thresholds.from_dict(read_metadata(path)["thresholds"]) == chosen
+    (ev,) = evaluate(members, [("validation", table)], **FAST)
+    assert ev.predictions.kind == "ensemble of 2 checkpoints"
+    assert ev.predictions.thresholds == chosen
+
+
+def test_evaluation_record_is_json(tiny_run: TrainResult, tiny_dataset: Path, tmp_path: Path):
+    table = load_table(tiny_dataset / "valid.csv")  # 2 images: most labels have one class
+    ev = evaluate_checkpoint(tiny_run.best_checkpoint, table, **FAST)
+    record = evaluation_record(ev, "validation")
+    assert record["auroc_na"] == list(ev.table.attrs["auroc_na"]) and record["auroc_na"]
+    assert record["kind"] == "single model" and record["synthetic"] is True
+    path = save_evaluations(tmp_path / "evaluation.json", [ev], ["validation"], models=["x"])
+    text = path.read_text()
+    assert "NaN" not in text  # NaN is written as null: strict JSON readers accept it
+    data = json.loads(text)
+    assert data["models"] == ["x"] and data["evaluations"][0]["n"] == len(ev.predictions)
+    na = data["evaluations"][0]["auroc_na"][0]
+    row = next(r for r in data["evaluations"][0]["labels"] if r["Label"] == na)
+    assert row["AUROC"] is None
+
+
+def test_markdown_table_formats_by_column():
+    frame = pd.DataFrame(
+        {"Name": ["a", "b"], "N": [3, 12], "AUROC": [0.81234, math.nan], "F1": [0.5, 0.25]}
+    )
+    lines = markdown_table(frame, digits={"AUROC": 3}).splitlines()
+    assert lines[0] == "| Name | N | AUROC | F1 |"
+    assert lines[1] == "|---|---:|---:|---:|"
+    assert lines[2] == "| a | 3 | 0.812 | 0.50 |"
+    assert lines[3] == "| b | 12 | n/a | 0.25 |"
+
+
+def test_data_names():
+    assert data_names(2) == ["validation", "test"]
+    assert data_names(3, [None, "holdout"]) == ["validation", "holdout", "data3"]
+    with pytest.raises(ValueError, match="differ"):
+        data_names(2, ["x", "x"])
+
+
+def test_run_dir_of(tiny_run: TrainResult, tmp_path: Path):
+    run = tiny_run.run_dir
+    assert run_dir_of(run) == run
+    assert run_dir_of(f"{run}:best2") == run
+    assert run_dir_of(run / "checkpoints" / "epoch-0002.json") == run
+    assert run_dir_of(tmp_path / "model.safetensors") is None
+
+
+def test_compare_runs_reads_summary_then_saved_evaluation(
+    tiny_run: TrainResult, tiny_dataset: Path, tmp_path: Path
+):
+    run = Path(shutil.copytree(tiny_run.run_dir, tmp_path / "copy"))
+    frame = compare_runs([tiny_run.run_dir, run])
+    assert list(frame["Run"]) == ["tiny-run", "copy"]
+    row = frame.iloc[0]
+    summary = tiny_run.metrics
+    assert row["Model"] == "Tiny_1" and row["Epochs"] == 3
+    assert row["Best epoch"] == str(summary["best_epoch"])
+    assert row["Accuracy"] == pytest.approx(summary["val_mean"]["Accuracy"])
+    assert row["Metrics from"].startswith("training validation")
+    # Once the copy has a saved evaluation, its row comes from that instead.
+    table = load_table(tiny_dataset / "train.csv")
+    set_thresholds(run / "checkpoints" / "best.safetensors", Thresholds.fixed(summary["labels"]))
+    ev = evaluate_checkpoint(run / "checkpoints" / "best.safetensors", table, **FAST)
+    save_evaluations(run / "report" / "evaluation.json", [ev], ["validation"])
+    row = compare_runs([run]).iloc[0]
+    assert row["Metrics from"].startswith("evaluate: validation")
+    mean = ev.table.set_index("Label").loc["Mean"]
+    assert row["F1"] == pytest.approx(mean["F1"]) and row["AUROC"] == pytest.approx(mean["AUROC"])
+    with pytest.raises(FileNotFoundError, match=r"summary\.json"):
+        compare_runs([tmp_path])
+
+
+def test_prediction_columns_by_name_and_nih_name():
+    columns = ["Path", "Edema", "prob_Effusion", "prob_Mass", "prob_Nodule", "prob_Hernia",
+               "prob_Pleural_Thickening", "prob_Lung_Opacity"]  # fmt: skip
+    assert prediction_columns(columns) == {
+        "Edema": "Edema",
+        "Pleural Effusion": "prob_Effusion",
+        "Pleural Other": "prob_Pleural_Thickening",
+        "Lung Opacity": "prob_Lung_Opacity",
+    }  # Mass and Nodule both mean Lung Lesion: ambiguous, left out; Hernia has no observation
+
+
+def test_read_predictions_matches_rows_and_scores_like_sklearn(tiny_dataset: Path, tmp_path):
+    from sklearn.metrics import roc_auc_score
+
+    table = load_table(tiny_dataset / "train.csv")
+    paths = table.frame["Path"].astype(str)
+    rng = np.random.default_rng(0)
+    frame = pd.DataFrame({"Path": paths, "Cardiomegaly": rng.random(len(paths)),
+                          "prob_Effusion": rng.random(len(paths))})  # fmt: skip
+    frame = frame.iloc[1:].iloc[::-1]  # one film without a prediction, rows in another order
+    csv = tmp_path / "other_model.csv"
+    frame.to_csv(csv, index=False)
+    (tmp_path / "other_model.json").write_text(json.dumps({"model": "Other", "notes": ["n1"]}))
+
+    pred = read_predictions(csv, table)
+    assert pred.labels == ("Cardiomegaly", "Pleural Effusion")
+    assert pred.model == "Other" and pred.kind == "external predictions"
+    assert len(pred) == len(paths) - 1 and "1 labelled image(s) had no prediction" in pred.notes[1]
+    assert pred.paths == tuple(paths.iloc[1:])
+    by_path = frame.set_index("Path")
+    np.testing.assert_array_equal(pred.y_score[:, 0], by_path.loc[list(pred.paths), "Cardiomegaly"])
+    targets, mask = table.targets(pred.labels, "U-Ignore")
+    keep = mask[1:, 0]
+    expected = roc_auc_score(targets[1:, 0][keep], pred.y_score[keep, 0])
+    (evaluation,) = score_predictions([pred], n_resamples=20)
+    row = evaluation.table.set_index("Label").loc["Cardiomegaly"]
+    assert row["AUROC"] == pytest.approx(expected, abs=1e-12)
+
+    # `cxrlabel label` writes the paths it was given (absolute, or under the dataset folder),
+    # where every file is named view1_frontal.jpg: the label paths' suffix still matches.
+    moved = frame.assign(Path=str(tmp_path / "copy" / "data") + "/" + frame["Path"])
+    moved.to_csv(tmp_path / "moved.csv", index=False)
+    np.testing.assert_array_equal(read_predictions(tmp_path / "moved.csv", table).y_score,
+                                  pred.y_score)  # fmt: skip
+
+    # Converted films (NIH's PNGs shared as JPEGs) match on the file stem when stems are unique.
+    rows = [{"Path": f"images/{i:05d}_000.jpg", "Edema": str(i % 2)} for i in range(6)]
+    nih = load_table(chexpert_csv(tmp_path / "nih" / "labels.csv", rows), "generic")
+    scores = pd.DataFrame({"Image Index": [f"{i:05d}_000.png" for i in range(6)][::-1],
+                           "prob_Edema": np.linspace(0.1, 0.9, 6)})  # fmt: skip
+    scores.to_csv(tmp_path / "nih_preds.csv", index=False)
+    converted = read_predictions(tmp_path / "nih_preds.csv", nih)
+    np.testing.assert_allclose(converted.y_score[:, 0], np.linspace(0.1, 0.9, 6)[::-1])
+
+    frame.rename(columns={"Path": "File"}).to_csv(tmp_path / "bad.csv", index=False)
+    with pytest.raises(ValueError, match="'Path' or 'Image Index'"):
+        read_predictions(tmp_path / "bad.csv", table)
+    frame[["Path"]].assign(Hernia=0.5).to_csv(tmp_path / "none.csv", index=False)
+    with pytest.raises(ValueError, match="no probability column matches"):
+        read_predictions(tmp_path / "none.csv", table)
+    frame.assign(Cardiomegaly=1.5).to_csv(tmp_path / "range.csv", index=False)
+    with pytest.raises(ValueError, match="within"):
+        read_predictions(tmp_path / "range.csv", table)

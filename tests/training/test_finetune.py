@@ -1,0 +1,463 @@
+"""End-to-end fine-tuning: run folder, exact resume, execution choice, and that models learn."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pytest
+import torch
+
+from cxrlabel.config import RunConfig, build_config, load_config
+from cxrlabel.data.dataset import CXRDataset
+from cxrlabel.data.formats import load_table
+from cxrlabel.data.labels import filter_view
+from cxrlabel.evaluation.metrics import metrics_table
+from cxrlabel.models.checkpoint import load_checkpoint, read_metadata
+from cxrlabel.models.ensemble import resolve_model_paths
+from cxrlabel.models.thresholds import Thresholds
+from cxrlabel.synth import write_dataset
+from cxrlabel.training.execution import choose_execution, cpu_has_fast_bf16
+from cxrlabel.training.finetune import (
+    METRIC_COLUMNS,
+    TrainResult,
+    epoch_order,
+    make_loader,
+    predict,
+    rank_kept,
+    read_metrics,
+    scheduled_lr,
+    train,
+    write_metrics,
+)
+
+
+def _config(dataset: Path, **overrides: object) -> RunConfig:
+    # Tiny CNN at 64 px, 2 epochs of 4-image batches.
+    values = {
+        "train_csv": str(dataset / "train.csv"),
+        "size": 64,
+        "epochs": 2,
+        "batch_size": 4,
+        "valid_fraction": 0.25,
+        "deterministic": True,
+        "seed": 3,
+        # Cosine, so the exact-resume test also covers the learning rate.
+        "lr_schedule": "cosine",
+        # Chosen thresholds with a band and two kept epochs, so resuming covers them too.
+        "threshold_rule": "youden",
+        "uncertainty_band": 0.05,
+        "keep_best": 2,
+        **overrides,
+    }
+    return build_config("tiny-cpu", values)
+
+
+@pytest.fixture(scope="module")
+def full_run(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> TrainResult:
+    """One uninterrupted run, shared by the tests that inspect a finished run."""
+    runs = tmp_path_factory.mktemp("runs")
+    return train(_config(tiny_dataset, runs_dir=str(runs), name="full"))
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    model, _ = load_checkpoint(path)
+    return model.state_dict()
+
+
+def test_run_folder_layout(full_run: TrainResult) -> None:
+    run = full_run.run_dir
+    assert run.name == "full" and full_run.completed
+    for name in ("config.yaml", "metrics.csv", "summary.json", "splits/split.csv"):
+        assert (run / name).is_file(), name
+    assert (run / "plots" / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for stem in ("last", "best"):
+        assert (run / "checkpoints" / f"{stem}.safetensors").is_file()
+        assert (run / "checkpoints" / f"{stem}.json").is_file()
+    assert (run / "checkpoints" / "last.state.safetensors").is_file()
+    assert full_run.best_checkpoint == run / "checkpoints" / "best.safetensors"
+    assert load_config(run / "config.yaml").train_csv.endswith("train.csv")
+    assert not list(run.rglob(".*.tmp")), "temporary files left behind"
+
+
+def test_metrics_and_summary(full_run: TrainResult) -> None:
+    metrics = pd.read_csv(full_run.run_dir / "metrics.csv")
+    assert tuple(metrics.columns) == METRIC_COLUMNS
+    steps, epochs = metrics[metrics.kind == "step"], metrics[metrics.kind == "epoch"]
+    assert list(steps.step) == list(range(1, len(steps) + 1))
+    assert list(epochs.epoch) == [0, 1]
+    assert epochs.val_loss.notna().all() and steps.train_loss.notna().all()
+    assert (steps.images_per_s > 0).all()
+    first = steps[steps.epoch == 0].train_loss.mean()
+    assert epochs.train_loss.iloc[0] == pytest.approx(first)
+
+    summary = json.loads((full_run.run_dir / "summary.json").read_text())
+    assert summary == dict(full_run.metrics)
+    assert summary["labels"] == list(full_run.metrics["labels"])
+    assert summary["best_epoch"] in (0, 1)
+    best = epochs[epochs.epoch == summary["best_epoch"]]
+    assert summary["val_loss"] == pytest.approx(best.val_loss.iloc[0])
+    assert summary["val_loss"] == pytest.approx(epochs.val_loss.min())
+    assert set(summary["val_auroc"]) == set(summary["labels"])
+    assert summary["execution"]["precision"] in ("fp32", "bf16")
+    assert summary["images_per_s"] > 0
+
+
+def test_best_checkpoint_metadata(full_run: TrainResult) -> None:
+    meta = read_metadata(full_run.best_checkpoint)
+    assert meta["epoch"] == full_run.metrics["best_epoch"]
+    assert meta["config"]["backbone"] == "tiny"
+    assert meta["preprocessing"]["size"] == 64
+    assert "state" not in meta["files"]  # best is for inference: no optimizer state
+
+
+def test_resume_mid_epoch_is_exact(
+    full_run: TrainResult, tiny_dataset: Path, tmp_path: Path
+) -> None:
+    config = _config(tiny_dataset, runs_dir=str(tmp_path), name="killed")
+    steps_per_epoch = full_run.metrics["steps"] // 2
+    stop = steps_per_epoch + 2  # two batches into the second epoch
+    rng_before = torch.get_rng_state()
+    killed = train(config, stop_after_steps=stop, checkpoint_every_steps=3)
+    assert not killed.completed
+    assert read_metadata(killed.last_checkpoint)["step"] == stop
+    # No global state is left behind by a run.
+    assert not torch.are_deterministic_algorithms_enabled()
+    assert torch.equal(torch.get_rng_state(), rng_before)
+
+    with pytest.raises(FileExistsError):
+        train(config)
+    with pytest.raises(ValueError, match="changed"):
+        train(_config(tiny_dataset, runs_dir=str(tmp_path), name="killed", lr=0.1), resume=True)
+
+    resumed = train(config, resume=True)
+    assert resumed.completed
+    full, again = _weights(full_run.last_checkpoint), _weights(resumed.last_checkpoint)
+    assert full.keys() == again.keys()
+    assert all(torch.equal(full[k], again[k]) for k in full)
+    # The same losses step by step, and the same epoch rows.
+    a = pd.read_csv(full_run.run_dir / "metrics.csv")
+    b = pd.read_csv(resumed.run_dir / "metrics.csv")
+    assert list(a.kind) == list(b.kind) and list(a.step) == list(b.step)
+    assert a.train_loss.tolist() == b.train_loss.tolist()
+    assert a.lr.tolist() == b.lr.tolist()
+    assert a.val_loss.dropna().tolist() == b.val_loss.dropna().tolist()
+    # The same kept checkpoints with the same thresholds.
+    kept = full_run.metrics["kept_checkpoints"]
+    assert kept == resumed.metrics["kept_checkpoints"] and len(kept) == 2
+    for path in ["checkpoints/best.json", *(k["path"] for k in kept)]:
+        x = read_metadata(full_run.run_dir / path)
+        y = read_metadata(resumed.run_dir / path)
+        assert x["thresholds"] == y["thresholds"] and x["epoch"] == y["epoch"]
+
+
+def test_best_checkpoints_carry_chosen_thresholds(full_run: TrainResult) -> None:
+    meta = read_metadata(full_run.best_checkpoint)
+    thresholds = Thresholds.from_dict(meta["thresholds"])
+    assert thresholds.labels == tuple(full_run.metrics["labels"])
+    assert thresholds.rule == "youden" and thresholds.band is not None
+    assert "patient split of train.csv" in thresholds.chosen_on
+    assert f"epoch {meta['epoch']}" in thresholds.chosen_on
+    for (low, high), value in zip(thresholds.band, thresholds.values, strict=True):
+        assert low == pytest.approx(max(0.0, value - 0.05))
+        assert high == pytest.approx(min(1.0, value + 0.05))
+    assert full_run.metrics["thresholds"] == meta["thresholds"]
+    assert set(full_run.metrics["val_mean"]) >= {"Accuracy", "Precision", "Recall", "F1"}
+    assert "thresholds" not in read_metadata(full_run.last_checkpoint)  # last is for resuming
+
+
+def test_rank_kept_orders_and_truncates() -> None:
+    kept = [{"epoch": 0, "value": 0.5}, {"epoch": 1, "value": 0.7}]
+    new = {"epoch": 2, "value": 0.6}
+    assert [e["epoch"] for e in rank_kept(kept, new, 2, "val_loss")] == [0, 2]
+    assert [e["epoch"] for e in rank_kept(kept, new, 3, "val_loss")] == [0, 2, 1]
+    assert [e["epoch"] for e in rank_kept(kept, new, 2, "val_auroc")] == [1, 2]
+    tie = {"epoch": 3, "value": 0.5}  # a tie ranks below the earlier epoch
+    assert [e["epoch"] for e in rank_kept(kept[:1], tie, 2, "val_loss")] == [0, 3]
+    nan = {"epoch": 4, "value": float("nan")}  # never displaces a real value
+    assert [e["epoch"] for e in rank_kept(kept, nan, 2, "val_loss")] == [0, 1]
+    assert [e["epoch"] for e in rank_kept(kept, nan, 3, "val_auroc")] == [1, 0, 4]
+
+
+@pytest.fixture(scope="module")
+def kept_run(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> TrainResult:
+    """An uninterrupted run whose last epoch displaces a kept one (the crash tests' reference).
+
+    With this seed the validation loss falls every epoch, so epoch 2 becomes the best and
+    pushes epoch 0 out of the two kept."""
+    runs = tmp_path_factory.mktemp("kept_runs")
+    return train(_kept_config(tiny_dataset, runs, "kept"))
+
+
+def _kept_config(dataset: Path, runs: Path, name: str) -> RunConfig:
+    return _config(dataset, runs_dir=str(runs), name=name, epochs=3, batch_size=8)
+
+
+def _checkpoint_files(run: Path) -> list[str]:
+    return sorted(p.name for p in (run / "checkpoints").iterdir())
+
+
+def test_keep_best_keeps_exactly_k_ranked_checkpoints(kept_run: TrainResult) -> None:
+    ckpts = kept_run.run_dir / "checkpoints"
+    epochs = pd.read_csv(kept_run.run_dir / "metrics.csv").query("kind == 'epoch'")
+    ranked = epochs.sort_values(["val_loss", "epoch"]).epoch.tolist()[:2]
+    assert ranked == [2, 1]  # the premise of the crash tests below
+    assert _checkpoint_files(kept_run.run_dir) == [
+        "best.json", "best.safetensors", "epoch-0001.json", "epoch-0001.safetensors",
+        "epoch-0002.json", "epoch-0002.safetensors", "kept.json",
+        "last.json", "last.safetensors", "last.state.safetensors",
+    ]  # fmt: skip
+    kept = kept_run.metrics["kept_checkpoints"]
+    assert [k["epoch"] for k in kept] == ranked and [k["rank"] for k in kept] == [1, 2]
+    assert [k["path"] for k in kept] == [
+        "checkpoints/epoch-0002.safetensors", "checkpoints/epoch-0001.safetensors",
+    ]  # fmt: skip
+    assert json.loads((ckpts / "kept.json").read_text())["kept"] == kept
+    assert resolve_model_paths([f"{kept_run.run_dir}:best2"]) == [
+        kept_run.run_dir / k["path"] for k in kept
+    ]
+    assert read_metadata(ckpts / "best.json")["epoch"] == ranked[0]
+    best, first = _weights(ckpts / "best.json"), _weights(kept_run.run_dir / kept[0]["path"])
+    assert all(torch.equal(best[k], first[k]) for k in best)
+    # Each kept checkpoint holds its epoch, with the thresholds chosen on its own predictions.
+    for entry in kept:
+        meta = read_metadata(kept_run.run_dir / entry["path"])
+        assert meta["epoch"] == entry["epoch"]
+        assert f"epoch {meta['epoch']}" in meta["thresholds"]["chosen_on"]
+
+
+class _Killed(Exception):
+    """Stands for the process being killed at that point."""
+
+
+def _kill_at(point: str, monkeypatch: pytest.MonkeyPatch, fired: list[str]) -> None:
+    """Make the end of epoch 2 (which displaces kept epoch 0 and is the new best) die at
+    `point` of its bookkeeping."""
+    import cxrlabel.training.finetune as train_module
+
+    def in_epoch_2_end(run: Any) -> bool:  # `progress` has already moved to epoch 3
+        return (run.progress.epoch, run.progress.batch) == (3, 0)
+
+    if point == "before_ranking_saved":  # the kept epoch's file is written, `last` is not
+        save_last = train_module._Run.save_last
+
+        def dying_save_last(run: Any) -> None:
+            if in_epoch_2_end(run):
+                fired.append(point)
+                raise _Killed
+            save_last(run)
+
+        monkeypatch.setattr(train_module._Run, "save_last", dying_save_last)
+    elif point == "while_saving_last":  # `last`'s tensor files are new, its metadata old
+        save = train_module.save_checkpoint
+
+        def dying_save(path: Path, *args: Any, **kwargs: Any) -> Path:
+            progress = kwargs.get("extra", {}).get("progress", {})
+            if Path(path).name != "last.safetensors" or progress.get("epoch") != 3:
+                return save(path, *args, **kwargs)
+            meta = Path(path).with_suffix(".json")
+            old = meta.read_bytes()
+            save(path, *args, **kwargs)
+            meta.write_bytes(old)
+            fired.append(point)
+            raise _Killed
+
+        monkeypatch.setattr(train_module, "save_checkpoint", dying_save)
+    elif point == "after_ranking_saved":  # before kept.json and best.* are written
+        write_kept = train_module._Run.write_kept
+
+        def dying_write_kept(run: Any) -> None:
+            if in_epoch_2_end(run):
+                fired.append(point)
+                raise _Killed
+            write_kept(run)
+
+        monkeypatch.setattr(train_module._Run, "write_kept", dying_write_kept)
+    elif point == "while_deleting_displaced":  # epoch 0's files are still there
+        remove = train_module.remove_checkpoint
+
+        def dying_remove(path: Path) -> None:
+            if Path(path).name.startswith("epoch-"):
+                fired.append(point)
+                raise _Killed
+            remove(path)
+
+        monkeypatch.setattr(train_module, "remove_checkpoint", dying_remove)
+
+
+@pytest.mark.parametrize(
+    "point",
+    [
+        "before_ranking_saved",
+        "while_saving_last",
+        "after_ranking_saved",
+        "while_deleting_displaced",
+    ],
+)
+def test_kill_during_end_of_epoch_bookkeeping_then_resume(
+    point: str,
+    kept_run: TrainResult,
+    tiny_dataset: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """However the end of an epoch that changes the ranking is cut short, a resumed run keeps
+    exactly the uninterrupted run's checkpoints, ranked the same (with file renames, a kill
+    after shifting the ranks repeated the shift on resume: a kept epoch lost, one twice)."""
+    config = _kept_config(tiny_dataset, tmp_path, "killed")
+    fired: list[str] = []
+    with monkeypatch.context() as patch:
+        _kill_at(point, patch, fired)
+        with pytest.raises(_Killed):
+            train(config)
+    assert fired == [point]
+    resumed = train(config, resume=True)
+    assert resumed.completed
+
+    kept = kept_run.metrics["kept_checkpoints"]
+    assert resumed.metrics["kept_checkpoints"] == kept
+    for entry in kept:  # each listed file holds the epoch listed, with the same weights
+        meta = read_metadata(resumed.run_dir / entry["path"])
+        assert meta["epoch"] == entry["epoch"]
+        a, b = _weights(kept_run.run_dir / entry["path"]), _weights(resumed.run_dir / entry["path"])
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    for stem in ("best", "last"):
+        a = read_metadata(kept_run.run_dir / "checkpoints" / f"{stem}.json")
+        b = read_metadata(resumed.run_dir / "checkpoints" / f"{stem}.json")
+        assert a["sha256"]["weights"] == b["sha256"]["weights"]
+        assert (a["epoch"], a.get("thresholds")) == (b["epoch"], b.get("thresholds"))
+    ckpts = resumed.run_dir / "checkpoints"
+    assert json.loads((ckpts / "kept.json").read_text())["kept"] == kept
+    assert resolve_model_paths([f"{resumed.run_dir}:best2"]) == [
+        resumed.run_dir / k["path"] for k in kept
+    ]
+    # Nothing else is left: no displaced epoch, no previous `last`, no temporary file.
+    assert _checkpoint_files(resumed.run_dir) == _checkpoint_files(kept_run.run_dir)
+    assert not list(resumed.run_dir.rglob(".*.tmp"))
+    a = pd.read_csv(kept_run.run_dir / "metrics.csv")
+    b = pd.read_csv(resumed.run_dir / "metrics.csv")
+    assert list(a.kind) == list(b.kind) and list(a.epoch) == list(b.epoch)
+    assert a.val_loss.dropna().tolist() == b.val_loss.dropna().tolist()
+
+
+def test_read_metrics_keeps_what_last_covers(tmp_path: Path) -> None:
+    """metrics.csv is written before `last`, so after a kill it can hold the row of an epoch
+    that `last` stopped at the end of but had not validated: that row must not come back."""
+    path = tmp_path / "metrics.csv"
+    rows = [
+        {"kind": "step", "epoch": 0, "step": 1, "train_loss": 1.0},
+        {"kind": "step", "epoch": 0, "step": 2, "train_loss": 0.9},
+        {"kind": "epoch", "epoch": 0, "step": 2, "train_loss": 0.95, "val_loss": 1.1},
+        {"kind": "step", "epoch": 1, "step": 3, "train_loss": 0.8},
+    ]
+    write_metrics(path, rows)
+    assert [r["kind"] for r in read_metrics(path, 2, 0)] == ["step", "step"]
+    assert [r["kind"] for r in read_metrics(path, 2, 1)] == ["step", "step", "epoch"]
+    assert len(read_metrics(path, 3, 1)) == 4
+    assert read_metrics(tmp_path / "missing.csv", 3, 1) == []
+
+
+def test_epoch_order_depends_on_seed_and_epoch_only() -> None:
+    assert epoch_order(20, 0, 1) == epoch_order(20, 0, 1)
+    assert sorted(epoch_order(20, 0, 1)) == list(range(20))
+    assert epoch_order(20, 0, 1) != epoch_order(20, 0, 2)
+    assert epoch_order(20, 0, 1) != epoch_order(20, 1, 1)
+
+
+def test_scheduled_lr() -> None:
+    assert scheduled_lr(0.1, "constant", 7, 10) == 0.1
+    assert scheduled_lr(0.1, "cosine", 0, 10) == pytest.approx(0.1)
+    assert scheduled_lr(0.1, "cosine", 5, 10) == pytest.approx(0.05)
+    assert scheduled_lr(0.1, "cosine", 10, 10) == pytest.approx(0.0)
+    with pytest.raises(ValueError):
+        scheduled_lr(0.1, "step", 0, 10)
+
+
+def test_execution_choice() -> None:
+    assert cpu_has_fast_bf16(frozenset({"avx2", "amx_bf16"}))
+    assert cpu_has_fast_bf16(frozenset({"avx512_bf16"}))
+    assert not cpu_has_fast_bf16(frozenset({"avx2", "fma"}))
+    fast = choose_execution("cpu", "auto", flags=frozenset({"amx_bf16"}))
+    assert (fast.precision, fast.channels_last) == ("bf16", True)
+    slow = choose_execution("cpu", "auto", flags=frozenset({"avx2"}))
+    assert (slow.precision, slow.channels_last) == ("fp32", False)
+    forced = choose_execution("cpu", "fp32", flags=frozenset({"amx_bf16"}))
+    assert forced.precision == "fp32"
+    assert choose_execution("cpu", "bf16").precision == "bf16"
+    with pytest.raises(ValueError):
+        choose_execution("tpu")
+
+
+def test_bf16_channels_last_step_runs(tiny_dataset: Path, tmp_path: Path) -> None:
+    """The bf16 + channels_last path trains and checkpoints (emulated where not native).
+
+    The run also uses the default threshold rule and keep_best (one run instead of two)."""
+    config = _config(
+        tiny_dataset, runs_dir=str(tmp_path), precision="bf16", epochs=1, deterministic=False,
+        threshold_rule="fixed", uncertainty_band=0.0, keep_best=1,
+    )  # fmt: skip
+    result = train(config)
+    assert result.metrics["execution"]["precision"] == "bf16"
+    assert result.metrics["execution"]["channels_last"]
+    model, _ = load_checkpoint(result.last_checkpoint)
+    assert all(
+        torch.isfinite(v).all() for v in model.state_dict().values() if v.is_floating_point()
+    )
+    # threshold_rule fixed: the best checkpoint still carries thresholds, the method's 0.5.
+    stored = Thresholds.from_dict(read_metadata(result.best_checkpoint)["thresholds"])
+    assert stored == Thresholds.fixed(result.metrics["labels"])
+    names = sorted(p.name for p in (result.run_dir / "checkpoints").iterdir())
+    assert not [n for n in names if n.startswith("epoch-")]  # keep_best=1: best.* only
+    assert result.metrics["kept_checkpoints"] == [
+        {"rank": 1, "epoch": 0, "val_loss": pytest.approx(result.metrics["val_loss"]),
+         "path": "checkpoints/best.safetensors"}
+    ]  # fmt: skip
+    # RUN:best1 is then best.* itself.
+    assert resolve_model_paths([f"{result.run_dir}:best1"]) == [result.best_checkpoint]
+
+
+# --------------------------------------------------------------------------------------------
+# Evidence that the models learn
+# --------------------------------------------------------------------------------------------
+
+LEARN_LABELS = ("Cardiomegaly", "Pleural Effusion")
+
+
+def test_tiny_cnn_learns_synthetic_findings(tmp_path: Path) -> None:
+    """A tiny CNN trained on CPU (6 epochs of ~460 images at 96 px) separates Cardiomegaly and
+    Pleural Effusion on frontal films of 250 patients it never saw (AUROC ~0.88-0.90)."""
+    # Not named "train": CheXpert paths start with "train/", which would move the root up.
+    train_set = write_dataset(tmp_path / "synth_a", patients=300, size=96, seed=11)
+    held_out = write_dataset(tmp_path / "synth_b", patients=250, size=96, seed=12)
+    config = build_config(
+        "tiny-cpu",
+        {
+            "train_csv": str(train_set.train_csv),
+            "valid_csv": str(train_set.valid_csv),
+            "labels": ",".join(LEARN_LABELS),
+            # Blank is negative in CheXpert-format train labels; keep every image.
+            "require_certain": False,
+            "size": 96,
+            "epochs": 6,
+            "batch_size": 32,
+            "lr": 0.003,
+            # The validation split is ~40 images: its loss jumps with BatchNorm statistics
+            # from epoch to epoch, while its AUROC tracks what the test measures.
+            "select_best": "val_auroc",
+            # Cosine decay steadies the short run (constant lr: effusion ~0.85-0.92 across seeds).
+            "lr_schedule": "cosine",
+            "runs_dir": str(tmp_path / "runs"),
+        },
+    )
+    result = train(config)
+    model, _ = load_checkpoint(result.best_checkpoint)
+    table = filter_view(load_table(held_out.train_csv), "frontal")
+    dataset = CXRDataset(table, model.spec.labels, model.preprocessing)
+    plan = choose_execution("cpu", "fp32")
+    scores, targets, masks, _ = predict(model, make_loader(dataset, None, config, plan), plan)
+    aurocs = metrics_table(targets, scores, masks, model.spec.labels).set_index("Label")["AUROC"]
+    print(f"held-out AUROC: {aurocs.round(3).to_dict()}")
+    for label in LEARN_LABELS:
+        assert aurocs[label] >= 0.85, aurocs.to_dict()
