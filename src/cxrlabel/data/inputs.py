@@ -23,8 +23,6 @@ FRONTAL_VIEWS = frozenset({"PA", "AP", "APS", "APL", "FRONTAL", "AP SUPINE", "AP
 _MIMIC_PATH_RE = re.compile(r"(?:^|/)p\d+/(p\d+)/(s\d+)/")
 
 
-
-
 @dataclass(frozen=True)
 class InputItem:
     """One film to label: where it is, how outputs name it, and what a CSV said about it."""

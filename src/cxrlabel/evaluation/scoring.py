@@ -32,7 +32,7 @@ from cxrlabel.data.labels import OBSERVATIONS, LabelTable, ensure_ids, filter_vi
 from cxrlabel.evaluation.metrics import METRIC_NAMES, Evaluation, evaluate_predictions
 from cxrlabel.evaluation.results import STUDY_AGGREGATES, UNITS, Predictions
 from cxrlabel.fileio import atomic_write_text
-from cxrlabel.models.thresholds import RULES, Thresholds, choose_thresholds
+from cxrlabel.models.thresholds import Thresholds, choose_thresholds
 from cxrlabel.synth import is_synthetic_dataset
 
 if TYPE_CHECKING:
@@ -240,8 +240,6 @@ def rechoose_thresholds(
     preds: Sequence[Predictions], rule: str, *, band: float = 0.0, chosen_on: str = ""
 ) -> list[Predictions]:
     """All `preds` with thresholds chosen by `rule` on the first one (e.g. the validation set)."""
-    if rule not in RULES:
-        raise ValueError(f"unknown threshold rule {rule!r}; choose from {RULES}")
     first = preds[0]
     thresholds = choose_thresholds(
         first.y_true,
@@ -249,11 +247,9 @@ def rechoose_thresholds(
         first.mask,
         first.labels,
         rule,
-        # Fixed thresholds are not chosen on any data.
-        chosen_on="" if rule == "fixed" else chosen_on or f"{first.data} ({first.unit} level)",
+        chosen_on=chosen_on or f"{first.data} ({first.unit} level)",
+        band=band,
     )
-    if band > 0:
-        thresholds = thresholds.with_band(band)
     return [p.replace(thresholds=thresholds) for p in preds]
 
 

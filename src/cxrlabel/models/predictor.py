@@ -36,8 +36,6 @@ class Predictor(Protocol):
     def model_info(self) -> dict[str, Any]: ...
 
 
-
-
 def default_backend(device: str = "auto") -> str:
     """The backend `auto` picks: ONNX Runtime on CPU (measured fastest, see
     benchmarks/bench_label.py; onnxruntime is a dependency), PyTorch on CUDA."""

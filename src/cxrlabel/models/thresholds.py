@@ -148,11 +148,21 @@ def choose_thresholds(
     rule: str,
     *,
     chosen_on: str = "",
+    band: float = 0.0,
 ) -> Thresholds:
-    """Per-label thresholds on (N, K) arrays; masked entries are left out."""
+    """Per-label thresholds on (N, K) arrays by `rule`; masked entries are left out.
+
+    The one place thresholds are chosen (training, `cxrlabel thresholds`, evaluate --rule,
+    approach-1 heads): `chosen_on` describes the data and is dropped for the fixed rule, which
+    is not chosen on any data; `band` > 0 adds the +/- uncertainty band.
+    """
+    if rule not in RULES:
+        raise ValueError(f"unknown threshold rule {rule!r}; choose from {RULES}")
     values = []
     for k in range(len(labels)):
         keep = np.asarray(mask[:, k], dtype=bool)
         t = choose_threshold(y_true[keep, k], y_score[keep, k], rule)
         values.append(DEFAULT_THRESHOLD if math.isnan(t) else t)
-    return Thresholds(tuple(labels), tuple(values), rule, None, chosen_on)
+    chosen_on = "" if rule == "fixed" else chosen_on
+    thresholds = Thresholds(tuple(labels), tuple(values), rule, None, chosen_on)
+    return thresholds.with_band(band) if band > 0 else thresholds

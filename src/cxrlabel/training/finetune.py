@@ -712,19 +712,14 @@ class _Run:
         self, scores: np.ndarray, targets: np.ndarray, masks: np.ndarray
     ) -> Thresholds:
         """This epoch's thresholds by config.threshold_rule on its validation predictions."""
-        config, labels = self.config, self.model.spec.labels
+        config = self.config
         chosen_on = (
-            ""  # fixed thresholds are not chosen on any data
-            if config.threshold_rule == "fixed"
-            else f"{self.valid_source} ({len(scores)} images, image level, "
-            f"epoch {self.progress.epoch})"
+            f"{self.valid_source} ({len(scores)} images, image level, epoch {self.progress.epoch})"
         )
-        thresholds = choose_thresholds(
-            targets, scores, masks, labels, config.threshold_rule, chosen_on=chosen_on
-        )
-        if config.uncertainty_band > 0:
-            thresholds = thresholds.with_band(config.uncertainty_band)
-        return thresholds
+        return choose_thresholds(
+            targets, scores, masks, self.model.spec.labels, config.threshold_rule,
+            chosen_on=chosen_on, band=config.uncertainty_band,
+        )  # fmt: skip
 
     def save_best(
         self, path: Path, metrics: Mapping[str, Any], thresholds: Thresholds, *, epoch: int
