@@ -22,6 +22,7 @@ One function per format; `load_table` picks one by looking at the CSV's columns.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Mapping
 from dataclasses import replace
@@ -39,6 +40,7 @@ from cxrlabel.data.labels import (
     parse_label_column,
     table_from_columns,
 )
+from cxrlabel.fileio import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -305,3 +307,38 @@ def load_table(
     if blank is not None and BlankMeaning(blank) is not table.blank:
         table = replace(table, blank=BlankMeaning(blank))
     return table
+
+
+# Written beside train.csv / valid.csv by the synthetic generator so that any later reader
+# (evaluation reports) can tell that the films are synthetic: `is_synthetic_dataset(csv_path)`
+# looks for it in the CSV's folder. The data layer owns it because it is what a dataset folder
+# says about itself; readers need not import the generator.
+SYNTHETIC_MARKER = "synthetic.json"
+_SYNTHETIC_GENERATOR = "cxrlabel.synth"
+
+
+def write_synthetic_marker(out: Path, *, patients: int, size: int, seed: int) -> Path:
+    """Write `out`/synthetic.json, which marks the folder's CSVs as drawn by cxrlabel.synth."""
+    marker = {
+        "generator": _SYNTHETIC_GENERATOR,
+        "synthetic": True,
+        "note": "synthetic chest radiographs drawn by cxrlabel, not patients",
+        "patients": patients,
+        "size": size,
+        "seed": seed,
+    }
+    path = Path(out) / SYNTHETIC_MARKER
+    atomic_write_bytes(path, (json.dumps(marker, indent=2) + "\n").encode("utf-8"))
+    return path
+
+
+def is_synthetic_dataset(csv_path: Path) -> bool:
+    """True when `csv_path` lies in a folder written by `write_dataset` (its marker file)."""
+    marker = Path(csv_path).parent / SYNTHETIC_MARKER
+    if not marker.is_file():
+        return False
+    try:
+        generator = json.loads(marker.read_text(encoding="utf-8")).get("generator")
+    except (ValueError, AttributeError):
+        return False
+    return generator == _SYNTHETIC_GENERATOR

@@ -28,12 +28,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from cxrlabel.data.formats import is_synthetic_dataset
 from cxrlabel.data.labels import OBSERVATIONS, LabelTable, ensure_ids, filter_view
 from cxrlabel.evaluation.metrics import METRIC_NAMES, Evaluation, evaluate_predictions
 from cxrlabel.evaluation.results import STUDY_AGGREGATES, UNITS, Predictions
 from cxrlabel.fileio import atomic_write_text
 from cxrlabel.models.thresholds import Thresholds, choose_thresholds
-from cxrlabel.synth import is_synthetic_dataset
 
 if TYPE_CHECKING:
     from cxrlabel.models.ensemble import Ensemble
