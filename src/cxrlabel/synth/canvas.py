@@ -111,6 +111,15 @@ class Strip:
         """Broadcastable X (1, w) and Y (h, 1) of a window."""
         return self.X[:, sl[1]], self.Y[sl[0]]
 
+    def region(self, box: Box | None) -> tuple[Slices, np.ndarray, np.ndarray] | None:
+        """Strip slices of the part of a canvas box in this strip, with its X and Y (see xy)."""
+        win = self.window(box)
+        if win is None:
+            return None
+        sl = win[0]
+        x, y = self.xy(sl)
+        return sl, x, y
+
 
 @dataclass
 class Layers:
@@ -166,11 +175,10 @@ def soft_disc(
 ) -> tuple[Slices, np.ndarray] | None:
     """Anti-aliased disc (round in pixels), computed only where it meets the strip."""
     pad = r + soft_px / st.fr.t
-    win = st.window(st.fr.box(x, y, pad, pad / st.fr.vs))
-    if win is None:
+    reg = st.region(st.fr.box(x, y, pad, pad / st.fr.vs))
+    if reg is None:
         return None
-    sl = win[0]
-    wx, wy = st.xy(sl)
+    sl, wx, wy = reg
     d = r - np.sqrt((wx - x) ** 2 + ((wy - y) * st.fr.vs) ** 2)
     return sl, st.edge(d, soft_px)
 
@@ -274,14 +282,27 @@ def layer_image(fr: Frame) -> tuple[Image.Image, ImageDraw.ImageDraw]:
     return img, ImageDraw.Draw(img)
 
 
-def marks_layer(fr: Frame, rng: np.random.Generator) -> tuple[Image.Image, ImageDraw.ImageDraw]:
-    """8-bit "lung markings" layer: faint parenchymal mottle to draw the vessels on.
+def lung_markings(
+    fr: Frame,
+    tex_rng: np.random.Generator,
+    hila: Sequence[tuple[tuple[float, float], int]],
+    angles_deg: Sequence[float],
+    levels: int = 4,
+    also: Callable[[ImageDraw.ImageDraw], None] | None = None,
+) -> np.ndarray:
+    """8-bit "lung markings" layer: faint parenchymal mottle with a vessel tree per hilum.
 
-    Kept as uint8 and converted strip by strip: no full-frame float temporaries.
+    ``hila`` are ((x, y), side) pairs (see vessel_tree); ``also`` draws more lines on the layer
+    (Kerley lines). Kept as uint8 and converted strip by strip: no full-frame float temporaries.
     """
-    coarse = clamp(rng.normal(40.0, 22.0, (24, 24)), 0, 255).astype(np.uint8)
+    coarse = clamp(tex_rng.normal(40.0, 22.0, (24, 24)), 0, 255).astype(np.uint8)
     img = Image.fromarray(coarse, mode="L").resize((fr.canvas, fr.canvas), Image.Resampling.BICUBIC)
-    return img, ImageDraw.Draw(img)
+    draw = ImageDraw.Draw(img)
+    for hilum, side in hila:
+        vessel_tree(draw, fr, tex_rng, hilum, side, angles_deg, levels)
+    if also is not None:
+        also(draw)
+    return as_u8(img)
 
 
 def as_u8(img: Image.Image) -> np.ndarray:
@@ -306,12 +327,13 @@ def _develop(img8: np.ndarray, fr: Frame, acq: Acquisition) -> np.ndarray:
 
 
 def render_film(
-    fr: Frame,
-    acq: Acquisition,
-    tex_rng: np.random.Generator,
-    strip_att: Callable[[Strip], np.ndarray],
+    film: Film, strip_att: Callable[[Strip], np.ndarray], devices8: np.ndarray | None = None
 ) -> np.ndarray:
-    """Run the per-strip attenuation function, apply the film curve and noise, develop."""
+    """Run the per-strip attenuation function, apply the film curve and noise, develop.
+
+    ``devices8`` is an 8-bit layer of radio-opaque devices added on top of the anatomy.
+    """
+    fr, acq, tex_rng = film.fr, film.acq, film.tex_rng
     out = np.empty((fr.canvas, fr.canvas), dtype=np.uint8)
     gain = F32(255.0 * acq.contrast)
     # Quantum noise: uniform bytes are the cheapest random numbers; blur makes them Gaussian-ish.
@@ -321,6 +343,8 @@ def render_film(
     offset = F32(255.0 * (0.5 + acq.brightness + 0.5 * acq.contrast) + 0.5) - 127.5 * noise
     for st in fr.strips():
         att = strip_att(st)
+        if devices8 is not None:
+            att += devices8[st.rows] * F32(1.4 / 255.0)
         # Film curve: transmitted fraction exp(-k * attenuation); white = attenuating.
         grey = np.exp(att * F32(-acq.exposure))
         grey *= -gain
@@ -345,3 +369,27 @@ def make_frame(size: int, anat: Anatomy, acq: Acquisition) -> Frame:
         cy=canvas / 2 + size * (acq.dy - 0.03),
         tilt=acq.tilt,
     )
+
+
+@dataclass(frozen=True)
+class Film:
+    """One film being drawn: findings, patient, technique, canvas frame and random streams."""
+
+    findings: Mapping[str, float]
+    anat: Anatomy
+    acq: Acquisition
+    fr: Frame
+    tex_rng: np.random.Generator  # texture: lung markings first, then quantum noise
+    rngs: Mapping[str, np.random.Generator]  # one stream per present finding (see sub_rngs)
+
+
+def start_film(
+    findings: Mapping[str, float],
+    anat: Anatomy,
+    acq: Acquisition,
+    rng: np.random.Generator,
+    size: int,
+) -> Film:
+    """Split ``rng`` into the film's streams and lay out its canvas."""
+    tex_rng, rngs = sub_rngs(rng, findings)
+    return Film(findings, anat, acq, make_frame(size, anat, acq), tex_rng, rngs)

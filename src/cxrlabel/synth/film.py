@@ -7,6 +7,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from cxrlabel.synth.anatomy import Anatomy, sample_acquisition, sample_anatomy
+from cxrlabel.synth.canvas import start_film
 from cxrlabel.synth.config import FINDINGS, VIEWS
 from cxrlabel.synth.frontal import draw_frontal
 from cxrlabel.synth.lateral import draw_lateral
@@ -54,4 +55,4 @@ def generate_image(
         ap = coin
     acq = sample_acquisition(rng, ap)
     draw = draw_frontal if view == "frontal" else draw_lateral
-    return draw(clean, anat, acq, rng, size)
+    return draw(start_film(clean, anat, acq, rng, size))

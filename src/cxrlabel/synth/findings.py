@@ -88,11 +88,10 @@ def _paint_effusion(
     st: Strip,
     lay: Layers,
 ) -> None:
-    win = st.window(box)
-    if win is None:
+    reg = st.region(box)
+    if reg is None:
         return
-    sl = win[0]
-    x, y = st.xy(sl)
+    sl, x, y = reg
     climb = unit((np.abs(x) - 0.3) * (1.0 / 0.67))
     top = cp - height * (0.6 + 0.4 * climb * climb)  # meniscus: higher at the lateral wall
     onside = unit((x - mid) * side * 20.0)
@@ -137,8 +136,7 @@ def _plan_airspace(
     box = fr.box(cx, cy, radius * 2.0, radius * 2.0)
     if box is None:
         return _noop
-    noise = lowfreq(rng, (box[1] - box[0], box[3] - box[2]), 6 if patchy else 4)
-    noise = noise * F32(0.45 if patchy else 0.2) + F32(1.0)
+    noise = _box_noise(rng, box, 6 if patchy else 4) * F32(0.45 if patchy else 0.2) + F32(1.0)
     density = (0.65 + 0.3 * sev) if dense else (0.3 + 0.3 * sev)
 
     def paint(st: Strip, lay: Layers) -> None:
@@ -149,7 +147,7 @@ def _plan_airspace(
         x, y = st.xy(sl)
         field = np.zeros((y.shape[0], x.shape[1]), dtype=F32)
         for bx, by, br in blobs:
-            field += np.exp((x - bx) ** 2 * (-1.0 / br**2)) * np.exp((y - by) ** 2 * (-1.0 / br**2))
+            field += _blob(x, y, bx, by, br)
         field *= noise[bl]
         patch = unit(field * (1.0 if patchy else 1.4) - (0.1 if patchy else 0.25)) * density
         if dense:
@@ -161,6 +159,16 @@ def _plan_airspace(
 
 def _noop(st: Strip, lay: Layers) -> None:
     return None
+
+
+def _box_noise(rng: np.random.Generator, box: Box, cells: int) -> np.ndarray:
+    """Smooth random texture the size of a canvas box (see lowfreq)."""
+    return lowfreq(rng, (box[1] - box[0], box[3] - box[2]), cells)
+
+
+def _blob(x: np.ndarray, y: np.ndarray, cx: float, cy: float, r: float) -> np.ndarray:
+    """Isotropic Gaussian of radius r at (cx, cy), as a product of two 1-D factors (cheap)."""
+    return np.exp((x - cx) ** 2 * (-1.0 / r**2)) * np.exp((y - cy) ** 2 * (-1.0 / r**2))
 
 
 def _plan_atelectasis(
@@ -176,11 +184,10 @@ def _plan_atelectasis(
         box = fr.box((x0 + x1) / 2, y0, abs(x1 - x0) / 2 + 0.05, 0.15)
 
         def plate(st: Strip, lay: Layers) -> None:
-            win = st.window(box)
-            if win is None:
+            reg = st.region(box)
+            if reg is None:
                 return
-            sl = win[0]
-            x, y = st.xy(sl)
+            sl, x, y = reg
             t = unit((x - x0) * (1.0 / (x1 - x0)))
             along = unit(np.minimum(t, 1.0 - t) * 6.0) * 0.6
             d = thick - np.abs(y - (y0 + tilt * t)) * st.fr.vs
@@ -193,11 +200,10 @@ def _plan_atelectasis(
     box = fr.box(side * 0.35, (hy + dome) / 2 + 0.05, 0.4, (dome - hy) / 2 + 0.15)
 
     def wedge(st: Strip, lay: Layers) -> None:
-        win = st.window(box)
-        if win is None:
+        reg = st.region(box)
+        if reg is None:
             return
-        sl = win[0]
-        x, y = st.xy(sl)
+        sl, x, y = reg
         t = unit((y - hy) * (1.0 / (dome + 0.1 - hy)))  # 0 at hilum, 1 at base
         lo = hx + (min(bx0, bx1) - hx) * t
         hi = hx + (max(bx0, bx1) - hx) * t
@@ -221,11 +227,10 @@ def _plan_lesion(fr: Frame, sev: float, rng: np.random.Generator) -> Painter:
     box = fr.box(cx, cy, radius * 1.9, radius * 1.9)
 
     def paint(st: Strip, lay: Layers) -> None:
-        win = st.window(box)
-        if win is None:
+        reg = st.region(box)
+        if reg is None:
             return
-        sl = win[0]
-        x, y = st.xy(sl)
+        sl, x, y = reg
         mask = np.zeros((y.shape[0], x.shape[1]), dtype=F32)
         for lx, ly, r in lobes:
             np.maximum(mask, st.edge(r - np.sqrt((x - lx) ** 2 + (y - ly) ** 2), 1.3), out=mask)
@@ -247,11 +252,10 @@ def _plan_pneumothorax(
     box = fr.box(side * 0.55, (geo.apex + dome) / 2, 0.55, (dome - geo.apex) / 2 + 0.05)
 
     def paint(st: Strip, lay: Layers) -> None:
-        win = st.window(box)
-        if win is None:
+        reg = st.region(box)
+        if reg is None:
             return
-        sl = win[0]
-        x, y = st.xy(sl)
+        sl, x, y = reg
         wall = lay.wall[sl]
         gap = gap_top * clamp(1.0 - (y - geo.apex) * 0.5, 0.2, 1.0)
         gate = unit((x - geo.mid) * side * 20.0) * unit((dome - 0.1 - y) * 6)
@@ -276,11 +280,10 @@ def _plan_thickening(fr: Frame, sev: float, rng: np.random.Generator) -> Painter
     box = fr.box(side * 0.65, (y_lo + y_hi) / 2, 0.4, (y_hi - y_lo) / 2 + 0.05)
 
     def paint(st: Strip, lay: Layers) -> None:
-        win = st.window(box)
-        if win is None:
+        reg = st.region(box)
+        if reg is None:
             return
-        sl = win[0]
-        x, y = st.xy(sl)
+        sl, x, y = reg
         thick = base * (1.0 + 0.35 * np.sin(y * 9.0 + phase))
         along = unit((y - y_lo) * 6.0) * unit((y_hi - y) * 6.0)
         gate = along * (0.32 * ((x * side) > 0))
@@ -323,10 +326,9 @@ def plan_lateral_patch(
         box = fr.box(cx, cy, r + 0.05, r + 0.05)
 
         def nodule(st: Strip, lay: Layers) -> None:
-            win = st.window(box)
-            if win is not None:
-                sl = win[0]
-                x, y = st.xy(sl)
+            reg = st.region(box)
+            if reg is not None:
+                sl, x, y = reg
                 lay.opac[sl] += st.edge(r - np.sqrt((x - cx) ** 2 + (y - cy) ** 2), 1.2)
 
         return nodule
@@ -335,10 +337,9 @@ def plan_lateral_patch(
         box = fr.box(cx, y0, 0.4, 0.1 + 0.15 * 0.4)
 
         def band(st: Strip, lay: Layers) -> None:
-            win = st.window(box)
-            if win is not None:
-                sl = win[0]
-                x, y = st.xy(sl)
+            reg = st.region(box)
+            if reg is not None:
+                sl, x, y = reg
                 d = 0.02 + 0.03 * sev - np.abs(y - y0 - 0.15 * (x - cx))
                 lay.opac[sl] += st.edge(d, 2.0) * (0.65 * (np.abs(x - cx) < 0.35))
 
@@ -347,7 +348,7 @@ def plan_lateral_patch(
     box = fr.box(cx, cy, r * 1.5, r * 1.5)
     if box is None:
         return _noop
-    noise = lowfreq(rng, (box[1] - box[0], box[3] - box[2]), 5) * F32(0.3)
+    noise = _box_noise(rng, box, 5) * F32(0.3)
     gain = 0.4 if name == LUNG_OPACITY else 0.55 + 0.4 * sev
 
     def patch(st: Strip, lay: Layers) -> None:
@@ -356,8 +357,7 @@ def plan_lateral_patch(
             return
         sl, bl = win
         x, y = st.xy(sl)
-        field = np.exp((x - cx) ** 2 * (-1.0 / r**2)) * np.exp((y - cy) ** 2 * (-1.0 / r**2))
-        field = field * (1.0 + noise[bl])
+        field = _blob(x, y, cx, cy, r) * (1.0 + noise[bl])
         lay.opac[sl] += unit((field - 0.4) * 2.5) * gain
 
     return patch

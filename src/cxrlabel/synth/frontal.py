@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
+from functools import partial
 
 import numpy as np
 from PIL import ImageDraw
@@ -10,6 +11,7 @@ from PIL import ImageDraw
 from cxrlabel.synth.anatomy import Acquisition, Anatomy, FrontalGeometry, frontal_geometry
 from cxrlabel.synth.canvas import (
     F32,
+    Film,
     Frame,
     Layers,
     Painter,
@@ -19,28 +21,22 @@ from cxrlabel.synth.canvas import (
     bezier,
     ellipse_dist,
     layer_image,
-    make_frame,
-    marks_layer,
+    lung_markings,
     pick_side,
     polyline,
     render_film,
     soft_disc,
-    sub_rngs,
     unit,
-    vessel_tree,
 )
 from cxrlabel.synth.findings import frontal_painters
 
+# Hila (side, height): the left hilum sits a little higher than the right.
+_HILA = ((-1, -0.1), (1, -0.15))
 
-def draw_frontal(
-    findings: Mapping[str, float],
-    anat: Anatomy,
-    acq: Acquisition,
-    rng: np.random.Generator,
-    size: int,
-) -> np.ndarray:
-    tex_rng, rngs = sub_rngs(rng, findings)
-    fr = make_frame(size, anat, acq)
+
+def draw_frontal(film: Film) -> np.ndarray:
+    """PA or AP projection, patient's right on the image left."""
+    findings, anat, acq, fr, rngs = film.findings, film.anat, film.acq, film.fr, film.rngs
     atel_side = pick_side(rngs["Atelectasis"], 0.55) if "Atelectasis" in findings else 0
     geo = frontal_geometry(anat, acq, findings, atel_side)
     painters = frontal_painters(fr, findings, rngs, geo, atel_side)
@@ -48,13 +44,11 @@ def draw_frontal(
     if "Fracture" in findings:
         fracture = _plan_fracture(rngs["Fracture"], findings["Fracture"])
 
-    mimg, mdraw = marks_layer(fr, tex_rng)
-    for side, hy in ((-1, -0.1), (1, -0.15)):
-        angles = (-100, -65, -30, 5, 40, 75, 100)
-        vessel_tree(mdraw, fr, tex_rng, (geo.mid + side * 0.24, hy), side, angles)
+    kerley = None
     if "Edema" in findings:
-        _kerley_lines(mdraw, fr, rngs["Edema"], findings["Edema"], geo)
-    marks8 = as_u8(mimg)
+        kerley = partial(_kerley_lines, fr=fr, rng=rngs["Edema"], sev=findings["Edema"], geo=geo)
+    hila = [((geo.mid + side * 0.24, hy), side) for side, hy in _HILA]
+    marks8 = lung_markings(fr, film.tex_rng, hila, (-100, -65, -30, 5, 40, 75, 100), also=kerley)
     devices8 = None
     if "Support Devices" in findings:
         devices8 = _devices(fr, rngs["Support Devices"], findings["Support Devices"], geo)
@@ -73,11 +67,9 @@ def draw_frontal(
             np.clip(lay.opac, -0.3, 1.0, out=lay.opac)
             marks *= 1.0 - lay.no_marks
             att += lung_eff * ((marks - air) * (1.0 - lay.opac)) + lay.extra
-        if devices8 is not None:
-            att += devices8[st.rows] * F32(1.4 / 255.0)
         return att
 
-    return render_film(fr, acq, tex_rng, strip_att)
+    return render_film(film, strip_att, devices8)
 
 
 def _frontal_anatomy(
@@ -199,10 +191,9 @@ def _frontal_anatomy(
         reach = 0.038 + 0.6 / t
         cs = slice(*_cols_between(xm, -0.01 - reach, -0.01 + reach))
         att[:, cs] -= carina * unit((0.038 - np.abs(xm[:, cs] + 0.01)) * (t / 1.2) + 0.5)
-    bubble = st.window(st.fr.box(geo.mid + 0.45, geo.dome_l + 0.24, 0.2, 0.12))
+    bubble = st.region(st.fr.box(geo.mid + 0.45, geo.dome_l + 0.24, 0.2, 0.12))
     if bubble is not None:
-        sl = bubble[0]
-        wx, wy = st.xy(sl)
+        sl, wx, wy = bubble
         gd = ellipse_dist(wx - geo.mid - 0.45, (wy - geo.dome_l - 0.24) * vs, 0.15, 0.08)
         att[sl] -= 0.08 * st.edge(gd, 2.5) * body[sl]
     if anat.breast > 0 and y_hi > geo.dome_r - 0.35:
@@ -214,7 +205,7 @@ def _frontal_anatomy(
             bd = ellipse_dist(ux - 0.58, dy[r0:r1], 0.48, 0.3)
             att[r0:r1] += (0.07 * anat.breast) * st.edge(bd, 5.0)
     # Hila: pulmonary arteries, denser than the lung around them.
-    for side, hy in ((-1, -0.1), (1, -0.15)):
+    for side, hy in _HILA:
         disc = soft_disc(st, geo.mid + side * 0.24, hy, 0.09, soft_px=0.06 * t)
         if disc is not None:
             att[disc[0]] += 0.06 * disc[1] * lung[disc[0]]
@@ -239,11 +230,10 @@ def _heart(st: Strip, geo: FrontalGeometry) -> tuple[Slices, np.ndarray] | None:
     lx, ly, qa, qb, qc, hb, hw, hh = geo.lv
     x0, x1 = rx - rr - 0.02, lx + hw + 0.02
     y0, y1 = min(ry - rr / st.fr.vs, ly - hh) - 0.02, max(ry + rr / st.fr.vs, ly + hh) + 0.02
-    win = st.window(st.fr.box((x0 + x1) / 2, (y0 + y1) / 2, (x1 - x0) / 2, (y1 - y0) / 2))
-    if win is None:
+    reg = st.region(st.fr.box((x0 + x1) / 2, (y0 + y1) / 2, (x1 - x0) / 2, (y1 - y0) / 2))
+    if reg is None:
         return None
-    sl = win[0]
-    x, y = st.xy(sl)
+    sl, x, y = reg
     vs = st.fr.vs
     dx, dy = x - lx, (y - ly) * vs
     q = (qa * dx * dx + (qc * dy * dy)) + (qb * dx) * dy

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 import numpy as np
 
-from cxrlabel.synth.anatomy import Acquisition, Anatomy
 from cxrlabel.synth.canvas import (
     F32,
+    Film,
     Frame,
     Layers,
     Strip,
@@ -17,37 +15,25 @@ from cxrlabel.synth.canvas import (
     clamp,
     ellipse_dist,
     layer_image,
-    make_frame,
-    marks_layer,
+    lung_markings,
     polyline,
     render_film,
     soft_disc,
-    sub_rngs,
     unit,
-    vessel_tree,
 )
 from cxrlabel.synth.config import LUNG_OPACITY
 from cxrlabel.synth.findings import plan_lateral_edema, plan_lateral_effusion, plan_lateral_patch
 
 
-def draw_lateral(
-    findings: Mapping[str, float],
-    anat: Anatomy,
-    acq: Acquisition,
-    rng: np.random.Generator,
-    size: int,
-) -> np.ndarray:
+def draw_lateral(film: Film) -> np.ndarray:
     """Left lateral projection: anterior to the image left, spine to the right."""
-    tex_rng, rngs = sub_rngs(rng, findings)
-    fr = make_frame(size, anat, acq)
+    findings, anat, acq, fr, rngs = film.findings, film.anat, film.acq, film.fr, film.rngs
     dome = anat.dome + 0.05 - (0.05 if acq.ap else 0.0)
     ctr = 0.52 + 0.16 * findings["Cardiomegaly"] if "Cardiomegaly" in findings else anat.ctr
     scale = ctr / 0.43
 
-    mimg, mdraw = marks_layer(fr, tex_rng)
     angles = (-150, -110, -70, -30, 10, 50, 90, 130, 170)
-    vessel_tree(mdraw, fr, tex_rng, (0.0, -0.1), 1, angles, levels=3)
-    marks8 = as_u8(mimg)
+    marks8 = lung_markings(fr, film.tex_rng, [((0.0, -0.1), 1)], angles, levels=3)
     painters = [
         plan_lateral_patch(fr, name, findings[name], rngs[name], dome)
         for name in ("Consolidation", "Pneumonia", "Atelectasis", LUNG_OPACITY, "Lung Lesion")
@@ -108,11 +94,9 @@ def draw_lateral(
         hilum = soft_disc(st, 0.0, -0.1, 0.12, soft_px=6.0)
         if hilum is not None:
             att[hilum[0]] += 0.05 * hilum[1]
-        if devices8 is not None:
-            att += devices8[st.rows] * F32(1.4 / 255.0)
         return att
 
-    return render_film(fr, acq, tex_rng, strip_att)
+    return render_film(film, strip_att, devices8)
 
 
 def _lateral_devices(fr: Frame, sev: float) -> np.ndarray:
