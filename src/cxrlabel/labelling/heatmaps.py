@@ -11,15 +11,15 @@ up with the film at the film's own size.
 
 from __future__ import annotations
 
-import io
 import logging
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 from torch import nn
 
+from cxrlabel.data.pictures import SheetStyle, encode_png, render_sheet
 from cxrlabel.data.transforms import preprocess, scaled_shape
 from cxrlabel.models.factory import CXRModel
 
@@ -146,24 +146,15 @@ def overlay_rgb(image: np.ndarray, cam: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(blended * 255.0), 0, 255).astype(np.uint8)
 
 
-def _png(rgb: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(rgb).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 def overlay_png(image: np.ndarray, cam: np.ndarray) -> bytes:
     """PNG bytes of the film with the colour-mapped CAM blended over it."""
-    return _png(overlay_rgb(image, cam))
+    return encode_png(overlay_rgb(image, cam))
 
 
-def _tile(rgb: np.ndarray, caption: str, tile: int) -> Image.Image:
+def _tile(rgb: np.ndarray, tile: int) -> Image.Image:
     im = Image.fromarray(rgb)
     im.thumbnail((tile, tile), Image.Resampling.BILINEAR)
-    out = Image.new("RGB", (tile, tile + 16), "black")
-    out.paste(im, ((tile - im.width) // 2, (tile - im.height) // 2))
-    ImageDraw.Draw(out).text((3, tile + 2), caption[:40], fill="white")
-    return out
+    return im
 
 
 def contact_sheet_png(
@@ -181,19 +172,19 @@ def contact_sheet_png(
         3,
         axis=2,
     )
-    tiles = [_tile(grey, "film" if cams else "film (no label to show)", tile)]
+    tiles = [_tile(grey, tile)]
+    captions = ["film" if cams else "film (no label to show)"]
     for name, cam in cams.items():
         p = None if probabilities is None else probabilities.get(name)
-        caption = name if p is None else f"{name} {p:.2f}"
-        tiles.append(_tile(overlay_rgb(image, cam), caption, tile))
+        tiles.append(_tile(overlay_rgb(image, cam), tile))
+        captions.append(name if p is None else f"{name} {p:.2f}")
     columns = max(1, min(columns, len(tiles)))
-    rows = -(-len(tiles) // columns)
-    header = 18 if title else 0
-    sheet = Image.new("RGB", (columns * tile, header + rows * (tile + 16)), "black")
-    if title:
-        ImageDraw.Draw(sheet).text((4, 3), title[: columns * tile // 6], fill="white")
-    for i, im in enumerate(tiles):
-        sheet.paste(im, ((i % columns) * tile, header + (i // columns) * (tile + 16)))
-    buffer = io.BytesIO()
-    sheet.save(buffer, format="PNG")
-    return buffer.getvalue()
+    sheet = render_sheet(
+        tiles,
+        [[caption[:40]] for caption in captions],
+        tile=tile,
+        columns=columns,
+        style=SheetStyle(),
+        title=title[: columns * tile // 6],
+    )
+    return encode_png(sheet)

@@ -36,7 +36,6 @@ and the full-size array is dropped before waiting for the model lock.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import os
@@ -61,7 +60,6 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
-from PIL import Image
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
@@ -76,7 +74,8 @@ from cxrlabel.data.images import (
     UnsupportedImageError,
     read_image,
 )
-from cxrlabel.data.transforms import Preprocessing, scale_to_fit, to_uint8
+from cxrlabel.data.pictures import encode_png
+from cxrlabel.data.transforms import Preprocessing, scale_to_fit
 from cxrlabel.labelling.heatmaps import find_target_layer, gradcams, overlay_png
 from cxrlabel.models.predictor import Predictor, heatmap_model, resize_geometry, shared_resize
 from cxrlabel.models.predictor import load_model as load_predictor
@@ -402,13 +401,6 @@ class ResultCache:
     def __len__(self) -> int:
         with self._lock:
             return len(self._items)
-
-
-def png_bytes(image: np.ndarray) -> bytes:
-    """A [0, 1] grey image as 8-bit PNG bytes (for HTTP responses, not files)."""
-    buffer = io.BytesIO()
-    Image.fromarray(to_uint8(image)).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 # --------------------------------------------------------------------------------------------
@@ -789,7 +781,7 @@ def _add_routes(app: FastAPI, service: _Service) -> None:
     )
     async def film(result_id: str) -> Response:
         result = _cached(service, result_id)
-        return Response(await run_in_threadpool(png_bytes, result.film), media_type="image/png")
+        return Response(await run_in_threadpool(encode_png, result.film), media_type="image/png")
 
     @app.get(
         "/heatmaps/{result_id}/{filename}",

@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import csv
-import io
 import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageFont
 
 from cxrlabel.data.labels import OBSERVATIONS, POSITIVE, UNCERTAIN
+from cxrlabel.data.pictures import SheetStyle, encode_png, render_sheet
 from cxrlabel.fileio import atomic_write_bytes
 
 # Short names so captions fit under a tile; uncertain labels get a trailing "?".
@@ -53,12 +53,24 @@ def caption_height(font_size: int = 14, lines: int = _CAPTION_LINES) -> int:
     return 6 + lines * (font_size + 3)
 
 
-def _wrap(text: str, font: Any, width: int, draw: ImageDraw.ImageDraw) -> list[str]:
+def _caption_lines(row: Mapping[str, Any], rel: str, font: Any, tile: int) -> list[str]:
+    """Patient/study and view, then the labels wrapped to the tile; "..." when cut short."""
+    parts = rel.split("/")
+    where = "/".join(parts[1:3]) if len(parts) > 3 else rel
+    view = _as_text(row.get("AP/PA")) or _as_text(row.get("Frontal/Lateral"))
+    head = f"{where} {view}".strip()
+    lines = [head, *_wrap(caption_text(row), font, tile - 8)]
+    if len(lines) > _CAPTION_LINES:
+        lines = [*lines[: _CAPTION_LINES - 1], lines[_CAPTION_LINES - 1] + " ..."]
+    return lines
+
+
+def _wrap(text: str, font: Any, width: int) -> list[str]:
     lines: list[str] = []
     current = ""
     for word in text.split(" "):
         trial = f"{current} {word}".strip()
-        if draw.textlength(trial, font=font) <= width or not current:
+        if font.getlength(trial, mode="L") <= width or not current:
             current = trial
         else:
             lines.append(current)
@@ -148,33 +160,25 @@ def contact_sheet(
         raise ValueError("need at least one row and n >= 1")
     picked = _pick_rows(rows, n)
     font = ImageFont.load_default(size=font_size)
-    line_h = font_size + 3
-    cap_h = caption_height(font_size)
-    grid_rows = math.ceil(len(picked) / columns)
-    sheet = Image.new("L", (columns * tile, grid_rows * (tile + cap_h)), 255)
-    draw = ImageDraw.Draw(sheet)
-    for i, row in enumerate(picked):
-        x0 = (i % columns) * tile
-        y0 = (i // columns) * (tile + cap_h)
+    films, captions = [], []
+    for row in picked:
         rel = _as_text(row["Path"])
         with Image.open(Path(root) / rel) as im:
-            film = im.convert("L").resize((tile, tile), Image.Resampling.LANCZOS)
-        sheet.paste(film, (x0, y0))
-        parts = rel.split("/")
-        where = "/".join(parts[1:3]) if len(parts) > 3 else rel
-        view = _as_text(row.get("AP/PA")) or _as_text(row.get("Frontal/Lateral"))
-        head = f"{where} {view}".strip()
-        lines = [head, *_wrap(caption_text(row), font, tile - 8, draw)]
-        if len(lines) > _CAPTION_LINES:
-            lines = [*lines[: _CAPTION_LINES - 1], lines[_CAPTION_LINES - 1] + " ..."]
-        for j, text in enumerate(lines):
-            draw.text(
-                (x0 + 4, y0 + tile + 3 + j * line_h), text, fill=100 if j == 0 else 0, font=font
-            )
-        draw.rectangle([x0, y0, x0 + tile - 1, y0 + tile + cap_h - 1], outline=170)
+            films.append(im.convert("L").resize((tile, tile), Image.Resampling.LANCZOS))
+        captions.append(_caption_lines(row, rel, font, tile))
+    style = SheetStyle(
+        mode="L",
+        background=255,
+        caption_height=caption_height(font_size),
+        caption_at=(4, 3),
+        line_height=font_size + 3,
+        head_fill=100,
+        fill=0,
+        font=font,
+        outline=170,
+    )
+    sheet = render_sheet(films, captions, tile=tile, columns=columns, style=style)
     out_png = Path(out_png)
     out_png.parent.mkdir(parents=True, exist_ok=True)
-    buf = io.BytesIO()
-    sheet.save(buf, format="PNG")
-    atomic_write_bytes(out_png, buf.getvalue())
+    atomic_write_bytes(out_png, encode_png(sheet))
     return out_png
