@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from pathlib import Path
@@ -11,6 +12,7 @@ import pytest
 from PIL import Image
 
 from cxrlabel import synth
+from cxrlabel.data.formats import SYNTHETIC_MARKER, is_synthetic_dataset, write_synthetic_marker
 from cxrlabel.data.labels import OBSERVATIONS
 from tests.synth.helpers import read_csvs
 
@@ -135,3 +137,19 @@ def test_jpegs_are_greyscale_of_requested_size(dataset: Path) -> None:
     for path in list(dataset.rglob("*.jpg"))[:10]:
         with Image.open(path) as im:
             assert im.mode == "L" and im.size == (64, 64)
+
+
+def test_dataset_folder_carries_the_synthetic_marker(dataset: Path, tmp_path: Path) -> None:
+    marker = json.loads((dataset / SYNTHETIC_MARKER).read_text(encoding="utf-8"))
+    assert marker["generator"] == "cxrlabel.synth" and marker["synthetic"] is True
+    assert (marker["patients"], marker["size"], marker["seed"]) == (24, 64, 3)
+    assert is_synthetic_dataset(dataset / "train.csv") and is_synthetic_dataset(
+        dataset / "valid.csv"
+    )
+    # A folder without the marker, with a broken one or one from another generator is not.
+    assert not is_synthetic_dataset(tmp_path / "train.csv")
+    for text in ("{not json", "[1, 2]", json.dumps({"generator": "someone.else"})):
+        (tmp_path / SYNTHETIC_MARKER).write_text(text, encoding="utf-8")
+        assert not is_synthetic_dataset(tmp_path / "train.csv"), text
+    path = write_synthetic_marker(tmp_path, patients=2, size=16, seed=0)
+    assert path == tmp_path / SYNTHETIC_MARKER and is_synthetic_dataset(tmp_path / "valid.csv")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -39,3 +40,27 @@ def test_caption_marks_uncertain() -> None:
     row["Pleural Effusion"] = -1.0
     text = synth.caption_text(row)
     assert "Edema" in text and "Effusion?" in text
+
+
+def test_contact_sheet_is_deterministic(dataset: Path, tmp_path: Path) -> None:
+    a = synth.contact_sheet(dataset, tmp_path / "a.png", n=5, columns=2, tile=80, font_size=10)
+    b = synth.contact_sheet(dataset, tmp_path / "b.png", n=5, columns=2, tile=80, font_size=10)
+    assert a.read_bytes() == b.read_bytes()
+
+
+def test_contact_sheet_tiles_are_the_films_with_a_framed_caption(
+    dataset: Path, tmp_path: Path
+) -> None:
+    train, _ = read_csvs(dataset)
+    rows = train.head(2).to_dict("records")
+    out = synth.contact_sheet(rows, tmp_path / "s.png", n=2, root=dataset, columns=2, tile=64)
+    sheet = np.asarray(Image.open(out)).astype(int)
+    caption = synth.caption_height(font_size=14)
+    assert sheet.shape == (64 + caption, 2 * 64)
+    with Image.open(dataset / rows[0]["Path"]) as im:
+        film = np.asarray(im.convert("L").resize((64, 64), Image.Resampling.LANCZOS)).astype(int)
+    # Inside the frame, the tile is the film; the frame and the caption band are drawn over it.
+    assert np.array_equal(sheet[1:63, 1:63], film[1:63, 1:63])
+    assert (sheet[0, :64] == 170).all() and (sheet[64 + caption - 1, :64] == 170).all()
+    band = sheet[64 : 64 + caption - 1, 1:63]
+    assert (band == 255).mean() > 0.5 and (band < 128).any()  # white band with dark text
