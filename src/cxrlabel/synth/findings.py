@@ -6,7 +6,7 @@ markings, extra attenuation); the view modules combine the layers into attenuati
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from functools import partial
 
 import numpy as np
@@ -18,6 +18,7 @@ from cxrlabel.synth.canvas import (
     Frame,
     Layers,
     Painter,
+    Slices,
     Strip,
     clamp,
     lowfreq,
@@ -74,12 +75,11 @@ def _plan_effusion(
         height = 0.15 + 0.85 * s_sev
         soft = 0.05 + 0.1 * s_sev
         box = fr.box(side * 0.55, cp - height / 2 - 0.1, 0.6, height / 2 + 0.4)
-        painters.append(partial(_paint_effusion, box, side, cp, height, soft, geo.mid))
+        painters.append(_in_box(box, partial(_paint_effusion, side, cp, height, soft, geo.mid)))
     return painters
 
 
 def _paint_effusion(
-    box: Box | None,
     side: int,
     cp: float,
     height: float,
@@ -87,11 +87,10 @@ def _paint_effusion(
     mid: float,
     st: Strip,
     lay: Layers,
+    sl: Slices,
+    x: np.ndarray,
+    y: np.ndarray,
 ) -> None:
-    reg = st.region(box)
-    if reg is None:
-        return
-    sl, x, y = reg
     climb = unit((np.abs(x) - 0.3) * (1.0 / 0.67))
     top = cp - height * (0.6 + 0.4 * climb * climb)  # meniscus: higher at the lateral wall
     onside = unit((x - mid) * side * 20.0)
@@ -139,26 +138,47 @@ def _plan_airspace(
     noise = _box_noise(rng, box, 6 if patchy else 4) * F32(0.45 if patchy else 0.2) + F32(1.0)
     density = (0.65 + 0.3 * sev) if dense else (0.3 + 0.3 * sev)
 
-    def paint(st: Strip, lay: Layers) -> None:
-        win = st.window(box)
-        if win is None:
-            return
-        sl, bl = win
-        x, y = st.xy(sl)
+    def paint(
+        st: Strip, lay: Layers, sl: Slices, x: np.ndarray, y: np.ndarray, tex: np.ndarray
+    ) -> None:
         field = np.zeros((y.shape[0], x.shape[1]), dtype=F32)
         for bx, by, br in blobs:
             field += _blob(x, y, bx, by, br)
-        field *= noise[bl]
+        field *= tex
         patch = unit(field * (1.0 if patchy else 1.4) - (0.1 if patchy else 0.25)) * density
         if dense:
             patch *= 1.0 - 5.0 * lay.vessels[sl]  # air bronchograms stay lucent
         lay.opac[sl] += patch
 
-    return paint
+    return _in_box(box, paint, noise)
 
 
 def _noop(st: Strip, lay: Layers) -> None:
     return None
+
+
+def _in_box(
+    box: Box | None, paint: Callable[..., None], texture: np.ndarray | None = None
+) -> Painter:
+    """A painter that calls ``paint(st, lay, sl, x, y)`` only where ``box`` meets a strip.
+
+    ``sl`` are the strip slices of that part of the box and ``x``, ``y`` its coordinates (see
+    Strip.xy); most findings are local, so most strips skip them entirely. With a ``texture``
+    the size of the box, its matching part is passed too: ``paint(st, lay, sl, x, y, tex)``.
+    """
+
+    def painter(st: Strip, lay: Layers) -> None:
+        win = st.window(box)
+        if win is None:
+            return
+        sl, local = win
+        x, y = st.xy(sl)
+        if texture is None:
+            paint(st, lay, sl, x, y)
+        else:
+            paint(st, lay, sl, x, y, texture[local])
+
+    return painter
 
 
 def _box_noise(rng: np.random.Generator, box: Box, cells: int) -> np.ndarray:
@@ -183,34 +203,26 @@ def _plan_atelectasis(
         thick = 0.015 + 0.03 * sev
         box = fr.box((x0 + x1) / 2, y0, abs(x1 - x0) / 2 + 0.05, 0.15)
 
-        def plate(st: Strip, lay: Layers) -> None:
-            reg = st.region(box)
-            if reg is None:
-                return
-            sl, x, y = reg
+        def plate(st: Strip, lay: Layers, sl: Slices, x: np.ndarray, y: np.ndarray) -> None:
             t = unit((x - x0) * (1.0 / (x1 - x0)))
             along = unit(np.minimum(t, 1.0 - t) * 6.0) * 0.6
             d = thick - np.abs(y - (y0 + tilt * t)) * st.fr.vs
             lay.opac[sl] += st.edge(d, 2.0) * along
 
-        return plate
+        return _in_box(box, plate)
     # Wedge: apex at the hilum, base on the medial hemidiaphragm (lower-lobe collapse).
     hx, hy = side * 0.3, -0.05
     bx0, bx1 = side * 0.12, side * (0.2 + 0.45 * sev)
     box = fr.box(side * 0.35, (hy + dome) / 2 + 0.05, 0.4, (dome - hy) / 2 + 0.15)
 
-    def wedge(st: Strip, lay: Layers) -> None:
-        reg = st.region(box)
-        if reg is None:
-            return
-        sl, x, y = reg
+    def wedge(st: Strip, lay: Layers, sl: Slices, x: np.ndarray, y: np.ndarray) -> None:
         t = unit((y - hy) * (1.0 / (dome + 0.1 - hy)))  # 0 at hilum, 1 at base
         lo = hx + (min(bx0, bx1) - hx) * t
         hi = hx + (max(bx0, bx1) - hx) * t
         inside = np.minimum(x - lo, hi - x)
         lay.opac[sl] += st.edge(inside, 2.0) * (0.75 * (t > 0.05))
 
-    return wedge
+    return _in_box(box, wedge)
 
 
 def _plan_lesion(fr: Frame, sev: float, rng: np.random.Generator) -> Painter:
@@ -226,17 +238,13 @@ def _plan_lesion(fr: Frame, sev: float, rng: np.random.Generator) -> Painter:
             lobes.append((cx + ox, cy + oy, radius * float(rng.uniform(0.55, 0.8))))
     box = fr.box(cx, cy, radius * 1.9, radius * 1.9)
 
-    def paint(st: Strip, lay: Layers) -> None:
-        reg = st.region(box)
-        if reg is None:
-            return
-        sl, x, y = reg
+    def paint(st: Strip, lay: Layers, sl: Slices, x: np.ndarray, y: np.ndarray) -> None:
         mask = np.zeros((y.shape[0], x.shape[1]), dtype=F32)
         for lx, ly, r in lobes:
             np.maximum(mask, st.edge(r - np.sqrt((x - lx) ** 2 + (y - ly) ** 2), 1.3), out=mask)
         lay.opac[sl] += mask * F32(0.9)
 
-    return paint
+    return _in_box(box, paint)
 
 
 def _plan_pneumothorax(
@@ -251,11 +259,7 @@ def _plan_pneumothorax(
     gap_top = 0.06 + 0.26 * sev
     box = fr.box(side * 0.55, (geo.apex + dome) / 2, 0.55, (dome - geo.apex) / 2 + 0.05)
 
-    def paint(st: Strip, lay: Layers) -> None:
-        reg = st.region(box)
-        if reg is None:
-            return
-        sl, x, y = reg
+    def paint(st: Strip, lay: Layers, sl: Slices, x: np.ndarray, y: np.ndarray) -> None:
         wall = lay.wall[sl]
         gap = gap_top * clamp(1.0 - (y - geo.apex) * 0.5, 0.2, 1.0)
         gate = unit((x - geo.mid) * side * 20.0) * unit((dome - 0.1 - y) * 6)
@@ -268,7 +272,7 @@ def _plan_pneumothorax(
         # Pleural air is blacker than aerated lung; the collapsed lung is a little denser.
         lay.opac[sl] += keep * (0.15 * sev) - region * (0.25 + 0.15 * sev)
 
-    return paint
+    return _in_box(box, paint)
 
 
 def _plan_thickening(fr: Frame, sev: float, rng: np.random.Generator) -> Painter:
@@ -279,17 +283,13 @@ def _plan_thickening(fr: Frame, sev: float, rng: np.random.Generator) -> Painter
     base = 0.035 + 0.06 * sev
     box = fr.box(side * 0.65, (y_lo + y_hi) / 2, 0.4, (y_hi - y_lo) / 2 + 0.05)
 
-    def paint(st: Strip, lay: Layers) -> None:
-        reg = st.region(box)
-        if reg is None:
-            return
-        sl, x, y = reg
+    def paint(st: Strip, lay: Layers, sl: Slices, x: np.ndarray, y: np.ndarray) -> None:
         thick = base * (1.0 + 0.35 * np.sin(y * 9.0 + phase))
         along = unit((y - y_lo) * 6.0) * unit((y_hi - y) * 6.0)
         gate = along * (0.32 * ((x * side) > 0))
         lay.extra[sl] += st.edge(thick - lay.wall[sl], 2.0) * lay.lung[sl] * gate
 
-    return paint
+    return _in_box(box, paint)
 
 
 def plan_lateral_effusion(sev: float, dome: float) -> Painter:
@@ -325,25 +325,19 @@ def plan_lateral_patch(
         r = 0.04 + 0.14 * sev
         box = fr.box(cx, cy, r + 0.05, r + 0.05)
 
-        def nodule(st: Strip, lay: Layers) -> None:
-            reg = st.region(box)
-            if reg is not None:
-                sl, x, y = reg
-                lay.opac[sl] += st.edge(r - np.sqrt((x - cx) ** 2 + (y - cy) ** 2), 1.2)
+        def nodule(st: Strip, lay: Layers, sl: Slices, x: np.ndarray, y: np.ndarray) -> None:
+            lay.opac[sl] += st.edge(r - np.sqrt((x - cx) ** 2 + (y - cy) ** 2), 1.2)
 
-        return nodule
+        return _in_box(box, nodule)
     if name == "Atelectasis":
         y0 = dome - 0.2
         box = fr.box(cx, y0, 0.4, 0.1 + 0.15 * 0.4)
 
-        def band(st: Strip, lay: Layers) -> None:
-            reg = st.region(box)
-            if reg is not None:
-                sl, x, y = reg
-                d = 0.02 + 0.03 * sev - np.abs(y - y0 - 0.15 * (x - cx))
-                lay.opac[sl] += st.edge(d, 2.0) * (0.65 * (np.abs(x - cx) < 0.35))
+        def band(st: Strip, lay: Layers, sl: Slices, x: np.ndarray, y: np.ndarray) -> None:
+            d = 0.02 + 0.03 * sev - np.abs(y - y0 - 0.15 * (x - cx))
+            lay.opac[sl] += st.edge(d, 2.0) * (0.65 * (np.abs(x - cx) < 0.35))
 
-        return band
+        return _in_box(box, band)
     r = (0.15 + 0.2 * sev) * (1.3 if name == LUNG_OPACITY else 1.0)
     box = fr.box(cx, cy, r * 1.5, r * 1.5)
     if box is None:
@@ -351,13 +345,10 @@ def plan_lateral_patch(
     noise = _box_noise(rng, box, 5) * F32(0.3)
     gain = 0.4 if name == LUNG_OPACITY else 0.55 + 0.4 * sev
 
-    def patch(st: Strip, lay: Layers) -> None:
-        win = st.window(box)
-        if win is None:
-            return
-        sl, bl = win
-        x, y = st.xy(sl)
-        field = _blob(x, y, cx, cy, r) * (1.0 + noise[bl])
+    def patch(
+        st: Strip, lay: Layers, sl: Slices, x: np.ndarray, y: np.ndarray, tex: np.ndarray
+    ) -> None:
+        field = _blob(x, y, cx, cy, r) * (1.0 + tex)
         lay.opac[sl] += unit((field - 0.4) * 2.5) * gain
 
-    return patch
+    return _in_box(box, patch, noise)
