@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFont
 
-from cxrlabel.data.pictures import SheetStyle, encode_png, render_sheet
+from cxrlabel.data.pictures import SheetStyle, encode_jpeg, encode_png, render_sheet
 from cxrlabel.data.transforms import to_uint8
 
 
@@ -52,6 +52,18 @@ def test_pil_image_is_encoded_as_it_is() -> None:
 def test_other_arrays_are_refused_with_their_shape(array: np.ndarray) -> None:
     with pytest.raises(ValueError, match=r"cannot encode .* shape"):
         encode_png(array)
+
+
+def test_jpeg_of_a_grey_film_is_grey_and_close() -> None:
+    yy, xx = np.mgrid[0:32, 0:48]
+    film = ((xx * 4 + yy * 2) % 256).astype(np.uint8)
+    image = Image.open(io.BytesIO(encode_jpeg(film, quality=95)))
+    assert image.format == "JPEG" and image.mode == "L" and image.size == (48, 32)
+    assert np.abs(np.asarray(image).astype(int) - film).mean() < 3
+    small = encode_jpeg(film, quality=10)
+    assert len(small) < len(encode_jpeg(film, quality=95))
+    with pytest.raises(ValueError, match="cannot encode"):
+        encode_jpeg(np.zeros((4, 4, 4), np.uint8), quality=90)
 
 
 def _tiles(n: int, size: int, mode: str = "L") -> list[Image.Image]:

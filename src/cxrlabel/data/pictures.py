@@ -1,8 +1,9 @@
-"""Pictures for people: PNG encoding and the one contact-sheet renderer.
+"""Pictures: PNG and JPEG encoding, and the one contact-sheet renderer.
 
 :func:`encode_png` turns a film or an overlay into PNG bytes (HTTP responses, files written
-atomically by the caller). :func:`render_sheet` lays captioned tiles out on a grid; the synthetic
-dataset's sheet and the Grad-CAM sheets differ only in their :class:`SheetStyle`.
+atomically by the caller); :func:`encode_jpeg` does the same for the synthetic films.
+:func:`render_sheet` lays captioned tiles out on a grid; the synthetic dataset's sheet and the
+Grad-CAM sheets differ only in their :class:`SheetStyle`.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from cxrlabel.data.transforms import to_uint8
 
-__all__ = ["SheetStyle", "encode_png", "render_sheet"]
+__all__ = ["SheetStyle", "encode_jpeg", "encode_png", "render_sheet"]
 
 Colour = int | str | tuple[int, ...]
 Font = ImageFont.ImageFont | ImageFont.FreeTypeFont
@@ -39,6 +40,13 @@ def encode_png(picture: np.ndarray | Image.Image) -> bytes:
     return buffer.getvalue()
 
 
+def encode_jpeg(picture: np.ndarray, quality: int) -> bytes:
+    """JPEG bytes of a picture (the arrays :func:`encode_png` takes) at a Pillow quality 1-95."""
+    buffer = io.BytesIO()
+    Image.fromarray(_as_8bit(np.asarray(picture))).save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue()
+
+
 def _as_8bit(array: np.ndarray) -> np.ndarray:
     grey = array.ndim == 2
     rgb = array.ndim == 3 and array.shape[2] == 3
@@ -47,7 +55,7 @@ def _as_8bit(array: np.ndarray) -> np.ndarray:
     if np.issubdtype(array.dtype, np.floating) and grey:
         return to_uint8(array)
     raise ValueError(
-        f"cannot encode a {array.dtype} array of shape {array.shape} as PNG: expected a [0, 1] "
+        f"cannot encode a {array.dtype} array of shape {array.shape}: expected a [0, 1] "
         "float (H, W) image, a uint8 (H, W) image or a uint8 (H, W, 3) RGB image"
     )
 

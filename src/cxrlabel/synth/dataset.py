@@ -12,10 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from cxrlabel.data.formats import write_synthetic_marker
 from cxrlabel.data.labels import OBSERVATIONS
+from cxrlabel.data.pictures import encode_jpeg
 from cxrlabel.fileio import atomic_write_bytes
 from cxrlabel.synth.anatomy import Anatomy, sample_anatomy
 from cxrlabel.synth.config import (
@@ -144,12 +144,6 @@ def render_study(plan: StudyPlan, size: int = 320, seed: int = 0) -> dict[str, n
     return images
 
 
-def _encode_jpeg(img: np.ndarray, quality: int) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(img, mode="L").save(buf, format="JPEG", quality=quality)
-    return buf.getvalue()
-
-
 def _render_and_write(args: tuple[Path, Sequence[StudyPlan], int, int, int]) -> int:
     out, plans, size, seed, quality = args
     written = 0
@@ -157,7 +151,7 @@ def _render_and_write(args: tuple[Path, Sequence[StudyPlan], int, int, int]) -> 
         for view, img in render_study(plan, size, seed).items():
             path = out / plan.image_path(view)
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(_encode_jpeg(img, quality))
+            path.write_bytes(encode_jpeg(img, quality))
             written += 1
     return written
 
