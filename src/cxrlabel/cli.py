@@ -315,10 +315,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from cxrlabel.labelling.service import load_model, serve, token_from_env
+    from cxrlabel.labelling.service import serve, token_from_env
+    from cxrlabel.models.predictor import load_model
 
     token = token_from_env(args.token_env)
-    model = load_model(args.model, device=args.device)
+    # Checkpoints stay PyTorch (not exported on the fly), so heatmaps come from the model
+    # that labels; an .onnx file runs with ONNX Runtime.
+    model = load_model(args.model, backend="native", device=args.device)
     print(f"serving {model.name} ({model.kind}) at http://{args.host}:{args.port}/")
     print("auth: bearer token required" if token else "auth: none (set CXRLABEL_TOKEN to add it)")
     serve(

@@ -1,8 +1,10 @@
 """Tests for cxrlabel.data.images: every fixture kind reads to one convention; bad inputs fail
-clearly.
+clearly; a file's bytes read exactly as the file.
 
 Real-image tests use ../shared/data/fixtures beside the project and skip when it is absent;
-synthetic tests (files written to tmp_path) always run.
+synthetic tests (files written to tmp_path) always run. Every file a test reads goes through
+`read_both`/`metadata_both`, which also read its bytes and require the same result or the same
+error, so each test below checks the bytes route as well.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import re
 import struct
 import zlib
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import pydicom
@@ -42,6 +44,7 @@ from cxrlabel.data.images import (
     UnsupportedDicomError,
     read_dicom_metadata,
     read_image,
+    sniff_format,
 )
 
 SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
@@ -64,6 +67,46 @@ def _one(fixtures: Path, pattern: str) -> Path:
     if not matches:
         pytest.skip(f"no fixture matching {pattern!r} in {fixtures}")
     return matches[0]
+
+
+def _same_error_from_bytes(path: Path, error: ImageError, read: Any, **kwargs: Any) -> None:
+    """The bytes of `path`, named as it, fail with the error the file gave."""
+    if not path.is_file():
+        return  # a missing path or a directory has no bytes to read
+    with pytest.raises(ImageError) as info:
+        read(path.read_bytes(), name=str(path), **kwargs)
+    assert type(info.value) is type(error)
+    assert info.value.path == error.path
+    # Decoder messages may quote an object's repr, whose address differs between two reads.
+    assert _without_addresses(info.value.reason) == _without_addresses(error.reason)
+
+
+def _without_addresses(text: str) -> str:
+    return re.sub(r" at 0x[0-9a-f]+", "", text)
+
+
+def read_both(path: Path, **kwargs: Any) -> np.ndarray:
+    """read_image on the file and on its bytes: the very same array, or the same error."""
+    try:
+        from_file = read_image(path, **kwargs)
+    except ImageError as error:
+        _same_error_from_bytes(path, error, read_image, **kwargs)
+        raise
+    from_bytes = read_image(path.read_bytes(), name=str(path), **kwargs)
+    assert from_bytes.dtype == from_file.dtype and from_bytes.flags.c_contiguous
+    np.testing.assert_array_equal(from_bytes, from_file)
+    return from_file
+
+
+def metadata_both(path: Path) -> dict[str, Any]:
+    """read_dicom_metadata on the file and on its bytes: the same fields, or the same error."""
+    try:
+        from_file = read_dicom_metadata(path)
+    except ImageError as error:
+        _same_error_from_bytes(path, error, read_dicom_metadata)
+        raise
+    assert read_dicom_metadata(path.read_bytes(), name=str(path)) == from_file
+    return from_file
 
 
 def _assert_unit_image(img: np.ndarray) -> None:
@@ -166,19 +209,19 @@ def _cut_in_half(src: Path, dst: Path) -> Path:
     ],
 )
 def test_every_fixture_kind_reads_to_unit_float32(fixtures: Path, pattern: str) -> None:
-    _assert_unit_image(read_image(_one(fixtures, pattern)))
+    _assert_unit_image(read_both(_one(fixtures, pattern)))
 
 
 def test_all_nih_jpegs_read_at_320(fixtures: Path) -> None:
     for path in sorted(fixtures.glob("nih_320/*.jpg")):
-        img = read_image(path)
+        img = read_both(path)
         assert img.shape == (320, 320), path.name
         _assert_unit_image(img)
 
 
 def test_rgba_png_becomes_2d_luminance(fixtures: Path) -> None:
     path = fixtures / RGBA_PNG
-    img = read_image(path)
+    img = read_both(path)
     assert img.shape == (1024, 1024)
     with Image.open(path) as im:
         assert im.mode == "RGBA"
@@ -188,8 +231,8 @@ def test_rgba_png_becomes_2d_luminance(fixtures: Path) -> None:
 
 
 def test_monochrome1_twin_is_inverse_of_monochrome2(fixtures: Path) -> None:
-    mono2 = read_image(_one(fixtures, SIIM_GLOB))
-    mono1 = read_image(fixtures / MONO1_TWIN)
+    mono2 = read_both(_one(fixtures, SIIM_GLOB))
+    mono1 = read_both(fixtures / MONO1_TWIN)
     assert mono1.shape == mono2.shape == (1024, 1024)
     assert float(np.abs(mono1 - (1.0 - mono2)).max()) <= 1 / 255 + 1e-6
     assert _mediastinum_brighter_than_lungs(mono2)
@@ -197,8 +240,8 @@ def test_monochrome1_twin_is_inverse_of_monochrome2(fixtures: Path) -> None:
 
 def test_15_bit_jpeg2000_monochrome1_decodes(fixtures: Path) -> None:
     path = fixtures / J2K_CHEST
-    meta = read_dicom_metadata(path)
-    img = read_image(path)
+    meta = metadata_both(path)
+    img = read_both(path)
     assert (meta["rows"], meta["columns"]) == (1955, 1841)
     assert img.shape == (1955, 1841)  # (Rows, Columns) = (height, width)
     _assert_unit_image(img)
@@ -208,8 +251,8 @@ def test_15_bit_jpeg2000_monochrome1_decodes(fixtures: Path) -> None:
 
 
 def test_read_dicom_metadata_on_fixtures(fixtures: Path) -> None:
-    siim = read_dicom_metadata(_one(fixtures, SIIM_GLOB))
-    twin = read_dicom_metadata(fixtures / MONO1_TWIN)
+    siim = metadata_both(_one(fixtures, SIIM_GLOB))
+    twin = metadata_both(fixtures / MONO1_TWIN)
     assert siim["view_position"] == "PA"
     assert siim["photometric_interpretation"] == "MONOCHROME2"
     assert twin["photometric_interpretation"] == "MONOCHROME1"
@@ -218,7 +261,7 @@ def test_read_dicom_metadata_on_fixtures(fixtures: Path) -> None:
     assert (siim["rows"], siim["columns"]) == (1024, 1024)
     assert siim["number_of_frames"] == 1
     assert siim["transfer_syntax_uid"] == "1.2.840.10008.1.2.4.50"
-    tibia = read_dicom_metadata(_one(fixtures, "non_chest/*.dcm"))
+    tibia = metadata_both(_one(fixtures, "non_chest/*.dcm"))
     assert tibia["laterality"] == "R"
     assert tibia["body_part_examined"] == "EXTREMITY"
 
@@ -231,7 +274,7 @@ def test_real_file_cut_in_half_is_truncated(fixtures: Path, tmp_path: Path, patt
     src = _one(fixtures, pattern)
     cut = _cut_in_half(src, tmp_path / f"half_{src.name}")
     with pytest.raises(TruncatedImageError, match=re.escape(f"half_{src.name}")):
-        read_image(cut)
+        read_both(cut)
 
 
 # --------------------------------------------------------------------------------------------
@@ -245,7 +288,7 @@ def test_16_bit_png_scaled_by_65535(tmp_path: Path) -> None:
     Image.fromarray(values).save(path)
     with Image.open(path) as im:
         assert im.mode.startswith("I")
-    img = read_image(path)
+    img = read_both(path)
     assert img.dtype == np.float32 and img.shape == (40, 50)
     np.testing.assert_allclose(img, values / 65535.0, atol=1e-6)
     assert img.min() == 0.0 and img.max() == 1.0
@@ -269,7 +312,7 @@ def test_png_modes_give_grey_over_255(tmp_path: Path, mode: str) -> None:
         im = base.convert(mode)
     path = tmp_path / f"{mode}.{suffix}"
     im.save(path)
-    img = read_image(path)
+    img = read_both(path)
     assert img.shape == grey.shape and img.dtype == np.float32
     np.testing.assert_allclose(img, grey / 255.0, atol=1e-6)
 
@@ -279,7 +322,7 @@ def test_colour_png_uses_luminance(tmp_path: Path) -> None:
     rgb[:, 0, 0], rgb[:, 1, 1], rgb[:, 2, 2] = 255, 255, 255  # pure R, G, B columns
     path = tmp_path / "rgb.png"
     Image.fromarray(rgb).save(path)
-    img = read_image(path)
+    img = read_both(path)
     np.testing.assert_allclose(img[0], [76 / 255, 150 / 255, 29 / 255], atol=1.5 / 255)
 
 
@@ -288,7 +331,7 @@ def test_alpha_is_dropped_not_composited(tmp_path: Path, caplog: pytest.LogCaptu
     path = tmp_path / "transparent.png"
     im.save(path)
     with caplog.at_level("WARNING", logger="cxrlabel.data.images"):
-        img = read_image(path)
+        img = read_both(path)
     np.testing.assert_allclose(img, 200 / 255, atol=1e-6)
     assert "alpha" in caplog.text
 
@@ -297,16 +340,16 @@ def test_jpeg_reads_close_to_source(tmp_path: Path) -> None:
     grey = np.tile(np.linspace(0, 255, 64).astype(np.uint8), (64, 1))
     path = tmp_path / "smooth.jpg"
     Image.fromarray(grey).save(path, quality=100)
-    img = read_image(path)
+    img = read_both(path)
     assert img.shape == (64, 64)
     assert float(np.abs(img - grey / 255.0).max()) < 3 / 255
 
 
 def test_no_global_pillow_state_changed(tmp_path: Path) -> None:
     before = (Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES)
-    read_image(_noise_image(tmp_path / "a.png", "PNG"))
+    read_both(_noise_image(tmp_path / "a.png", "PNG"))
     with pytest.raises(TruncatedImageError):
-        read_image(_cut_in_half(tmp_path / "a.png", tmp_path / "b.png"))
+        read_both(_cut_in_half(tmp_path / "a.png", tmp_path / "b.png"))
     assert before == (Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES)
 
 
@@ -317,15 +360,15 @@ def test_no_global_pillow_state_changed(tmp_path: Path) -> None:
 
 def test_dicom_scaled_by_bits_stored(tmp_path: Path) -> None:
     pixels = _ramp(high=4095)
-    img = read_image(_write_dicom(tmp_path / "d12.dcm", pixels, bits_stored=12))
+    img = read_both(_write_dicom(tmp_path / "d12.dcm", pixels, bits_stored=12))
     np.testing.assert_allclose(img, pixels / 4095.0, atol=1e-6)
 
 
 def test_dicom_monochrome1_is_inverted(tmp_path: Path) -> None:
     pixels = _ramp(high=4095)
-    mono2 = read_image(_write_dicom(tmp_path / "m2.dcm", pixels, bits_stored=12))
+    mono2 = read_both(_write_dicom(tmp_path / "m2.dcm", pixels, bits_stored=12))
     path = _write_dicom(tmp_path / "m1.dcm", pixels, photometric="MONOCHROME1", bits_stored=12)
-    mono1 = read_image(path)
+    mono1 = read_both(path)
     np.testing.assert_allclose(mono1, 1.0 - mono2, atol=1e-6)
 
 
@@ -334,7 +377,7 @@ def test_dicom_rescale_and_signed_values(tmp_path: Path) -> None:
     path = _write_dicom(
         tmp_path / "signed.dcm", pixels, bits_stored=12, RescaleSlope=2, RescaleIntercept=-100
     )
-    img = read_image(path)
+    img = read_both(path)
     # Stored range [-2048, 2047] maps through the rescale to the full [0, 1].
     np.testing.assert_allclose(img, (pixels + 2048) / 4095.0, atol=1e-6)
 
@@ -344,7 +387,7 @@ def test_dicom_window_applied(tmp_path: Path) -> None:
     path = _write_dicom(
         tmp_path / "win.dcm", pixels, bits_stored=12, WindowCenter=2048, WindowWidth=1024
     )
-    img = read_image(path)
+    img = read_both(path)
     assert img[pixels <= 1500].max() == 0.0  # below the window: black
     assert img[pixels >= 2600].min() == 1.0  # above the window: white
     inside = (pixels > 1600) & (pixels < 2500)
@@ -355,7 +398,7 @@ def test_dicom_window_applied(tmp_path: Path) -> None:
 def test_multiframe_dicom_returns_first_frame(tmp_path: Path) -> None:
     first = _ramp(high=4095)
     frames = np.stack([first, 4095 - first])
-    img = read_image(_write_dicom(tmp_path / "multi.dcm", frames, bits_stored=12))
+    img = read_both(_write_dicom(tmp_path / "multi.dcm", frames, bits_stored=12))
     assert img.shape == first.shape
     np.testing.assert_allclose(img, first / 4095.0, atol=1e-6)
 
@@ -363,12 +406,12 @@ def test_multiframe_dicom_returns_first_frame(tmp_path: Path) -> None:
 def test_dicom_detected_by_content_not_suffix(tmp_path: Path) -> None:
     pixels = _ramp(high=255).astype(np.uint8)
     path = _write_dicom(tmp_path / "actually_dicom.png", pixels)
-    np.testing.assert_allclose(read_image(path), pixels / 255.0, atol=1e-6)
+    np.testing.assert_allclose(read_both(path), pixels / 255.0, atol=1e-6)
 
 
 def test_dicom_metadata_synthetic(tmp_path: Path) -> None:
     path = _write_dicom(tmp_path / "meta.dcm", _ramp(), bits_stored=12, ImageLaterality="L")
-    meta = read_dicom_metadata(path)
+    meta = metadata_both(path)
     assert meta["view_position"] == "AP"
     assert meta["laterality"] == "L"
     assert meta["patient_id"] == "SYNTH-1"
@@ -384,7 +427,7 @@ def test_dicom_metadata_synthetic(tmp_path: Path) -> None:
 def test_errors_are_value_errors_with_path_reason_and_pickle(tmp_path: Path) -> None:
     missing = tmp_path / "nope.png"
     with pytest.raises(MissingImageError) as info:
-        read_image(missing)
+        read_both(missing)
     err = info.value
     assert isinstance(err, ImageError) and isinstance(err, ValueError)
     assert err.path == missing
@@ -398,7 +441,7 @@ def test_errors_are_value_errors_with_path_reason_and_pickle(tmp_path: Path) -> 
 def test_zero_byte_file(tmp_path: Path, name: str) -> None:
     (tmp_path / name).write_bytes(b"")
     with pytest.raises(EmptyImageError, match=re.escape(name)):
-        read_image(tmp_path / name)
+        read_both(tmp_path / name)
 
 
 @pytest.mark.parametrize("fmt, suffix", [("PNG", "png"), ("JPEG", "jpg")])
@@ -406,11 +449,11 @@ def test_truncated_synthetic_image(tmp_path: Path, fmt: str, suffix: str) -> Non
     full = _noise_image(tmp_path / f"full.{suffix}", fmt)
     cut = _cut_in_half(full, tmp_path / f"cut.{suffix}")
     with pytest.raises(TruncatedImageError, match=re.escape(f"cut.{suffix}")):
-        read_image(cut)
+        read_both(cut)
     header_only = tmp_path / f"header.{suffix}"
     header_only.write_bytes(full.read_bytes()[:20])
     with pytest.raises(TruncatedImageError, match=re.escape(f"header.{suffix}")):
-        read_image(header_only)
+        read_both(header_only)
 
 
 def test_truncation_detected_even_if_pillow_lenient(
@@ -421,14 +464,14 @@ def test_truncation_detected_even_if_pillow_lenient(
         full = _noise_image(tmp_path / f"full.{suffix}", fmt)
         cut = _cut_in_half(full, tmp_path / f"cut.{suffix}")
         with pytest.raises(TruncatedImageError, match=re.escape(f"cut.{suffix}")):
-            read_image(cut)
+            read_both(cut)
 
 
 def test_truncated_dicom(tmp_path: Path) -> None:
     full = _write_dicom(tmp_path / "full.dcm", _ramp(128, 128), bits_stored=12)
     cut = _cut_in_half(full, tmp_path / "cut.dcm")
     with pytest.raises(TruncatedImageError, match=re.escape("cut.dcm")):
-        read_image(cut)
+        read_both(cut)
 
 
 @pytest.mark.parametrize("name", ["notes.png", "notes.jpg", "notes.dcm", "notes.txt"])
@@ -437,12 +480,12 @@ def test_text_file_is_not_an_image(tmp_path: Path, name: str) -> None:
     path = tmp_path / name
     path.write_text("patient notes, definitely not pixels\n" * 20)
     with pytest.raises(NotAnImageError, match=re.escape(name)):
-        read_image(path)
+        read_both(path)
 
 
 def test_directory_is_not_an_image(tmp_path: Path) -> None:
     with pytest.raises(NotAnImageError, match="directory"):
-        read_image(tmp_path)
+        read_both(tmp_path)
 
 
 def test_huge_png_header_refused_before_decoding(tmp_path: Path) -> None:
@@ -452,21 +495,21 @@ def test_huge_png_header_refused_before_decoding(tmp_path: Path) -> None:
     path = _png_with_claimed_size(tmp_path / "bomb.png", 9000, 9000)
     assert MAX_PIXELS < 9000 * 9000
     with pytest.raises(ImageTooLargeError, match=re.escape("bomb.png")) as info:
-        read_image(path)
+        read_both(path)
     assert "9000x9000" in info.value.reason
 
 
 def test_png_over_pillow_limit_is_also_too_large(tmp_path: Path) -> None:
     path = _png_with_claimed_size(tmp_path / "giant.png", 30000, 30000)
     with pytest.raises(ImageTooLargeError, match=re.escape("giant.png")):
-        read_image(path)
+        read_both(path)
 
 
 def test_max_pixels_argument(tmp_path: Path) -> None:
     path = _noise_image(tmp_path / "small.png", "PNG")  # 256 x 256
     with pytest.raises(ImageTooLargeError, match=re.escape("small.png")):
-        read_image(path, max_pixels=256 * 256 - 1)
-    assert read_image(path, max_pixels=256 * 256).shape == (256, 256)
+        read_both(path, max_pixels=256 * 256 - 1)
+    assert read_both(path, max_pixels=256 * 256).shape == (256, 256)
 
 
 def test_huge_dicom_refused_from_rows_columns(tmp_path: Path) -> None:
@@ -475,16 +518,16 @@ def test_huge_dicom_refused_from_rows_columns(tmp_path: Path) -> None:
     ds.Rows, ds.Columns = 9000, 9000  # pixel data still tiny: decoding would fail
     ds.save_as(path)
     with pytest.raises(ImageTooLargeError, match=re.escape("bomb.dcm")):
-        read_image(path)
+        read_both(path)
     with pytest.raises(ImageTooLargeError, match=re.escape("ok.dcm")):
-        read_image(_write_dicom(tmp_path / "ok.dcm", _ramp(), bits_stored=12), max_pixels=100)
+        read_both(_write_dicom(tmp_path / "ok.dcm", _ramp(), bits_stored=12), max_pixels=100)
 
 
 def test_dicom_without_pixel_data(tmp_path: Path) -> None:
     path = _write_dicom(tmp_path / "header_only.dcm", None, Rows=512, Columns=512)
     with pytest.raises(NoPixelDataError, match=re.escape("header_only.dcm")):
-        read_image(path)
-    assert read_dicom_metadata(path)["patient_id"] == "SYNTH-1"  # metadata still readable
+        read_both(path)
+    assert metadata_both(path)["patient_id"] == "SYNTH-1"  # metadata still readable
 
 
 def _encapsulated_dicom(path: Path, transfer_syntax: str) -> Path:
@@ -500,7 +543,7 @@ def _encapsulated_dicom(path: Path, transfer_syntax: str) -> Path:
 def test_dicom_transfer_syntax_without_decoder(tmp_path: Path) -> None:
     path = _encapsulated_dicom(tmp_path / "video.dcm", MPEG2MPML)
     with pytest.raises(UnsupportedDicomError, match=re.escape("video.dcm")) as info:
-        read_image(path)
+        read_both(path)
     assert "MPEG2" in info.value.reason
 
 
@@ -516,24 +559,24 @@ def test_dicom_missing_decoder_plugin_names_package(
     path = _encapsulated_dicom(tmp_path / "j2k.dcm", JPEG2000)
     monkeypatch.setattr(pydicom.pixels, "get_decoder", lambda uid: _Unavailable())
     with pytest.raises(UnsupportedDicomError, match=re.escape("j2k.dcm")) as info:
-        read_image(path)
+        read_both(path)
     assert "pip install pylibjpeg pylibjpeg-openjpeg" in info.value.reason
 
 
 def test_corrupt_encapsulated_dicom(tmp_path: Path) -> None:
     path = _encapsulated_dicom(tmp_path / "garbage_j2k.dcm", JPEG2000)
     with pytest.raises(CorruptImageError, match=re.escape("garbage_j2k.dcm")):
-        read_image(path)
+        read_both(path)
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_read_dicom_metadata_errors(tmp_path: Path) -> None:
     with pytest.raises(MissingImageError, match=re.escape("absent.dcm")):
-        read_dicom_metadata(tmp_path / "absent.dcm")
+        metadata_both(tmp_path / "absent.dcm")
     text = tmp_path / "text.dcm"
     text.write_text("hello\n" * 50)
     with pytest.raises(NotAnImageError, match=re.escape("text.dcm")):
-        read_dicom_metadata(text)
+        metadata_both(text)
 
 
 @pytest.mark.parametrize("vr, bits", [("US", 8), ("OW", 16)])
@@ -552,7 +595,7 @@ def test_dicom_voi_lut_sequence_preferred_over_window(tmp_path: Path, vr: str, b
         WindowCenter=2048,
         WindowWidth=100,
     )
-    img = read_image(path)
+    img = read_both(path)
     np.testing.assert_allclose(img, lut[pixels] / top, atol=1e-6)
 
 
@@ -568,4 +611,111 @@ def test_bare_dicom_without_preamble_or_file_meta(tmp_path: Path, implicit: bool
     bare = tmp_path / "bare.dcm"
     ds.save_as(bare, implicit_vr=implicit, little_endian=True, enforce_file_format=False)
     assert b"DICM" not in bare.read_bytes()[:132]
-    np.testing.assert_allclose(read_image(bare), pixels / 4095.0, atol=1e-6)
+    np.testing.assert_allclose(read_both(bare), pixels / 4095.0, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------
+# Bytes in memory and the one content sniffer
+# --------------------------------------------------------------------------------------------
+
+
+def _fixture_images(fixtures: Path) -> list[Path]:
+    paths = sorted(p for p in fixtures.rglob("*") if p.suffix.lower() in {".png", ".jpg", ".dcm"})
+    assert paths, f"no images in {fixtures}"
+    return paths
+
+
+def test_every_fixture_reads_the_same_from_bytes(fixtures: Path) -> None:
+    for path in _fixture_images(fixtures):
+        from_file = read_image(path)
+        data = path.read_bytes()
+        for given in (data, bytearray(data), memoryview(data)):
+            # No name: bytes are recognised by content alone.
+            np.testing.assert_array_equal(read_image(given), from_file, err_msg=path.name)
+        assert sniff_format(data) == {".png": "png", ".jpg": "jpeg", ".dcm": "dicom"}[path.suffix]
+        if path.suffix == ".dcm":
+            assert read_dicom_metadata(data) == read_dicom_metadata(path)
+
+
+def _bare_dicom(tmp_path: Path) -> tuple[Path, np.ndarray]:
+    pixels = _ramp(high=4095)
+    ds = pydicom.dcmread(_write_dicom(tmp_path / "full.dcm", pixels, bits_stored=12))
+    del ds.file_meta
+    ds.preamble = None
+    bare = tmp_path / "bare.bin"  # no DICOM suffix: only the content says DICOM
+    ds.save_as(bare, implicit_vr=False, little_endian=True, enforce_file_format=False)
+    return bare, pixels
+
+
+def test_sniff_format(tmp_path: Path) -> None:
+    png = _noise_image(tmp_path / "a.png", "PNG").read_bytes()
+    jpeg = _noise_image(tmp_path / "a.jpg", "JPEG").read_bytes()
+    dicom = _write_dicom(tmp_path / "a.dcm", _ramp()).read_bytes()
+    bare, _ = _bare_dicom(tmp_path)
+    assert sniff_format(png) == "png" and sniff_format(png[:8]) == "png"
+    assert sniff_format(jpeg) == "jpeg" and sniff_format(jpeg[:3]) == "jpeg"
+    assert sniff_format(dicom) == "dicom" and sniff_format(dicom[:132]) == "dicom"
+    assert sniff_format(bare.read_bytes()) == "dicom"
+    assert sniff_format(memoryview(png)) == "png"
+    for other in (b"", b"\x89PN", b"hello, not an image" * 10, b"BM" + bytes(200)):
+        assert sniff_format(other) is None, other[:8]
+
+
+def test_dicom_without_preamble_is_recognised_by_content(tmp_path: Path) -> None:
+    bare, pixels = _bare_dicom(tmp_path)
+    expected = pixels / 4095.0
+    np.testing.assert_allclose(read_image(bare), expected, atol=1e-6)
+    np.testing.assert_allclose(read_image(bare.read_bytes()), expected, atol=1e-6)
+    assert read_dicom_metadata(bare.read_bytes())["patient_id"] == "SYNTH-1"
+
+
+def _truncated_png(tmp_path: Path) -> bytes:
+    data = _noise_image(tmp_path / "t.png", "PNG").read_bytes()
+    return data[: len(data) // 2]
+
+
+BYTES_ERRORS = {
+    "empty": (lambda tmp: b"", EmptyImageError, "empty"),
+    "text": (lambda tmp: b"patient notes\n" * 20, NotAnImageError, "not a recognised image"),
+    "truncated png": (_truncated_png, TruncatedImageError, "truncated"),
+    "png signature only": (lambda tmp: b"\x89PNG\r\n\x1a\n" + bytes(12), TruncatedImageError, ""),
+    "huge png header": (
+        lambda tmp: _png_with_claimed_size(tmp / "bomb.png", 9000, 9000).read_bytes(),
+        ImageTooLargeError,
+        "9000x9000",
+    ),
+    "dicom without pixels": (
+        lambda tmp: _write_dicom(tmp / "h.dcm", None, Rows=8, Columns=8).read_bytes(),
+        NoPixelDataError,
+        "no pixel data",
+    ),
+    "dicom without decoder": (
+        lambda tmp: _encapsulated_dicom(tmp / "v.dcm", MPEG2MPML).read_bytes(),
+        UnsupportedDicomError,
+        "MPEG2",
+    ),
+    "corrupt dicom pixels": (
+        lambda tmp: _encapsulated_dicom(tmp / "g.dcm", JPEG2000).read_bytes(),
+        CorruptImageError,
+        "cannot be decoded",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BYTES_ERRORS))
+def test_bad_bytes_raise_the_error_a_file_would_naming_the_name(tmp_path: Path, case: str) -> None:
+    make, error, reason = BYTES_ERRORS[case]
+    data = make(tmp_path)
+    with pytest.raises(error, match=re.escape("upload.png")) as info:
+        read_image(data, name="upload.png")
+    assert info.value.path == Path("upload.png") and reason in info.value.reason
+    assert "tmp" not in str(info.value)  # no temporary file behind it
+    with pytest.raises(error, match=re.escape("'<bytes>'")):
+        read_image(data)  # unnamed bytes are called <bytes>
+
+
+def test_max_pixels_applies_to_bytes(tmp_path: Path) -> None:
+    data = _noise_image(tmp_path / "small.png", "PNG").read_bytes()  # 256 x 256
+    with pytest.raises(ImageTooLargeError, match="small-upload"):
+        read_image(data, name="small-upload", max_pixels=256 * 256 - 1)
+    assert read_image(data, max_pixels=256 * 256).shape == (256, 256)

@@ -25,7 +25,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
 import cxrlabel
-from cxrlabel.data.images import read_image
+from cxrlabel.data.images import read_image, sniff_format
 from cxrlabel.data.labels import OBSERVATIONS
 from cxrlabel.data.transforms import Preprocessing, preprocess
 from cxrlabel.labelling.service import (
@@ -33,14 +33,13 @@ from cxrlabel.labelling.service import (
     UploadLimit,
     create_app,
     decode_upload,
-    load_model,
     serve_in_thread,
-    sniff_format,
     token_from_env,
 )
 from cxrlabel.models.checkpoint import save_checkpoint
 from cxrlabel.models.ensemble import Ensemble, load_ensemble
 from cxrlabel.models.factory import create_model
+from cxrlabel.models.predictor import load_model
 from tests.helpers import SHARED_DATA, banded_checkpoint
 
 LIMIT = 200_000  # bytes: small, so the too-large tests stay fast
@@ -255,6 +254,27 @@ BAD_INPUTS = {
 }
 
 
+def test_uploads_are_decoded_in_memory(
+    film: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No temporary file: decoding an upload creates nothing on disk, and gives exactly the
+    file's array."""
+    import tempfile
+
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("decode_upload wrote a temporary file")
+
+    for name in ("TemporaryDirectory", "NamedTemporaryFile", "mkstemp", "mkdtemp"):
+        monkeypatch.setattr(tempfile, name, refuse)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # anything else would land here
+    for data, fmt in ((film.read_bytes(), "jpeg"), (_dicom_bytes(preamble=False), "dicom")):
+        image, got = decode_upload(data, "upload.bin")
+        assert got == fmt
+        np.testing.assert_array_equal(image, read_image(data))
+    np.testing.assert_array_equal(decode_upload(film.read_bytes(), "x")[0], read_image(film))
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
 def test_bad_upload_is_a_clear_4xx(client: TestClient, film: Path, case: str) -> None:
     make, status, code = BAD_INPUTS[case]
@@ -459,7 +479,7 @@ def test_onnx_model_without_its_checkpoint_serves_without_heatmaps(
     onnx_path = export_onnx([copy], tmp_path / "model.onnx")
     for path in checkpoint_paths(copy):
         path.unlink(missing_ok=True)
-    client = TestClient(create_app(load_model([onnx_path], device="cpu")))
+    client = TestClient(create_app(load_model([onnx_path], backend="native", device="cpu")))
     body = _post(client, film.read_bytes(), heatmaps="true").json()
     expected = ensemble.predict_images([read_image(film)])[0]
     assert np.allclose([body["probabilities"][k] for k in OBSERVATIONS], expected, atol=1e-5)
@@ -470,19 +490,6 @@ def test_onnx_model_without_its_checkpoint_serves_without_heatmaps(
     missing = client.get(f"/heatmaps/{body['result_id']}/Edema.png")
     assert missing.status_code == 404 and missing.json()["error"] == "heatmaps_unavailable"
     assert client.get("/model").json()["heatmaps"]["available"] is False
-
-
-def test_load_model_picks_the_backend(checkpoint: Path, tmp_path: Path) -> None:
-    from cxrlabel.models.onnx import OnnxModel, export_onnx
-
-    onnx_path = export_onnx([checkpoint], tmp_path / "model.onnx")
-    assert isinstance(load_model([onnx_path], device="cpu"), OnnxModel)
-    upper = onnx_path.rename(tmp_path / "MODEL.ONNX")  # the suffix is matched in any case
-    assert isinstance(load_model([upper], device="cpu"), OnnxModel)
-    # Checkpoints stay on PyTorch (not exported on the fly as `label --backend auto` may).
-    assert isinstance(load_model([checkpoint], device="cpu"), Ensemble)
-    with pytest.raises(ValueError, match=r"give one \.onnx file"):
-        load_model([upper, checkpoint])
 
 
 # --------------------------------------------------------------------------------------------

@@ -44,18 +44,24 @@ Truncated files are detected by fully decoding them; this module never sets
 ``ImageFile.LOAD_TRUNCATED_IMAGES``. If another module has set it, a structural check (the PNG
 ``IEND`` chunk / the JPEG EOI marker must be present) is used instead.
 
+Sources: a path, or the file's bytes in memory (``bytes``, ``bytearray`` or ``memoryview``, e.g.
+an HTTP upload), decoded by the same code into the same array. :func:`sniff_format` is the one
+place that tells PNG, JPEG and DICOM apart by their first bytes, for both.
+
 Every failure raises a subclass of :class:`ImageError` (itself a ``ValueError``) whose message
-names the file and the cause; see the class docstrings.
+names the file (or the ``name`` given with bytes) and the cause; see the class docstrings.
 
 Importing this module changes no global state (no warning filters, no Pillow settings).
 """
 
 from __future__ import annotations
 
+import io
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Literal
 
 import numpy as np
 import pydicom
@@ -74,10 +80,22 @@ while refusing decompression bombs: a 64 M pixel float32 image is already 256 Mi
 
 DICOM_SUFFIXES: frozenset[str] = frozenset({".dcm", ".dicom"})
 
+ImageSource = str | os.PathLike[str] | bytes | bytearray | memoryview
+"""What :func:`read_image` reads: a path, or a whole file's bytes in memory."""
+
+ImageFormat = Literal["png", "jpeg", "dicom"]
+BYTES_NAME = "<bytes>"
+"""What errors call bytes given without a `name`."""
+
 _DICOM_MAGIC_OFFSET = 128
 _DICOM_MAGIC = b"DICM"
+HEAD_BYTES = _DICOM_MAGIC_OFFSET + len(_DICOM_MAGIC)
+"""How many leading bytes :func:`sniff_format` needs to see (the DICOM preamble and magic)."""
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _JPEG_SIGNATURE = b"\xff\xd8\xff"
+# A DICOM data set without the preamble starts with its lowest element, little endian: file
+# meta (group 0002) or, for a bare data set, identifying elements (group 0008).
+_BARE_DICOM_GROUPS = (b"\x02\x00", b"\x08\x00")
 _EXPLICIT_VR_BIG_ENDIAN = "1.2.840.10008.1.2.2"  # the only big-endian transfer syntax (retired)
 _PIXEL_DATA_TAG_LE = b"\xe0\x7f\x10\x00"  # (7FE0,0010) as little-endian group/element
 # Decoder messages (Pillow, pydicom) that mean "the data stops early".
@@ -112,7 +130,7 @@ class ImageError(ValueError):
     """An image file could not be read. Base class of every error raised by this module.
 
     Attributes:
-        path: the file that failed.
+        path: the file that failed (for bytes, the `name` given to the reader, as a Path).
         reason: the cause, in words (also in ``str(error)``, which always names the file).
     """
 
@@ -167,30 +185,57 @@ class UnsupportedDicomError(UnsupportedImageError):
 # --------------------------------------------------------------------------------------------
 
 
-def read_image(path: str | os.PathLike[str], *, max_pixels: int = MAX_PIXELS) -> np.ndarray:
-    """Read a PNG, JPEG or DICOM file into a float32 ``(H, W)`` array in ``[0, 1]``, 1 = white.
+def read_image(
+    source: ImageSource, *, name: str | None = None, max_pixels: int = MAX_PIXELS
+) -> np.ndarray:
+    """Read a PNG, JPEG or DICOM image into a float32 ``(H, W)`` array in ``[0, 1]``, 1 = white.
 
-    DICOM is recognised by content (``DICM`` at offset 128) or by a ``.dcm``/``.dicom`` suffix;
+    DICOM is recognised by content (see :func:`sniff_format`: ``DICM`` at offset 128, or a
+    data set starting without the preamble) or by a ``.dcm``/``.dicom`` suffix of the name;
     everything else goes to Pillow, which recognises formats by content, not by suffix.
     See the module docstring for the scaling rules.
 
     Args:
-        path: the image file.
+        source: the image file, or its whole content as bytes (decoded exactly as the file).
+        name: what error messages call the source (and whose suffix counts as a path's
+            would); default: the path, or ``"<bytes>"`` for bytes.
         max_pixels: refuse images with more than this many pixels (width * height), checked
             from the header before decoding.
 
     Raises:
-        ImageError: one of its subclasses, naming the file and the cause.
+        ImageError: one of its subclasses, naming the file (or `name`) and the cause.
     """
-    path = Path(path)
-    head = _check_file(path)
-    if _is_dicom(path, head):
-        return _read_dicom(path, head, max_pixels)
-    return _read_pillow(path, head, max_pixels)
+    src = _Source.of(source, name)
+    head = src.head()
+    if _is_dicom(src, head):
+        return _read_dicom(src, head, max_pixels)
+    return _read_pillow(src, head, max_pixels)
 
 
-def read_dicom_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
+def sniff_format(head: bytes) -> ImageFormat | None:
+    """``"png"``, ``"jpeg"`` or ``"dicom"`` from a file's first bytes (:data:`HEAD_BYTES` of
+    them suffice); None for anything else.
+
+    DICOM is recognised by ``DICM`` at offset 128 or, for data without the preamble, by a first
+    element in group 0002 or 0008 (little endian), as such data sets start; the DICOM reader
+    then checks that DICOM elements really follow.
+    """
+    head = bytes(head[:HEAD_BYTES])
+    if head.startswith(_PNG_SIGNATURE):
+        return "png"
+    if head.startswith(_JPEG_SIGNATURE):
+        return "jpeg"
+    if _has_dicom_preamble(head):
+        return "dicom"
+    if len(head) >= 8 and head[:2] in _BARE_DICOM_GROUPS and head[3] == 0:
+        return "dicom"
+    return None
+
+
+def read_dicom_metadata(source: ImageSource, *, name: str | None = None) -> dict[str, Any]:
     """Return the few DICOM header fields labelling needs, without decoding any pixels.
+
+    `source` and `name` are as for :func:`read_image`.
 
     Keys (value ``None`` when the tag is absent or empty): ``view_position`` (ViewPosition, e.g.
     ``"PA"``/``"AP"``/``"LL"``), ``laterality`` (ImageLaterality, else Laterality),
@@ -202,9 +247,8 @@ def read_dicom_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
     Raises:
         ImageError: missing, empty or non-DICOM file.
     """
-    path = Path(path)
-    head = _check_file(path)
-    ds = _dcmread(path, head, stop_before_pixels=True)
+    src = _Source.of(source, name)
+    ds = _dcmread(src, src.head(), stop_before_pixels=True)
 
     def text(*keywords: str) -> str | None:
         for keyword in keywords:
@@ -241,28 +285,62 @@ def read_dicom_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------------
-# File-level checks
+# Sources: a file or bytes in memory, read the same way
 # --------------------------------------------------------------------------------------------
 
 
-def _check_file(path: Path) -> bytes:
-    """Fail early on missing/empty/unreadable files; return the first 132 bytes."""
-    try:
-        with path.open("rb") as handle:
-            head = handle.read(_DICOM_MAGIC_OFFSET + len(_DICOM_MAGIC))
-    except FileNotFoundError:
-        raise MissingImageError(path, "file does not exist") from None
-    except IsADirectoryError:
-        raise NotAnImageError(path, "is a directory, not a file") from None
-    except OSError as exc:
-        raise ImageError(path, f"cannot open file ({exc.strerror or exc})") from exc
-    if not head:
-        raise EmptyImageError(path, "file is empty (0 bytes)")
-    return head
+@dataclass(frozen=True)
+class _Source:
+    """A path or a file's bytes; `name` is what errors call it (a Path, as ImageError keeps)."""
+
+    name: Path
+    path: Path | None = None
+    data: bytes | None = None
+
+    @classmethod
+    def of(cls, source: ImageSource, name: str | None) -> _Source:
+        if isinstance(source, bytes | bytearray | memoryview):
+            # A private copy: the caller's buffer may change while it is being decoded.
+            return cls(Path(name or BYTES_NAME), data=bytes(source))
+        path = Path(source)
+        return cls(Path(name) if name else path, path=path)
+
+    def open(self) -> BinaryIO:
+        if self.data is not None:
+            return io.BytesIO(self.data)
+        assert self.path is not None
+        return self.path.open("rb")
+
+    def head(self) -> bytes:
+        """Fail early on missing/empty/unreadable sources; return the first HEAD_BYTES."""
+        try:
+            with self.open() as handle:
+                head = handle.read(HEAD_BYTES)
+        except FileNotFoundError:
+            raise MissingImageError(self.name, "file does not exist") from None
+        except IsADirectoryError:
+            raise NotAnImageError(self.name, "is a directory, not a file") from None
+        except OSError as exc:
+            raise ImageError(self.name, f"cannot open file ({exc.strerror or exc})") from exc
+        if not head:
+            raise EmptyImageError(self.name, "file is empty (0 bytes)")
+        return head
+
+    def tail(self, size: int) -> bytes:
+        with self.open() as handle:
+            handle.seek(0, os.SEEK_END)
+            handle.seek(max(0, handle.tell() - size))
+            return handle.read()
+
+    def read(self) -> bytes:
+        if self.data is not None:
+            return self.data
+        assert self.path is not None
+        return self.path.read_bytes()
 
 
-def _is_dicom(path: Path, head: bytes) -> bool:
-    return _has_dicom_preamble(head) or path.suffix.lower() in DICOM_SUFFIXES
+def _is_dicom(src: _Source, head: bytes) -> bool:
+    return sniff_format(head) == "dicom" or src.name.suffix.lower() in DICOM_SUFFIXES
 
 
 def _has_dicom_preamble(head: bytes) -> bool:
@@ -285,12 +363,13 @@ def _check_size(path: Path, width: int, height: int, max_pixels: int) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def _read_pillow(path: Path, head: bytes, max_pixels: int) -> np.ndarray:
+def _read_pillow(src: _Source, head: bytes, max_pixels: int) -> np.ndarray:
+    path = src.name
     try:
-        with Image.open(path) as im:
+        with src.open() as handle, Image.open(handle) as im:
             # Image.open only parses the header: check the size before decoding anything.
             _check_size(path, im.width, im.height, max_pixels)
-            _load_fully(path, im)
+            _load_fully(src, im)
             return _pillow_to_float(path, im)
     except ImageError:
         raise
@@ -299,7 +378,7 @@ def _read_pillow(path: Path, head: bytes, max_pixels: int) -> np.ndarray:
             path, f"Pillow refused it as a decompression bomb ({exc})"
         ) from exc
     except UnidentifiedImageError as exc:
-        if _has_image_signature(head):
+        if sniff_format(head) in ("png", "jpeg"):
             raise TruncatedImageError(
                 path, "file starts like a PNG/JPEG but its header is incomplete or corrupt"
             ) from exc
@@ -310,29 +389,20 @@ def _read_pillow(path: Path, head: bytes, max_pixels: int) -> np.ndarray:
         raise _decode_error(path, exc) from exc
 
 
-def _load_fully(path: Path, im: Image.Image) -> None:
+def _load_fully(src: _Source, im: Image.Image) -> None:
     """Decode every pixel now, so that truncation raises here rather than going unnoticed."""
     im.load()
-    if ImageFile.LOAD_TRUNCATED_IMAGES and not _has_end_marker(path, im.format):
+    if ImageFile.LOAD_TRUNCATED_IMAGES and not _has_end_marker(src, im.format):
         # Someone enabled Pillow's lenient mode process-wide; it silently fills missing data
         # with grey, so fall back to checking the file's end marker ourselves.
-        raise TruncatedImageError(path, f"{im.format} end marker missing: file is truncated")
+        raise TruncatedImageError(src.name, f"{im.format} end marker missing: file is truncated")
 
 
-def _has_end_marker(path: Path, fmt: str | None) -> bool:
+def _has_end_marker(src: _Source, fmt: str | None) -> bool:
     markers = {"PNG": b"IEND", "JPEG": b"\xff\xd9"}
     if fmt not in markers:
         return True
-    with path.open("rb") as handle:
-        handle.seek(0, os.SEEK_END)
-        size = handle.tell()
-        handle.seek(max(0, size - 4096))
-        tail = handle.read()
-    return markers[fmt] in tail
-
-
-def _has_image_signature(head: bytes) -> bool:
-    return head.startswith(_PNG_SIGNATURE) or head.startswith(_JPEG_SIGNATURE)
+    return markers[fmt] in src.tail(4096)
 
 
 def _decode_error(path: Path, exc: BaseException) -> ImageError:
@@ -385,11 +455,17 @@ def _warn_if_translucent(path: Path, im: Image.Image) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def _dcmread(path: Path, head: bytes, *, stop_before_pixels: bool = False) -> pydicom.Dataset:
-    """Parse a DICOM file. Files without the preamble (allowed by suffix) are read with force."""
+def _dcmread(src: _Source, head: bytes, *, stop_before_pixels: bool = False) -> pydicom.Dataset:
+    """Parse a DICOM file. Files without the preamble (allowed by content or suffix) are read
+    with force."""
+    path = src.name
     has_preamble = _has_dicom_preamble(head)
     try:
-        ds = pydicom.dcmread(path, force=not has_preamble, stop_before_pixels=stop_before_pixels)
+        with src.open() as handle:
+            # Nothing is deferred (pydicom's default), so the data set outlives the handle.
+            ds = pydicom.dcmread(
+                handle, force=not has_preamble, stop_before_pixels=stop_before_pixels
+            )
     except pydicom.errors.InvalidDicomError as exc:
         raise NotAnImageError(path, f"not a valid DICOM file ({exc})") from exc
     except (EOFError, OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
@@ -418,9 +494,10 @@ def _assume_transfer_syntax(ds: pydicom.Dataset) -> None:
     meta.TransferSyntaxUID = ExplicitVRLittleEndian if explicit else ImplicitVRLittleEndian
 
 
-def _read_dicom(path: Path, head: bytes, max_pixels: int) -> np.ndarray:
-    ds = _dcmread(path, head)
-    _check_dicom_pixels_present(path, ds)
+def _read_dicom(src: _Source, head: bytes, max_pixels: int) -> np.ndarray:
+    path = src.name
+    ds = _dcmread(src, head)
+    _check_dicom_pixels_present(src, ds)
     rows, columns = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
     _check_size(path, columns, rows, max_pixels)
     _check_decoder(path, ds)
@@ -451,22 +528,19 @@ def _read_dicom(path: Path, head: bytes, max_pixels: int) -> np.ndarray:
     )
 
 
-def _check_dicom_pixels_present(path: Path, ds: pydicom.Dataset) -> None:
+def _check_dicom_pixels_present(src: _Source, ds: pydicom.Dataset) -> None:
+    path = src.name
     if "PixelData" in ds:
         if "Rows" not in ds or "Columns" not in ds:
             raise CorruptImageError(path, "DICOM has pixel data but no Rows/Columns")
         return
     if "FloatPixelData" in ds or "DoubleFloatPixelData" in ds:
         raise UnsupportedDicomError(path, "float pixel data has no defined display range")
-    if _file_contains(path, _PIXEL_DATA_TAG_LE):
+    if _PIXEL_DATA_TAG_LE in src.read():
         # The Pixel Data tag is in the file but pydicom could not read the element (it drops
         # an element, sometimes the whole dataset, when the file ends inside it).
         raise TruncatedImageError(path, "DICOM pixel data element is incomplete (file cut short)")
     raise NoPixelDataError(path, "DICOM file has no pixel data (7FE0,0010)")
-
-
-def _file_contains(path: Path, needle: bytes) -> bool:
-    return needle in path.read_bytes()
 
 
 def _check_decoder(path: Path, ds: pydicom.Dataset) -> None:

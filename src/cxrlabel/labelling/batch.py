@@ -58,8 +58,8 @@ from cxrlabel.data.inputs import (
 from cxrlabel.data.labels import OBSERVATIONS
 from cxrlabel.data.transforms import Preprocessing, resize
 from cxrlabel.fileio import atomic_path, atomic_write_bytes, atomic_write_text
-from cxrlabel.labelling.heatmaps import contact_sheet_png, find_target_layer, gradcams, overlay_png
-from cxrlabel.models.predictor import Predictor, heatmap_model, shared_resize
+from cxrlabel.labelling.heatmaps import contact_sheet_png, gradcams, heatmap_model, overlay_png
+from cxrlabel.models.predictor import Predictor, shared_resize
 from cxrlabel.models.thresholds import Thresholds
 
 log = logging.getLogger(__name__)
@@ -381,8 +381,9 @@ class _Heatmapper:
                         f"heatmap labels {unknown} are not predicted by {model.name}; "
                         f"it predicts {list(model.labels)}"
                     )
-            self.torch_models[role] = heatmap_model(model)
-            self.layers[role] = find_target_layer(self.torch_models[role][0])
+            cam = heatmap_model(model)
+            self.torch_models[role] = (cam.model, cam.note)
+            self.layers[role] = cam.layer
             log.info("heatmaps (%s): %s", role, self.torch_models[role][1])
 
     @property

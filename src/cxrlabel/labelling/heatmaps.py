@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -22,6 +23,7 @@ from torch import nn
 from cxrlabel.data.pictures import SheetStyle, encode_png, render_sheet
 from cxrlabel.data.transforms import preprocess, scaled_shape
 from cxrlabel.models.factory import CXRModel
+from cxrlabel.models.predictor import Predictor
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +60,50 @@ def find_target_layer(model: CXRModel) -> nn.Module:
             f"{model.spec.backbone}: no spatial feature map found for Grad-CAM at {size} px input"
         )
     return spatial[-1]
+
+
+@dataclass(frozen=True)
+class HeatmapModel:
+    """What Grad-CAM runs on for a Predictor: the PyTorch model, its target layer and a note
+    naming the checkpoint; or, when heatmaps are unavailable, no model and the reason."""
+
+    model: CXRModel | None
+    layer: nn.Module | None
+    note: str = ""
+    reason: str | None = None
+
+    @property
+    def available(self) -> bool:
+        return self.reason is None
+
+
+def heatmap_model(model: Predictor, *, required: bool = True) -> HeatmapModel:
+    """The PyTorch model Grad-CAM runs on for `model` (its first member; an ONNX model's is
+    reloaded from the checkpoint it was exported from, see `Predictor.torch_model`) and that
+    model's target layer, found here once: finding it hooks every module and runs a forward
+    pass, which each heatmap would otherwise repeat.
+
+    required: True raises whatever stops heatmaps (a missing or changed checkpoint, an
+    unreadable file, no spatial feature map), as heatmaps asked of `cxrlabel label` must;
+    False (the service, where heatmaps are optional) returns an unavailable HeatmapModel whose
+    `reason` says why, so that labelling goes on.
+    """
+    try:
+        torch_model, path = model.torch_model()
+        layer = find_target_layer(torch_model.eval())
+    except Exception as exc:
+        if required:
+            raise
+        # Anything may stop them (the checkpoint loader and the backbone raise many types);
+        # none of it may stop labelling, and the reason is reported.
+        reason = f"heatmaps unavailable: {exc}"
+        log.warning("%s", reason)
+        return HeatmapModel(None, None, reason=reason)
+    n = len(model.model_info().get("members", [])) or 1
+    note = f"Grad-CAM from {path}"
+    if n > 1:
+        note += f" (the first of the {n} ensemble members; the labels are the ensemble's)"
+    return HeatmapModel(torch_model, layer, note)
 
 
 def _to_film_geometry(cam: np.ndarray, shape: tuple[int, int], model: CXRModel) -> np.ndarray:

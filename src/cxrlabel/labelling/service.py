@@ -12,8 +12,9 @@ Endpoints (all errors are JSON ``{"error": code, "detail": message}``):
   the web page (plain HTML/JS/CSS from ``cxrlabel/static``, nothing from a CDN).
 
 Uploads are checked by content, never by file name or declared type: PNG, JPEG and DICOM
-(with or without the 128-byte preamble) are recognised from their first bytes, written to a
-temporary file and decoded by :func:`cxrlabel.data.images.read_image`, so every format and every
+(with or without the 128-byte preamble) are recognised from their first bytes by
+:func:`cxrlabel.data.images.sniff_format` and decoded from memory (no temporary file) by
+:func:`cxrlabel.data.images.read_image`, so every format and every
 :class:`~cxrlabel.data.images.ImageError` behaves exactly as on the command line. Bad input gets a
 4xx, never a 500: 413 when the body exceeds the upload limit (enforced from Content-Length and
 while reading, before the whole body is in memory), 415 for content that is not a supported
@@ -42,12 +43,11 @@ import os
 import re
 import secrets
 import socket
-import tempfile
 import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,17 +68,16 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import cxrlabel
 from cxrlabel.data.images import (
-    EmptyImageError,
     ImageError,
     NotAnImageError,
     UnsupportedImageError,
     read_image,
+    sniff_format,
 )
 from cxrlabel.data.pictures import encode_png
 from cxrlabel.data.transforms import Preprocessing, scale_to_fit
-from cxrlabel.labelling.heatmaps import find_target_layer, gradcams, overlay_png
-from cxrlabel.models.predictor import Predictor, heatmap_model, resize_geometry, shared_resize
-from cxrlabel.models.predictor import load_model as load_predictor
+from cxrlabel.labelling.heatmaps import gradcams, heatmap_model, overlay_png
+from cxrlabel.models.predictor import Predictor, resize_geometry, shared_resize
 from cxrlabel.models.thresholds import Thresholds
 
 log = logging.getLogger(__name__)
@@ -102,10 +101,6 @@ PREVIEW_SIZE = 512
 PREVIEW_PREP = Preprocessing(PREVIEW_SIZE, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), "pad", "bilinear")
 MAX_NAME = 255  # characters of the client's file name echoed back in responses
 LABEL_TEXT = {1: "positive", 0: "negative", -1: "uncertain"}
-_SUFFIX = {"png": ".png", "jpeg": ".jpg", "dicom": ".dcm"}
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-_JPEG_SIGNATURE = b"\xff\xd8\xff"
-_DICOM_MAGIC_OFFSET = 128
 
 
 class ServiceError(Exception):
@@ -277,57 +272,37 @@ def _too_large(limit: int) -> JSONResponse:
     return _error_response(ServiceError(413, "too_large", _UploadTooLarge(limit).detail))
 
 
-def sniff_format(data: bytes) -> str | None:
-    """'png', 'jpeg' or 'dicom' from the first bytes of a file; None for anything else.
-
-    DICOM is recognised by 'DICM' at offset 128 or, for files without the preamble, by a first
-    element in group 0002 or 0008 (little endian), as such files start; the decoder then checks
-    that DICOM elements really follow.
-    """
-    if data.startswith(_PNG_SIGNATURE):
-        return "png"
-    if data.startswith(_JPEG_SIGNATURE):
-        return "jpeg"
-    if data[_DICOM_MAGIC_OFFSET : _DICOM_MAGIC_OFFSET + 4] == b"DICM":
-        return "dicom"
-    if len(data) >= 8 and data[:2] in (b"\x02\x00", b"\x08\x00") and data[3] == 0:
-        return "dicom"
-    return None
-
-
 def _snake(name: str) -> str:
     return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower().removesuffix("_error")
 
 
 def _image_error(exc: ImageError, filename: str) -> ServiceError:
     """415 when the content is not a supported image, 422 when it cannot be decoded; the
-    message names the uploaded file, not the server's temporary copy."""
+    message names the uploaded file."""
     status = 415 if isinstance(exc, NotAnImageError | UnsupportedImageError) else 422
     return ServiceError(status, _snake(type(exc).__name__), f"{filename}: {exc.reason}")
 
 
 def decode_upload(data: bytes, filename: str) -> tuple[np.ndarray, str]:
-    """Bytes of an uploaded file -> (float32 (H, W) image in [0, 1], format) or ServiceError."""
-    if not data:
-        raise _image_error(EmptyImageError(filename, "file is empty (0 bytes)"), filename)
+    """Bytes of an uploaded file -> (float32 (H, W) image in [0, 1], format) or ServiceError.
+
+    Only PNG, JPEG and DICOM are accepted (read_image would also take what else Pillow
+    reads); empty data is left to read_image, which says so (422).
+    """
     fmt = sniff_format(data)
-    if fmt is None:
+    if fmt is None and data:
         reason = "not a PNG, JPEG or DICOM image (the content is checked, not the file name)"
         raise _image_error(NotAnImageError(filename, reason), filename)
-    with tempfile.TemporaryDirectory(prefix="cxrlabel-upload-") as tmp:
-        # The suffix matters only for DICOM without a preamble, which read_image reads by name.
-        path = Path(tmp) / f"upload{_SUFFIX[fmt]}"
-        path.write_bytes(data)
-        try:
-            return read_image(path), fmt
-        except ImageError as exc:
-            raise _image_error(exc, filename) from exc
-        except Exception as exc:
-            # Decoders may fail in ways read_image does not classify; it is still the input.
-            log.warning("unclassified decoding failure for %s", filename, exc_info=True)
-            raise ServiceError(
-                422, "corrupt_image", f"{filename}: cannot be decoded ({exc})"
-            ) from exc
+    try:
+        image = read_image(data, name=filename)
+    except ImageError as exc:
+        raise _image_error(exc, filename) from exc
+    except Exception as exc:
+        # Decoders may fail in ways read_image does not classify; it is still the input.
+        log.warning("unclassified decoding failure for %s", filename, exc_info=True)
+        raise ServiceError(422, "corrupt_image", f"{filename}: cannot be decoded ({exc})") from exc
+    assert fmt is not None  # only empty data has no format, and read_image refused it
+    return image, fmt
 
 
 async def _read_upload(request: Request, limit: int) -> tuple[bytes, str]:
@@ -408,24 +383,6 @@ class ResultCache:
 # --------------------------------------------------------------------------------------------
 
 
-def _heatmap_model(model: Predictor) -> tuple[Any, Any, str | None]:
-    """(torch model for Grad-CAM, its target layer, None), or (None, None, why heatmaps are
-    unavailable). An ONNX model gets heatmaps from the checkpoint it was exported from, when
-    that file is still there and unchanged."""
-    try:
-        cam_model, note = heatmap_model(model)
-        # Found once here: gradcams would otherwise hook every module and run an extra forward
-        # pass for each heatmap request, under the model lock.
-        layer = find_target_layer(cam_model)
-    except Exception as exc:
-        # Heatmaps are optional: whatever stops them (a missing or changed checkpoint, an
-        # unreadable file) must not stop the service from labelling; the reason is reported.
-        log.warning("heatmaps unavailable: %s", exc)
-        return None, None, f"heatmaps unavailable: {exc}"
-    log.info("heatmaps: %s", note)
-    return cam_model, layer, None
-
-
 def model_id(info: dict[str, Any]) -> str:
     """A short stable id: sha256 over the members' weight hashes (else over the info)."""
     hashes = [str(m.get("sha256")) for m in info.get("members", []) if m.get("sha256")]
@@ -487,11 +444,14 @@ class _Service:
             kind=model.kind,
             version=cxrlabel.__version__,
         )
-        self.cam_model, self.cam_layer, self.no_heatmaps = _heatmap_model(model)
+        # Heatmaps are optional here: without them the service still labels, and says why.
+        self.cam = heatmap_model(model, required=False)
+        if self.cam.available:
+            log.info("heatmaps: %s", self.cam.note)
         self.input_prep = shared_resize([model])
         # The film kept for a result is scaled as the heatmap model scales it (else as the
-        # model does); a model without preprocessing gets a plain preview size.
-        cam_prep = getattr(self.cam_model, "preprocessing", None)
+        # model does); members that resize differently and no heatmaps get a preview size.
+        cam_prep = self.cam.model.preprocessing if self.cam.model is not None else None
         self.film_prep: Preprocessing = cam_prep or self.input_prep or PREVIEW_PREP
 
     def check_token(self, credentials: HTTPAuthorizationCredentials | None) -> None:
@@ -591,7 +551,7 @@ class _Service:
         if cached is not None:
             return cached
         with self.lock:
-            cam = gradcams(self.cam_model, result.film, [label], target_layer=self.cam_layer)
+            cam = gradcams(self.cam.model, result.film, [label], target_layer=self.cam.layer)
         png = overlay_png(result.film, cam[label])
         result.pngs[label] = png
         return png
@@ -715,7 +675,7 @@ def _add_routes(app: FastAPI, service: _Service) -> None:
             **service.info,
             "id": service.ref.id,
             "version": service.ref.version,
-            "heatmaps": {"available": service.cam_model is not None, "reason": service.no_heatmaps},
+            "heatmaps": {"available": service.cam.available, "reason": service.cam.reason},
             "max_upload_bytes": service.max_upload_bytes,
             "max_concurrent": service.max_concurrent,
             "max_queue": service.max_queue,
@@ -791,8 +751,8 @@ def _add_routes(app: FastAPI, service: _Service) -> None:
     )
     async def heatmap(result_id: str, filename: str) -> Response:
         label = filename.removesuffix(".png")
-        if service.cam_model is None:
-            raise ServiceError(404, "heatmaps_unavailable", str(service.no_heatmaps))
+        if not service.cam.available:
+            raise ServiceError(404, "heatmaps_unavailable", str(service.cam.reason))
         if label not in service.model.labels:
             raise ServiceError(404, "unknown_label", f"the model does not predict {label!r}")
         result = _cached(service, result_id)
@@ -802,8 +762,8 @@ def _add_routes(app: FastAPI, service: _Service) -> None:
 
 def _heatmap_links(service: _Service, result_id: str) -> HeatmapInfo:
     film = f"/results/{result_id}/film.png"
-    if service.cam_model is None:
-        return HeatmapInfo(requested=True, available=False, reason=service.no_heatmaps, film=film)
+    if not service.cam.available:
+        return HeatmapInfo(requested=True, available=False, reason=service.cam.reason, film=film)
     links = {label: f"/heatmaps/{result_id}/{quote(label)}.png" for label in service.model.labels}
     return HeatmapInfo(requested=True, available=True, film=film, links=links)
 
@@ -838,16 +798,6 @@ def token_from_env(name: str | None, environ: Mapping[str, str] | None = None) -
     if not value:
         raise ValueError(f"--token-env {name}: environment variable {name} is not set or empty")
     return value
-
-
-def load_model(specs: Sequence[str | Path], *, device: str = "auto") -> Predictor:
-    """Checkpoints / run folders with PyTorch, or one exported .onnx file with ONNX Runtime.
-
-    Unlike `cxrlabel label`, checkpoints are never exported to ONNX on the fly here: the
-    service keeps PyTorch for them, whose first member also gives the heatmaps.
-    """
-    onnx = any(str(spec).lower().endswith(".onnx") for spec in specs)
-    return load_predictor(specs, backend="onnx" if onnx else "torch", device=device)
 
 
 def serve(

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 
 import cxrlabel
 from cxrlabel.data.labels import LabelTable, ensure_ids
-from cxrlabel.data.transforms import preprocess
+from cxrlabel.data.transforms import Preprocessing, preprocess
 from cxrlabel.evaluation.results import Predictions
 from cxrlabel.models.checkpoint import checkpoint_paths, load_checkpoint, thresholds_from_metadata
 from cxrlabel.models.factory import CXRModel, model_display_name, resolve_device
@@ -158,6 +158,22 @@ class Ensemble:
             names.append(f"{base} ({run})" if run else base)
         unique = list(dict.fromkeys(names))
         return unique[0] if len(unique) == 1 else " + ".join(unique)
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        """The first member's preprocessing (the one its heatmaps use); members may differ,
+        see `member_preprocessings`."""
+        return self.members[0].model.preprocessing
+
+    @property
+    def member_preprocessings(self) -> tuple[Preprocessing, ...]:
+        """Every member's preprocessing, in member order."""
+        return tuple(m.model.preprocessing for m in self.members)
+
+    def torch_model(self) -> tuple[CXRModel, Path]:
+        """The first member's PyTorch model and checkpoint (what Grad-CAM runs on)."""
+        first = self.members[0]
+        return first.model, first.path
 
     @torch.no_grad()
     def _member_probs(self, member: Member, batch: torch.Tensor) -> np.ndarray:

@@ -35,6 +35,7 @@ from torch import nn
 
 from cxrlabel.data.transforms import Preprocessing, resize
 from cxrlabel.fileio import atomic_write_bytes
+from cxrlabel.models.checkpoint import load_checkpoint
 from cxrlabel.models.ensemble import Ensemble, load_ensemble
 from cxrlabel.models.factory import CXRModel
 from cxrlabel.models.thresholds import Thresholds
@@ -193,8 +194,8 @@ def _providers(device: str) -> list[str]:
 
 
 class OnnxModel:
-    """An exported model run by ONNX Runtime, with the attributes labelling uses from Ensemble:
-    labels, thresholds, name, kind, preprocessing, predict_images and model_info."""
+    """An exported model run by ONNX Runtime; a `cxrlabel.models.predictor.Predictor`, as an
+    Ensemble is. One graph has one preprocessing, shared by all the members it averages."""
 
     def __init__(
         self,
@@ -260,6 +261,32 @@ class OnnxModel:
     def checkpoint_paths(self) -> list[Path]:
         """The checkpoints this graph was exported from (for heatmaps, which need PyTorch)."""
         return [Path(m["path"]) for m in self._info.get("members", [])]
+
+    @property
+    def member_preprocessings(self) -> tuple[Preprocessing, ...]:
+        """Every member's preprocessing: the graph's one, as the export requires."""
+        return (self.preprocessing,) * max(1, len(self.checkpoint_paths))
+
+    def torch_model(self) -> tuple[CXRModel, Path]:
+        """The first checkpoint this graph was exported from, reloaded with PyTorch (for
+        Grad-CAM); refused when it is gone or its weights changed since the export, because
+        its heatmaps would then not explain these labels."""
+        paths = self.checkpoint_paths
+        if not paths or not paths[0].is_file():
+            raise FileNotFoundError(
+                f"heatmaps need the PyTorch checkpoint behind {self.name}, and "
+                f"{paths[0] if paths else 'none'} was not found; pass the checkpoint or run "
+                "folder as --model"
+            )
+        path = paths[0]
+        model, meta = load_checkpoint(path)
+        recorded = self._info["members"][0].get("sha256")
+        if recorded and meta["sha256"]["weights"] != recorded:
+            raise ValueError(
+                f"{path} has changed since {self.name} was exported (weights hash differs), "
+                "so its heatmaps would not explain these labels; pass the checkpoint as --model"
+            )
+        return model.eval(), path
 
     def predict_batch(self, resized: np.ndarray) -> np.ndarray:
         """(N, S, S) or (N, 1, S, S) resized [0, 1] films -> (N, K) probabilities."""

@@ -1,8 +1,9 @@
 """The runnable model: what labelling, the service and evaluation need from any model.
 
 `Predictor` is the protocol (an `Ensemble` of PyTorch checkpoints or an ONNX Runtime
-`OnnxModel`); `load_model` turns checkpoints, run folders or an exported .onnx file into one,
-and `heatmap_model` finds the PyTorch model Grad-CAM runs on.
+`OnnxModel`); `load_model` turns checkpoints, run folders or an exported .onnx file into one.
+Grad-CAM heatmaps, which need the PyTorch model behind a Predictor (`Predictor.torch_model`),
+are set up by `cxrlabel.labelling.heatmaps.heatmap_model`.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -18,22 +19,52 @@ import torch
 from cxrlabel.data.transforms import Preprocessing
 from cxrlabel.models.thresholds import Thresholds
 
+if TYPE_CHECKING:
+    from cxrlabel.models.factory import CXRModel
+
 log = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "torch", "onnx")
+BACKENDS = ("auto", "torch", "onnx", "native")
 
 
+@runtime_checkable  # isinstance checks that every member is present (not their types)
 class Predictor(Protocol):
-    """What labelling needs from a model: an Ensemble or an OnnxModel."""
+    """What labelling, the service and evaluation need from a model: an Ensemble or an
+    OnnxModel.
+
+    `preprocessing` is the preprocessing of the first member (for a single model, or an
+    ensemble whose members share it, simply the model's); `member_preprocessings` lists every
+    member's, in order, because an ensemble's members may resize differently and
+    `predict_images` then prepares each film once per distinct preprocessing.
+    """
 
     labels: tuple[str, ...]
     thresholds: Thresholds
     name: str
     kind: str
 
-    def predict_images(self, images: Sequence[np.ndarray]) -> np.ndarray: ...
+    @property
+    def preprocessing(self) -> Preprocessing: ...
 
-    def model_info(self) -> dict[str, Any]: ...
+    @property
+    def member_preprocessings(self) -> tuple[Preprocessing, ...]: ...
+
+    def predict_images(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        """(H, W) [0, 1] films -> (N, K) probabilities in `labels` order."""
+        ...
+
+    def model_info(self) -> dict[str, Any]:
+        """JSON-ready description: name, kind, labels, thresholds, package and members (each
+        with its path, backbone, head, preprocessing, epoch and weights sha256)."""
+        ...
+
+    def torch_model(self) -> tuple[CXRModel, Path]:
+        """The PyTorch model of the first member and its checkpoint (what Grad-CAM runs on).
+
+        Raises FileNotFoundError or ValueError (naming the file) when that checkpoint is not
+        at hand or no longer the one the model was built from.
+        """
+        ...
 
 
 def default_backend(device: str = "auto") -> str:
@@ -54,9 +85,13 @@ def load_model(
     """Checkpoints, run folders or an exported .onnx file -> a model that labels films.
 
     backend: 'torch' (an Ensemble; on CPU its members run channels_last, measured faster),
-    'onnx' (ONNX Runtime; checkpoints are exported in memory first) or 'auto' (see
+    'onnx' (ONNX Runtime; checkpoints are exported in memory first), 'auto' (see
     `default_backend`; falls back to PyTorch, with a warning, when the in-memory export fails,
-    e.g. members that cannot share one ONNX graph).
+    e.g. members that cannot share one ONNX graph) or 'native' (each on the runtime it was
+    saved for: checkpoints with PyTorch, an .onnx file with ONNX Runtime; nothing is exported
+    in memory, so a checkpoint's heatmaps come from the very model that labels; `cxrlabel
+    serve` uses it). Whatever the backend, an .onnx file runs with ONNX Runtime ('torch'
+    refuses it).
     """
     from cxrlabel.models.ensemble import load_ensemble
     from cxrlabel.models.onnx import OnnxModel
@@ -73,7 +108,11 @@ def load_model(
                 "checkpoints only"
             )
         return OnnxModel(Path(specs[0]), device=device, threads=threads)
-    chosen = default_backend(device) if backend == "auto" else backend
+    chosen = backend
+    if backend == "auto":
+        chosen = default_backend(device)
+    elif backend == "native":
+        chosen = "torch"
     if chosen == "onnx":
         # Loaded outside the try, so a missing checkpoint is reported as itself; auto only
         # picks ONNX on CPU, so this CPU ensemble is also the PyTorch fallback.
@@ -96,37 +135,6 @@ def load_model(
     return ensemble
 
 
-def heatmap_model(model: Predictor) -> tuple[torch.nn.Module, str]:
-    """The PyTorch model Grad-CAM runs on (an ensemble's first member) and a note saying so."""
-    from cxrlabel.models.checkpoint import load_checkpoint
-
-    members = getattr(model, "members", None)
-    if members is not None:
-        first = members[0]
-        torch_model, path = first.model, first.path
-    else:
-        paths = getattr(model, "checkpoint_paths", [])
-        if not paths or not Path(paths[0]).is_file():
-            raise FileNotFoundError(
-                f"heatmaps need the PyTorch checkpoint behind {model.name}, and "
-                f"{paths[0] if paths else 'none'} was not found; pass the checkpoint or run "
-                "folder as --model"
-            )
-        path = Path(paths[0])
-        torch_model, meta = load_checkpoint(path)
-        recorded = model.model_info()["members"][0].get("sha256")
-        if recorded and meta["sha256"]["weights"] != recorded:
-            raise ValueError(
-                f"{path} has changed since {model.name} was exported (weights hash differs), "
-                "so its heatmaps would not explain these labels; pass the checkpoint as --model"
-            )
-    n = len(model.model_info().get("members", [])) or 1
-    note = f"Grad-CAM from {path}"
-    if n > 1:
-        note += f" (the first of the {n} ensemble members; the labels are the ensemble's)"
-    return torch_model.eval(), note
-
-
 def resize_geometry(prep: Preprocessing) -> tuple[int, str, str]:
     """What `resize` depends on (mean and std do not change the resized film)."""
     return prep.size, prep.resize_mode, prep.interpolation
@@ -136,11 +144,5 @@ def shared_resize(models: Sequence[Predictor]) -> Preprocessing | None:
     """The one resize every model (every ensemble member) applies, or None when they differ.
     With one, a film can be resized once as soon as it is read (predict_images' own resize of
     an S x S film is then the identity) and the full-size film dropped."""
-    preps: list[Preprocessing] = []
-    for model in models:
-        members = getattr(model, "members", None)
-        if members is not None:
-            preps.extend(m.model.preprocessing for m in members)
-        else:
-            preps.append(model.preprocessing)  # type: ignore[attr-defined]
+    preps = [prep for model in models for prep in model.member_preprocessings]
     return preps[0] if len({resize_geometry(p) for p in preps}) == 1 else None
