@@ -15,6 +15,7 @@ from cxrlabel.data.inputs import InputItem
 from cxrlabel.data.labels import OBSERVATIONS
 from cxrlabel.labelling import batch as predict
 from cxrlabel.labelling.batch import PARTIAL_DIR, label_inputs
+from cxrlabel.labelling.journal import Journal
 from cxrlabel.models.checkpoint import save_checkpoint
 from cxrlabel.models.factory import create_model
 from cxrlabel.models.predictor import load_model
@@ -187,7 +188,7 @@ def test_resume_after_interruption_equals_an_uninterrupted_run(
 
     # Second interruption: rows of a batch appended but not committed (a crash between the
     # write and the state update) must be dropped on restart, not duplicated.
-    real_commit = predict._Partial.commit
+    real_commit = Journal.commit
     calls = {"n": 0}
 
     def crash_on_second_commit(self, state, files):
@@ -198,10 +199,10 @@ def test_resume_after_interruption_equals_an_uninterrupted_run(
             raise KeyboardInterrupt
         real_commit(self, state, files)
 
-    monkeypatch.setattr(predict._Partial, "commit", crash_on_second_commit)
+    monkeypatch.setattr(Journal, "commit", crash_on_second_commit)
     with pytest.raises(KeyboardInterrupt):
         label_inputs(inputs, model, out, batch_size=4, progress=False)
-    monkeypatch.setattr(predict._Partial, "commit", real_commit)
+    monkeypatch.setattr(Journal, "commit", real_commit)
 
     summary = label_inputs(inputs, model, out, batch_size=4, progress=False)
     assert summary.resumed_after == 12

@@ -395,7 +395,7 @@ def test_stored_film_gives_the_scored_model_input(ensemble: Ensemble, mode: str)
     """Results keep a model-sized film; preprocessing it must give the very input scored."""
     service = create_app(ensemble).state.service
     prep = Preprocessing(48, (0.5,) * 3, (0.25,) * 3, mode, "bicubic")
-    service.film_prep = prep
+    service.film_geometry = prep.geometry
     image = np.random.default_rng(1).random((150, 97), dtype=np.float32)
     kept = service.film_view(image)
     assert max(kept.shape) == 48 if mode == "pad" else min(kept.shape) == 48

@@ -76,9 +76,9 @@ from cxrlabel.data.images import (
     UnsupportedImageError,
     read_image,
 )
-from cxrlabel.data.transforms import Preprocessing, scale_to_fit, to_uint8
+from cxrlabel.data.transforms import ResizeGeometry, scale_to_fit, to_uint8
 from cxrlabel.labelling.heatmaps import find_target_layer, gradcams, overlay_png
-from cxrlabel.models.predictor import Predictor, heatmap_model, resize_geometry, shared_resize
+from cxrlabel.models.predictor import Predictor, heatmap_model, shared_resize
 from cxrlabel.models.predictor import load_model as load_predictor
 from cxrlabel.models.thresholds import Thresholds
 
@@ -100,7 +100,7 @@ MULTIPART_SLACK = 64 * 1024
 # Films shown on the page when no model preprocessing says what size the model sees (only
 # the geometry matters here: mean and std are never applied to a preview).
 PREVIEW_SIZE = 512
-PREVIEW_PREP = Preprocessing(PREVIEW_SIZE, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), "pad", "bilinear")
+PREVIEW_GEOMETRY = ResizeGeometry(PREVIEW_SIZE, "pad", "bilinear")
 MAX_NAME = 255  # characters of the client's file name echoed back in responses
 LABEL_TEXT = {1: "positive", 0: "negative", -1: "uncertain"}
 _SUFFIX = {"png": ".png", "jpeg": ".jpg", "dicom": ".dcm"}
@@ -496,11 +496,13 @@ class _Service:
             version=cxrlabel.__version__,
         )
         self.cam_model, self.cam_layer, self.no_heatmaps = _heatmap_model(model)
-        self.input_prep = shared_resize([model])
+        self.input_geometry = shared_resize([model])
         # The film kept for a result is scaled as the heatmap model scales it (else as the
         # model does); a model without preprocessing gets a plain preview size.
         cam_prep = getattr(self.cam_model, "preprocessing", None)
-        self.film_prep: Preprocessing = cam_prep or self.input_prep or PREVIEW_PREP
+        self.film_geometry: ResizeGeometry = (
+            cam_prep.geometry if cam_prep else self.input_geometry or PREVIEW_GEOMETRY
+        )
 
     def check_token(self, credentials: HTTPAuthorizationCredentials | None) -> None:
         if self.token is None:
@@ -554,9 +556,7 @@ class _Service:
             model_input = self.model_view(image)
             film = None
             if keep_film:
-                shared = self.input_prep is not None and (
-                    resize_geometry(self.input_prep) == resize_geometry(self.film_prep)
-                )
+                shared = self.input_geometry == self.film_geometry
                 film = model_input if shared else self.film_view(image)
             # Drop the full-size film before waiting for the model lock: only model-sized
             # copies wait (unless members differ in their resize; see model_view).
@@ -579,7 +579,7 @@ class _Service:
         """The film scaled to the model's input before its pad or crop, which the model's own
         resize then leaves unchanged: the same probabilities from a model-sized array. An
         ensemble whose members resize differently gets the film itself."""
-        return image if self.input_prep is None else scale_to_fit(image, self.input_prep)
+        return image if self.input_geometry is None else scale_to_fit(image, self.input_geometry)
 
     def predict(self, image: np.ndarray) -> np.ndarray:
         with self.lock:
@@ -592,7 +592,7 @@ class _Service:
         is identical to the one scored, while a result keeps only a model-sized film rather
         than the full upload; the page shows it without the padding.
         """
-        return scale_to_fit(image, self.film_prep)
+        return scale_to_fit(image, self.film_geometry)
 
     def heatmap_png(self, result: _Result, label: str) -> bytes:
         cached = result.pngs.get(label)
