@@ -14,8 +14,8 @@ from cxrlabel.data.images import read_image
 from cxrlabel.data.inputs import InputItem
 from cxrlabel.data.labels import OBSERVATIONS
 from cxrlabel.labelling import batch as predict
-from cxrlabel.labelling.batch import PARTIAL_DIR, label_inputs
-from cxrlabel.labelling.journal import Journal
+from cxrlabel.labelling.batch import label_inputs
+from cxrlabel.labelling.journal import PARTIAL_DIR, Journal
 from cxrlabel.models.checkpoint import save_checkpoint
 from cxrlabel.models.factory import create_model
 from cxrlabel.models.predictor import load_model
