@@ -371,3 +371,49 @@ def test_a_fresh_run_without_studies_leaves_no_old_study_files(
     assert summary.studies == 0 and summary.labelled == 1
     assert not (out / "study_labels.csv").exists()
     assert not (out / "study_probabilities.csv").exists()
+
+
+def test_label_decodes_and_resizes_each_film_once_for_members_normalising_differently(
+    tiny_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two members that resize alike but normalise differently: each film is decoded once and
+    resampled once (as it is read), and the probabilities are the members' mean."""
+    from PIL import Image
+
+    from cxrlabel.data.transforms import Preprocessing
+
+    paths = []
+    for seed, (mean, std) in enumerate((((0.5,) * 3, (0.25,) * 3), ((0.2,) * 3, (0.5,) * 3))):
+        torch.manual_seed(seed)
+        net = create_model("tiny", "linear", LABELS, weights="none", size=48)
+        net.preprocessing = Preprocessing(48, mean, std, "pad", "bilinear")
+        path = tmp_path / f"m{seed}.safetensors"
+        save_checkpoint(path, net, config={"name": f"m{seed}"}, epoch=0, step=0)
+        paths.append(path)
+    both = load_model(paths, backend="torch", device="cpu")
+    films = sorted((tiny_dataset / "valid").rglob("*.jpg"))
+    assert all(read_image(f).shape != (48, 48) for f in films)
+
+    counts = {"decodes": 0, "resamples": 0}
+    real_read, real_resize = predict.read_image, Image.Image.resize
+
+    def read(path):
+        counts["decodes"] += 1
+        return real_read(path)
+
+    def resample(image, *args, **kwargs):
+        counts["resamples"] += 1
+        return real_resize(image, *args, **kwargs)
+
+    monkeypatch.setattr(predict, "read_image", read)
+    monkeypatch.setattr(Image.Image, "resize", resample)
+    label_inputs([tiny_dataset / "valid"], both, tmp_path / "out", batch_size=4, progress=False)
+    assert counts == {"decodes": len(films), "resamples": len(films)}
+    monkeypatch.undo()
+
+    rows = {r["Path"]: r for r in read_rows(tmp_path / "out" / "probabilities.csv")}
+    singles = [load_model([p], backend="torch", device="cpu") for p in paths]
+    images = [read_image(f) for f in films]
+    expected = np.mean([m.predict_images(images) for m in singles], axis=0)
+    got = np.array([[float(rows[str(f)][k]) for k in LABELS] for f in films])
+    np.testing.assert_allclose(got, expected, atol=1e-5)

@@ -696,3 +696,40 @@ def test_serve_command_refuses_unset_token_env(checkpoint: Path) -> None:
 
     os.environ.pop("SERVE_TEST_UNSET", None)
     assert main(["serve", "--model", str(checkpoint), "--token-env", "SERVE_TEST_UNSET"]) == 2
+
+
+def test_an_upload_is_decoded_once_and_resampled_once_for_the_model(
+    ensemble: Ensemble, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One decode and one resampling to the model's size, whose result is also the film kept
+    for heatmaps when both resize alike; a preview of another size costs one more."""
+    import cxrlabel.labelling.service as service_module
+    from cxrlabel.data.transforms import ResizeGeometry
+
+    service = create_app(ensemble).state.service
+    upload = _png(np.random.default_rng(3).integers(0, 256, (150, 120), dtype=np.uint8))
+    counts = {"decodes": 0, "resamples": 0}
+    real_read, real_resize = service_module.read_image, Image.Image.resize
+
+    def read(path):
+        counts["decodes"] += 1
+        return real_read(path)
+
+    def resample(image, *args, **kwargs):
+        counts["resamples"] += 1
+        return real_resize(image, *args, **kwargs)
+
+    monkeypatch.setattr(service_module, "read_image", read)
+    monkeypatch.setattr(Image.Image, "resize", resample)
+    expected = ensemble.predict_images([decode_upload(upload, "film.png")[0]])[0]
+    counts.update(decodes=0, resamples=0)
+    done = service.label(upload, "film.png", keep_film=True)
+    assert counts == {"decodes": 1, "resamples": 1}
+    assert done.film is not None and max(done.film.shape) == service.input_geometry.size
+    np.testing.assert_allclose(done.probs, expected, atol=1e-6)
+
+    service.film_geometry = ResizeGeometry(32, "pad", "bilinear")  # a heatmap model's own size
+    counts.update(decodes=0, resamples=0)
+    done = service.label(upload, "film.png", keep_film=True)
+    assert counts == {"decodes": 1, "resamples": 2} and max(done.film.shape) == 32
+    np.testing.assert_allclose(done.probs, expected, atol=1e-6)
