@@ -20,7 +20,7 @@ from cxrlabel.models.checkpoint import save_checkpoint
 from cxrlabel.models.factory import create_model
 from cxrlabel.models.predictor import load_model
 from cxrlabel.models.thresholds import Thresholds
-from tests.helpers import SHARED_DATA
+from tests.helpers import SHARED_DATA, count_calls
 
 LABELS = ("Cardiomegaly", "Edema", "Pleural Effusion")
 OUTPUT_FILES = ("labels.csv", "probabilities.csv", "images.csv", "errors.csv")
@@ -394,21 +394,10 @@ def test_label_decodes_and_resizes_each_film_once_for_members_normalising_differ
     films = sorted((tiny_dataset / "valid").rglob("*.jpg"))
     assert all(read_image(f).shape != (48, 48) for f in films)
 
-    counts = {"decodes": 0, "resamples": 0}
-    real_read, real_resize = predict.read_image, Image.Image.resize
-
-    def read(path):
-        counts["decodes"] += 1
-        return real_read(path)
-
-    def resample(image, *args, **kwargs):
-        counts["resamples"] += 1
-        return real_resize(image, *args, **kwargs)
-
-    monkeypatch.setattr(predict, "read_image", read)
-    monkeypatch.setattr(Image.Image, "resize", resample)
+    decodes = count_calls(monkeypatch, predict, "read_image")
+    resamples = count_calls(monkeypatch, Image.Image, "resize")
     label_inputs([tiny_dataset / "valid"], both, tmp_path / "out", batch_size=4, progress=False)
-    assert counts == {"decodes": len(films), "resamples": len(films)}
+    assert (decodes.n, resamples.n) == (len(films), len(films))
     monkeypatch.undo()
 
     rows = {r["Path"]: r for r in read_rows(tmp_path / "out" / "probabilities.csv")}

@@ -41,7 +41,7 @@ from cxrlabel.labelling.service import (
 from cxrlabel.models.checkpoint import save_checkpoint
 from cxrlabel.models.ensemble import Ensemble, load_ensemble
 from cxrlabel.models.factory import create_model
-from tests.helpers import SHARED_DATA, banded_checkpoint
+from tests.helpers import SHARED_DATA, banded_checkpoint, count_calls
 
 LIMIT = 200_000  # bytes: small, so the too-large tests stay fast
 
@@ -708,28 +708,15 @@ def test_an_upload_is_decoded_once_and_resampled_once_for_the_model(
 
     service = create_app(ensemble).state.service
     upload = _png(np.random.default_rng(3).integers(0, 256, (150, 120), dtype=np.uint8))
-    counts = {"decodes": 0, "resamples": 0}
-    real_read, real_resize = service_module.read_image, Image.Image.resize
-
-    def read(path):
-        counts["decodes"] += 1
-        return real_read(path)
-
-    def resample(image, *args, **kwargs):
-        counts["resamples"] += 1
-        return real_resize(image, *args, **kwargs)
-
-    monkeypatch.setattr(service_module, "read_image", read)
-    monkeypatch.setattr(Image.Image, "resize", resample)
     expected = ensemble.predict_images([decode_upload(upload, "film.png")[0]])[0]
-    counts.update(decodes=0, resamples=0)
+    decodes = count_calls(monkeypatch, service_module, "read_image")
+    resamples = count_calls(monkeypatch, Image.Image, "resize")
     done = service.label(upload, "film.png", keep_film=True)
-    assert counts == {"decodes": 1, "resamples": 1}
+    assert (decodes.n, resamples.n) == (1, 1)
     assert done.film is not None and max(done.film.shape) == service.input_geometry.size
     np.testing.assert_allclose(done.probs, expected, atol=1e-6)
 
     service.film_geometry = ResizeGeometry(32, "pad", "bilinear")  # a heatmap model's own size
-    counts.update(decodes=0, resamples=0)
     done = service.label(upload, "film.png", keep_film=True)
-    assert counts == {"decodes": 1, "resamples": 2} and max(done.film.shape) == 32
+    assert (decodes.n, resamples.n) == (2, 3) and max(done.film.shape) == 32
     np.testing.assert_allclose(done.probs, expected, atol=1e-6)

@@ -18,6 +18,7 @@ from cxrlabel.models.checkpoint import save_checkpoint
 from cxrlabel.models.ensemble import load_ensemble, resolve_model_paths
 from cxrlabel.models.factory import create_model
 from cxrlabel.models.thresholds import Thresholds, combine_thresholds
+from tests.helpers import count_calls
 
 LABELS = ("Cardiomegaly", "Edema", "Pleural Effusion")
 
@@ -118,28 +119,27 @@ def _normalised_checkpoint(path: Path, seed: int, prep: Preprocessing) -> Path:
 
 
 class _Counts:
-    """Counts decodes, resamplings and normalisations while a test runs."""
+    """Counts decodes (`read_image` as `decode_module` calls it), resamplings and
+    normalisations while a test runs."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch, decode_module: object) -> None:
-        self.decodes = self.resamples = self.normalisations = 0
-        real_read, real_resize = decode_module.read_image, Image.Image.resize
-        real_normalise = cxrlabel.models.ensemble.to_model_input_batch
+        self._decodes = count_calls(monkeypatch, decode_module, "read_image")
+        self._resamples = count_calls(monkeypatch, Image.Image, "resize")
+        self._normalisations = count_calls(
+            monkeypatch, cxrlabel.models.ensemble, "to_model_input_batch"
+        )
 
-        def read(path):
-            self.decodes += 1
-            return real_read(path)
+    @property
+    def decodes(self) -> int:
+        return self._decodes.n
 
-        def resample(image, *args, **kwargs):
-            self.resamples += 1
-            return real_resize(image, *args, **kwargs)
+    @property
+    def resamples(self) -> int:
+        return self._resamples.n
 
-        def normalise(batch, prep):
-            self.normalisations += 1
-            return real_normalise(batch, prep)
-
-        monkeypatch.setattr(decode_module, "read_image", read)
-        monkeypatch.setattr(Image.Image, "resize", resample)
-        monkeypatch.setattr(cxrlabel.models.ensemble, "to_model_input_batch", normalise)
+    @property
+    def normalisations(self) -> int:
+        return self._normalisations.n
 
 
 def test_evaluate_decodes_and_resizes_each_film_once_for_members_normalising_differently(
