@@ -19,10 +19,10 @@ from pathlib import Path
 
 import torch
 
-from cxrlabel.data.cache import ResizeSettings, load_resized, prepare_cache
+from cxrlabel.data.cache import load_resized, prepare_cache
 from cxrlabel.data.dataset import CXRDataset
 from cxrlabel.data.formats import load_table
-from cxrlabel.data.transforms import Preprocessing
+from cxrlabel.data.transforms import Preprocessing, ResizeGeometry
 
 NIH = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "nih-cxr14" / "labels.csv"
 
@@ -56,7 +56,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         table, source = dataset_table(Path(tmp))
         paths = table.image_paths()
-        settings = ResizeSettings(args.size)
+        settings = ResizeGeometry(args.size)
         prep = Preprocessing(args.size, (0.5,) * 3, (0.5,) * 3, "pad", "bilinear")
         n = len(paths)
         start = time.perf_counter()

@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from cxrlabel.data.cache import prepare_cache
-from cxrlabel.data.dataset import CXRDataset, collate_skipping, resize_settings
+from cxrlabel.data.dataset import CXRDataset, collate_skipping
 from cxrlabel.data.formats import load_table
 from cxrlabel.data.labels import LABEL_SETS, filter_certain
 from cxrlabel.data.splits import patient_split
@@ -46,9 +46,8 @@ def uncached_sweep(train, valid, backbones, sizes, epochs, workdir: Path) -> dic
     aurocs = {}
     for backbone in backbones:
         prep = prep_for(backbone, sizes[backbone])
-        settings = resize_settings(prep)
         caches = {
-            part: prepare_cache(t.image_paths(), workdir / f"px-{part}-{backbone}", settings)
+            part: prepare_cache(t.image_paths(), workdir / f"px-{part}-{backbone}", prep.geometry)
             for part, t in (("train", train), ("valid", valid))
         }
         with torch.random.fork_rng(devices=[]):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from cxrlabel.data.labels import OBSERVATIONS
 
@@ -44,3 +45,24 @@ def banded_checkpoint(path: Path, film: Path, run_name: str) -> Path:
     thresholds = Thresholds(OBSERVATIONS, tuple(values), "youden", tuple(band), "test scores")
     save_checkpoint(path, model, config={"name": run_name}, epoch=0, step=0, thresholds=thresholds)
     return path
+
+
+class CallCount:
+    """How many times a function patched by `count_calls` has been called."""
+
+    def __init__(self) -> None:
+        self.n = 0
+
+
+def count_calls(monkeypatch: Any, owner: object, name: str) -> CallCount:
+    """Replace `owner.name` (a module function or a class's method) for the test with a wrapper
+    that counts its calls, e.g. decodes (`read_image`) or resamplings (`Image.Image.resize`)."""
+    real = getattr(owner, name)
+    count = CallCount()
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        count.n += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, counting)
+    return count

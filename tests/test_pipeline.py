@@ -6,13 +6,13 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader
 
-from cxrlabel.data.cache import ResizeSettings, prepare_cache
+from cxrlabel.data.cache import prepare_cache
 from cxrlabel.data.dataset import CXRDataset
 from cxrlabel.data.formats import load_table
 from cxrlabel.data.labels import BlankMeaning, filter_certain, filter_view
 from cxrlabel.data.splits import patient_split
 from cxrlabel.data.stats import label_stats
-from cxrlabel.data.transforms import Preprocessing
+from cxrlabel.data.transforms import Preprocessing, ResizeGeometry
 
 
 def test_synthetic_csvs_load_as_chexpert(tiny_dataset):
@@ -42,7 +42,7 @@ def test_split_cache_and_batches(tiny_dataset, tmp_path):
     assert set(train.frame["patient_id"]).isdisjoint(held_out.frame["patient_id"])
 
     prep = Preprocessing(64, (0.5,) * 3, (0.5,) * 3, "pad", "bilinear")
-    cache = prepare_cache(train.image_paths(), tmp_path / "cache", ResizeSettings(64), workers=1)
+    cache = prepare_cache(train.image_paths(), tmp_path / "cache", ResizeGeometry(64), workers=1)
     ds = CXRDataset(train, ["Cardiomegaly", "Pleural Effusion"], prep, cache=cache)
     batch = next(iter(DataLoader(ds, batch_size=4)))
     assert batch["image"].shape == (4, 3, 64, 64)

@@ -119,10 +119,11 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from cxrlabel.data.cache import ResizeSettings, prepare_cache
+    from cxrlabel.data.cache import prepare_cache
+    from cxrlabel.data.transforms import ResizeGeometry
 
     table = _load_table(args)
-    settings = ResizeSettings(args.size, args.resize_mode, args.interpolation)
+    settings = ResizeGeometry(args.size, args.resize_mode, args.interpolation)
     out = args.out or args.csv.parent / ".cxrlabel-cache" / f"{args.csv.stem}-{args.size}"
     cache = prepare_cache(
         table.image_paths(),

@@ -5,16 +5,18 @@ import pytest
 from PIL import Image
 
 from cxrlabel.data.cache import (
+    CACHE_VERSION,
     META_FILE,
     ImageCache,
-    ResizeSettings,
+    fingerprint,
     load_resized,
     prepare_cache,
 )
 from cxrlabel.data.images import ImageError
+from cxrlabel.data.transforms import Preprocessing, ResizeGeometry
 from tests.helpers import SHARED_DATA
 
-SETTINGS = ResizeSettings(size=32, resize_mode="pad", interpolation="bilinear")
+SETTINGS = ResizeGeometry(size=32, resize_mode="pad", interpolation="bilinear")
 
 
 @pytest.fixture
@@ -53,7 +55,7 @@ def test_cache_reused_then_rebuilt_on_change(tmp_path, images):
     np.testing.assert_array_equal(rebuilt[0], load_resized(images[0], SETTINGS))
 
     # So do other settings.
-    bigger = prepare_cache(images, out, ResizeSettings(48, "crop", "bicubic"), workers=1)
+    bigger = prepare_cache(images, out, ResizeGeometry(48, "crop", "bicubic"), workers=1)
     assert bigger[0].shape == (48, 48)
 
 
@@ -98,6 +100,25 @@ def test_real_nih_fixtures_cache(tmp_path):
     if not folder.is_dir():
         pytest.skip(f"shared data absent: {folder}")
     paths = sorted(folder.glob("*.jpg"))[:4]
-    cache = prepare_cache(paths, tmp_path / "c", ResizeSettings(64), workers=1)
+    cache = prepare_cache(paths, tmp_path / "c", ResizeGeometry(64), workers=1)
     for row, path in enumerate(paths):
-        np.testing.assert_array_equal(cache[row], load_resized(path, ResizeSettings(64)))
+        np.testing.assert_array_equal(cache[row], load_resized(path, ResizeGeometry(64)))
+
+
+def test_geometry_keeps_caches_made_with_resize_settings_valid(images, tmp_path):
+    """meta.json and the fingerprint hash the same bytes as the ResizeSettings they replaced,
+    so a cache prepared before ResizeGeometry is reused, not rebuilt."""
+    import hashlib
+    import json
+
+    legacy = {"size": 32, "resize_mode": "pad", "interpolation": "bilinear"}
+    digest = hashlib.sha256(json.dumps({"version": CACHE_VERSION, **legacy}).encode())
+    for path in images:
+        st = os.stat(path)
+        digest.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    assert fingerprint(images, SETTINGS) == digest.hexdigest()
+    cache = prepare_cache(images, tmp_path / "c", SETTINGS, workers=1)
+    assert json.loads((tmp_path / "c" / META_FILE).read_text())["settings"] == legacy
+    assert cache.geometry == SETTINGS
+    prep = Preprocessing(32, (0.1, 0.2, 0.3), (0.5,) * 3, "pad", "bilinear")
+    assert prep.geometry == SETTINGS  # mean and std are not part of the geometry

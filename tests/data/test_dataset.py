@@ -5,11 +5,11 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from cxrlabel.data.cache import ResizeSettings, prepare_cache
+from cxrlabel.data.cache import prepare_cache
 from cxrlabel.data.dataset import CXRDataset, collate_skipping
 from cxrlabel.data.images import ImageError
 from cxrlabel.data.labels import BlankMeaning, table_from_columns
-from cxrlabel.data.transforms import AugmentConfig, Preprocessing
+from cxrlabel.data.transforms import AugmentConfig, Preprocessing, ResizeGeometry
 
 PREP = Preprocessing(
     size=32,
@@ -54,7 +54,7 @@ def test_items_and_labels_by_name(table):
 
 def test_cache_and_direct_give_identical_tensors(tmp_path, table):
     cache = prepare_cache(
-        table.image_paths(), tmp_path / "cache", ResizeSettings(32, "pad", "bilinear"), workers=1
+        table.image_paths(), tmp_path / "cache", ResizeGeometry(32, "pad", "bilinear"), workers=1
     )
     direct = CXRDataset(table, "competition", PREP)
     cached = CXRDataset(table, "competition", PREP, cache=cache)
@@ -63,7 +63,7 @@ def test_cache_and_direct_give_identical_tensors(tmp_path, table):
 
 
 def test_cache_with_other_settings_is_refused(tmp_path, table):
-    cache = prepare_cache(table.image_paths(), tmp_path / "cache", ResizeSettings(16), workers=1)
+    cache = prepare_cache(table.image_paths(), tmp_path / "cache", ResizeGeometry(16), workers=1)
     with pytest.raises(ValueError, match="prepare a matching cache"):
         CXRDataset(table, "competition", PREP, cache=cache)
 
@@ -80,7 +80,7 @@ def test_skip_bad_images(tmp_path, table):
     assert collate_skipping([None, None]) is None  # a batch of only bad images: loops skip it
 
     cache = prepare_cache(
-        table.image_paths(), tmp_path / "cache", ResizeSettings(32, "pad", "bilinear"), workers=1
+        table.image_paths(), tmp_path / "cache", ResizeGeometry(32, "pad", "bilinear"), workers=1
     )
     cached = CXRDataset(table, "competition", PREP, cache=cache, on_error="skip")
     assert len(cached) == 5 and len(cached.skipped) == 1

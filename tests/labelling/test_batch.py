@@ -14,12 +14,13 @@ from cxrlabel.data.images import read_image
 from cxrlabel.data.inputs import InputItem
 from cxrlabel.data.labels import OBSERVATIONS
 from cxrlabel.labelling import batch as predict
-from cxrlabel.labelling.batch import PARTIAL_DIR, label_inputs
+from cxrlabel.labelling.batch import label_inputs
+from cxrlabel.labelling.journal import PARTIAL_DIR, Journal
 from cxrlabel.models.checkpoint import save_checkpoint
 from cxrlabel.models.factory import create_model
 from cxrlabel.models.predictor import load_model
 from cxrlabel.models.thresholds import Thresholds
-from tests.helpers import SHARED_DATA
+from tests.helpers import SHARED_DATA, count_calls
 
 LABELS = ("Cardiomegaly", "Edema", "Pleural Effusion")
 OUTPUT_FILES = ("labels.csv", "probabilities.csv", "images.csv", "errors.csv")
@@ -187,7 +188,7 @@ def test_resume_after_interruption_equals_an_uninterrupted_run(
 
     # Second interruption: rows of a batch appended but not committed (a crash between the
     # write and the state update) must be dropped on restart, not duplicated.
-    real_commit = predict._Partial.commit
+    real_commit = Journal.commit
     calls = {"n": 0}
 
     def crash_on_second_commit(self, state, files):
@@ -198,10 +199,10 @@ def test_resume_after_interruption_equals_an_uninterrupted_run(
             raise KeyboardInterrupt
         real_commit(self, state, files)
 
-    monkeypatch.setattr(predict._Partial, "commit", crash_on_second_commit)
+    monkeypatch.setattr(Journal, "commit", crash_on_second_commit)
     with pytest.raises(KeyboardInterrupt):
         label_inputs(inputs, model, out, batch_size=4, progress=False)
-    monkeypatch.setattr(predict._Partial, "commit", real_commit)
+    monkeypatch.setattr(Journal, "commit", real_commit)
 
     summary = label_inputs(inputs, model, out, batch_size=4, progress=False)
     assert summary.resumed_after == 12
@@ -370,3 +371,38 @@ def test_a_fresh_run_without_studies_leaves_no_old_study_files(
     assert summary.studies == 0 and summary.labelled == 1
     assert not (out / "study_labels.csv").exists()
     assert not (out / "study_probabilities.csv").exists()
+
+
+def test_label_decodes_and_resizes_each_film_once_for_members_normalising_differently(
+    tiny_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two members that resize alike but normalise differently: each film is decoded once and
+    resampled once (as it is read), and the probabilities are the members' mean."""
+    from PIL import Image
+
+    from cxrlabel.data.transforms import Preprocessing
+
+    paths = []
+    for seed, (mean, std) in enumerate((((0.5,) * 3, (0.25,) * 3), ((0.2,) * 3, (0.5,) * 3))):
+        torch.manual_seed(seed)
+        net = create_model("tiny", "linear", LABELS, weights="none", size=48)
+        net.preprocessing = Preprocessing(48, mean, std, "pad", "bilinear")
+        path = tmp_path / f"m{seed}.safetensors"
+        save_checkpoint(path, net, config={"name": f"m{seed}"}, epoch=0, step=0)
+        paths.append(path)
+    both = load_model(paths, backend="torch", device="cpu")
+    films = sorted((tiny_dataset / "valid").rglob("*.jpg"))
+    assert all(read_image(f).shape != (48, 48) for f in films)
+
+    decodes = count_calls(monkeypatch, predict, "read_image")
+    resamples = count_calls(monkeypatch, Image.Image, "resize")
+    label_inputs([tiny_dataset / "valid"], both, tmp_path / "out", batch_size=4, progress=False)
+    assert (decodes.n, resamples.n) == (len(films), len(films))
+    monkeypatch.undo()
+
+    rows = {r["Path"]: r for r in read_rows(tmp_path / "out" / "probabilities.csv")}
+    singles = [load_model([p], backend="torch", device="cpu") for p in paths]
+    images = [read_image(f) for f in films]
+    expected = np.mean([m.predict_images(images) for m in singles], axis=0)
+    got = np.array([[float(rows[str(f)][k]) for k in LABELS] for f in films])
+    np.testing.assert_allclose(got, expected, atol=1e-5)

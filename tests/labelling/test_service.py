@@ -40,7 +40,7 @@ from cxrlabel.models.checkpoint import save_checkpoint
 from cxrlabel.models.ensemble import Ensemble, load_ensemble
 from cxrlabel.models.factory import create_model
 from cxrlabel.models.predictor import load_model
-from tests.helpers import SHARED_DATA, banded_checkpoint
+from tests.helpers import SHARED_DATA, banded_checkpoint, count_calls
 
 LIMIT = 200_000  # bytes: small, so the too-large tests stay fast
 
@@ -415,7 +415,7 @@ def test_stored_film_gives_the_scored_model_input(ensemble: Ensemble, mode: str)
     """Results keep a model-sized film; preprocessing it must give the very input scored."""
     service = create_app(ensemble).state.service
     prep = Preprocessing(48, (0.5,) * 3, (0.25,) * 3, mode, "bicubic")
-    service.film_prep = prep
+    service.film_geometry = prep.geometry
     image = np.random.default_rng(1).random((150, 97), dtype=np.float32)
     kept = service.film_view(image)
     assert max(kept.shape) == 48 if mode == "pad" else min(kept.shape) == 48
@@ -703,3 +703,27 @@ def test_serve_command_refuses_unset_token_env(checkpoint: Path) -> None:
 
     os.environ.pop("SERVE_TEST_UNSET", None)
     assert main(["serve", "--model", str(checkpoint), "--token-env", "SERVE_TEST_UNSET"]) == 2
+
+
+def test_an_upload_is_decoded_once_and_resampled_once_for_the_model(
+    ensemble: Ensemble, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One decode and one resampling to the model's size, whose result is also the film kept
+    for heatmaps when both resize alike; a preview of another size costs one more."""
+    import cxrlabel.labelling.service as service_module
+    from cxrlabel.data.transforms import ResizeGeometry
+
+    service = create_app(ensemble).state.service
+    upload = _png(np.random.default_rng(3).integers(0, 256, (150, 120), dtype=np.uint8))
+    expected = ensemble.predict_images([decode_upload(upload, "film.png")[0]])[0]
+    decodes = count_calls(monkeypatch, service_module, "read_image")
+    resamples = count_calls(monkeypatch, Image.Image, "resize")
+    done = service.label(upload, "film.png", keep_film=True)
+    assert (decodes.n, resamples.n) == (1, 1)
+    assert done.film is not None and max(done.film.shape) == service.input_geometry.size
+    np.testing.assert_allclose(done.probs, expected, atol=1e-6)
+
+    service.film_geometry = ResizeGeometry(32, "pad", "bilinear")  # a heatmap model's own size
+    done = service.label(upload, "film.png", keep_film=True)
+    assert (decodes.n, resamples.n) == (2, 3) and max(done.film.shape) == 32
+    np.testing.assert_allclose(done.probs, expected, atol=1e-6)

@@ -8,9 +8,10 @@ stores every image as uint8 in one memory-mapped array:
     <cache_dir>/index.csv     row, Path, ok, reason (bad images: ok=0 and why; pixels zero)
     <cache_dir>/meta.json     the fingerprint and shape; written last, so it marks completeness
 
-The fingerprint covers the cache format version, the image size and resize settings, and each
-source file's path, byte size and modification time. A cache whose fingerprint differs is
-rebuilt, never silently reused.
+The fingerprint covers the cache format version, the resize geometry (`ResizeGeometry`: size,
+pad or crop, interpolation; stored under "settings" in meta.json), and each source file's path,
+byte size and modification time. A cache whose fingerprint differs is rebuilt, never silently
+reused.
 """
 
 from __future__ import annotations
@@ -21,29 +22,20 @@ import logging
 import os
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from cxrlabel.data.images import ImageError, read_image
-from cxrlabel.data.transforms import resize, to_uint8
+from cxrlabel.data.transforms import ResizeGeometry, to_uint8
 from cxrlabel.fileio import atomic_path, atomic_write_text
 
 log = logging.getLogger(__name__)
 
 CACHE_VERSION = 1
 IMAGES_FILE, INDEX_FILE, META_FILE = "images.u8", "index.csv", "meta.json"
-
-
-@dataclass(frozen=True)
-class ResizeSettings:
-    """What the cache stores: square `size` px greyscale, resized this way."""
-
-    size: int
-    resize_mode: str = "pad"
-    interpolation: str = "bilinear"
 
 
 @dataclass(frozen=True)
@@ -54,20 +46,20 @@ class Skipped:
     reason: str
 
 
-def load_resized(path: Path, settings: ResizeSettings) -> np.ndarray:
+def load_resized(path: Path, geometry: ResizeGeometry) -> np.ndarray:
     """Decode one image and resize it to the cache's uint8 form.
 
     Both the cache and direct reading go through this one function, so a cached image is
     exactly the image direct decoding would give.
     """
-    image = read_image(path)
-    return to_uint8(resize(image, settings.size, settings.resize_mode, settings.interpolation))
+    return to_uint8(geometry.apply(read_image(path)))
 
 
-def fingerprint(paths: Sequence[Path], settings: ResizeSettings) -> str:
-    """A hash of the settings and every source file's identity (path, size, mtime)."""
+def fingerprint(paths: Sequence[Path], geometry: ResizeGeometry) -> str:
+    """A hash of the geometry and every source file's identity (path, size, mtime)."""
     digest = hashlib.sha256()
-    digest.update(json.dumps({"version": CACHE_VERSION, **asdict(settings)}).encode())
+    # Same bytes as before ResizeGeometry replaced ResizeSettings (same field names and order).
+    digest.update(json.dumps({"version": CACHE_VERSION, **geometry.to_dict()}).encode())
     for path in paths:
         try:
             st = os.stat(path)
@@ -81,10 +73,10 @@ def fingerprint(paths: Sequence[Path], settings: ResizeSettings) -> str:
 _Result = tuple[int, np.ndarray | None, ImageError | None]
 
 
-def _load_one(args: tuple[int, str, ResizeSettings]) -> _Result:
-    row, path, settings = args
+def _load_one(args: tuple[int, str, ResizeGeometry]) -> _Result:
+    row, path, geometry = args
     try:
-        return row, load_resized(Path(path), settings), None
+        return row, load_resized(Path(path), geometry), None
     except ImageError as exc:
         return row, None, exc
 
@@ -98,8 +90,8 @@ class ImageCache:
         if not meta_path.is_file():
             raise FileNotFoundError(f"{self.dir}: no complete cache here (missing {META_FILE})")
         self.meta = json.loads(meta_path.read_text())
-        self.settings = ResizeSettings(**self.meta["settings"])
-        n, size = self.meta["count"], self.settings.size
+        self.geometry = ResizeGeometry(**self.meta["settings"])
+        n, size = self.meta["count"], self.geometry.size
         self.images = np.memmap(
             self.dir / IMAGES_FILE, dtype=np.uint8, mode="r", shape=(n, size, size)
         )
@@ -124,7 +116,7 @@ class ImageCache:
 def prepare_cache(
     paths: Sequence[Path],
     cache_dir: Path,
-    settings: ResizeSettings,
+    geometry: ResizeGeometry,
     *,
     on_error: str = "skip",
     workers: int | None = None,
@@ -140,25 +132,25 @@ def prepare_cache(
     paths = [Path(p) for p in paths]
     if not paths:
         raise ValueError(f"{cache_dir}: no images to cache")
-    key = fingerprint(paths, settings)
+    key = fingerprint(paths, geometry)
     try:
         existing = ImageCache(cache_dir)
         if existing.meta["fingerprint"] == key:
             log.info("%s: cache is up to date (%d images)", cache_dir, len(existing))
             return existing
-        log.info("%s: sources or settings changed; rebuilding", cache_dir)
+        log.info("%s: sources or resize geometry changed; rebuilding", cache_dir)
     except (FileNotFoundError, KeyError, ValueError):
         pass
 
     cache_dir.mkdir(parents=True, exist_ok=True)
     # The old meta goes first: a crash mid-build must not leave a cache that looks complete.
     (cache_dir / META_FILE).unlink(missing_ok=True)
-    size, n = settings.size, len(paths)
+    size, n = geometry.size, len(paths)
     ok = np.zeros(n, dtype=bool)
     reasons = [""] * n
     with atomic_path(cache_dir / IMAGES_FILE) as tmp:
         array = np.memmap(tmp, dtype=np.uint8, mode="w+", shape=(n, size, size))
-        jobs = [(i, str(p), settings) for i, p in enumerate(paths)]
+        jobs = [(i, str(p), geometry) for i, p in enumerate(paths)]
         results = _run(jobs, workers)
         for row, pixels, error in progress(results) if progress else results:
             if error is not None:
@@ -179,7 +171,7 @@ def prepare_cache(
         "version": CACHE_VERSION,
         "fingerprint": key,
         "count": n,
-        "settings": asdict(settings),
+        "settings": geometry.to_dict(),
         "skipped": int((~ok).sum()),
     }
     atomic_write_text(cache_dir / META_FILE, json.dumps(meta, indent=2))

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, default_collate
 
-from cxrlabel.data.cache import ImageCache, ResizeSettings, Skipped, load_resized
+from cxrlabel.data.cache import ImageCache, Skipped, load_resized
 from cxrlabel.data.images import ImageError
 from cxrlabel.data.labels import LabelTable, UncertaintyPolicy, resolve_labels
 from cxrlabel.data.transforms import (
@@ -24,10 +24,6 @@ from cxrlabel.data.transforms import (
 )
 
 log = logging.getLogger(__name__)
-
-
-def resize_settings(prep: Preprocessing) -> ResizeSettings:
-    return ResizeSettings(prep.size, prep.resize_mode, prep.interpolation)
 
 
 class CXRDataset(Dataset):
@@ -68,10 +64,10 @@ class CXRDataset(Dataset):
             self.skipped = list(cache.skipped)
 
     def _check_cache(self, cache: ImageCache) -> None:
-        if cache.settings != resize_settings(self.preprocessing):
+        if cache.geometry != self.preprocessing.geometry:
             raise ValueError(
-                f"{cache.dir}: cache holds {cache.settings}, the model needs "
-                f"{resize_settings(self.preprocessing)}; prepare a matching cache"
+                f"{cache.dir}: cache holds {cache.geometry}, the model needs "
+                f"{self.preprocessing.geometry}; prepare a matching cache"
             )
         if cache.paths != [str(p) for p in self.paths]:
             raise ValueError(f"{cache.dir}: cache was prepared for a different image list")
@@ -83,7 +79,7 @@ class CXRDataset(Dataset):
         """uint8 (S, S) image for a table row: from the cache, or decoded now."""
         if self.cache is not None:
             return self.cache[row]
-        return load_resized(self.paths[row], resize_settings(self.preprocessing))
+        return load_resized(self.paths[row], self.preprocessing.geometry)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor] | None:
         row = int(self.rows[i])

@@ -4,13 +4,18 @@ Input everywhere is what :func:`cxrlabel.data.images.read_image` returns: a floa
 in ``[0, 1]``, 1 = white. The steps to a model input are::
 
     img = read_image(path)                      # (H, W) float32 in [0, 1]
-    img = resize(img, prep.size, prep.resize_mode, prep.interpolation)   # (S, S)
+    img = prep.geometry.apply(img)              # (S, S)
     x = to_model_input(img, prep)               # (3, S, S) float32, normalised
 
 or :func:`preprocess`, which does the last two. Normalisation (``mean``/``std``) and input size
 always come from a :class:`Preprocessing`, which should be built from the model's own config
 (:meth:`Preprocessing.from_timm_config`); nothing here defaults to ImageNet statistics.
 :data:`IMAGENET_MEAN`/:data:`IMAGENET_STD` exist only for explicit use.
+
+:class:`ResizeGeometry` is the part of a preprocessing that the resized film depends on (size,
+pad or crop, interpolation; not mean/std). It is the one type for "how a film is resized":
+the preprocessing cache stores films under one, and labelling, the service and evaluation
+resize a film once per distinct geometry, however many models share it.
 
 Resizing uses Pillow's mode ``'F'`` (32-bit float) resampling: it antialiases when shrinking
 (its filter support scales with the reduction factor), is deterministic, keeps full float
@@ -42,8 +47,41 @@ _PIL_RESAMPLE = {
 }
 
 # --------------------------------------------------------------------------------------------
-# Preprocessing config
+# Resize geometry and preprocessing config
 # --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ResizeGeometry:
+    """How a film becomes a ``size`` x ``size`` square: what :func:`resize` depends on.
+
+    The field names match :class:`Preprocessing` (and the preprocessing cache's ``meta.json``,
+    whose fingerprint hashes ``asdict`` of this), so existing caches stay valid.
+    """
+
+    size: int
+    resize_mode: str = "pad"
+    interpolation: str = "bilinear"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.size, bool) or not isinstance(self.size, int | np.integer):
+            raise TypeError(f"size must be an int, got {self.size!r}")
+        if self.size <= 0:
+            raise ValueError(f"size must be positive, got {self.size}")
+        object.__setattr__(self, "size", int(self.size))
+        if self.resize_mode not in RESIZE_MODES:
+            raise ValueError(f"resize_mode must be one of {RESIZE_MODES}, got {self.resize_mode!r}")
+        if self.interpolation not in INTERPOLATIONS:
+            raise ValueError(
+                f"interpolation must be one of {INTERPOLATIONS}, got {self.interpolation!r}"
+            )
+
+    def apply(self, img: np.ndarray) -> np.ndarray:
+        """The film resized to ``(size, size)`` float32 (see :func:`resize`)."""
+        return resize(img, self.size, self.resize_mode, self.interpolation)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -70,22 +108,19 @@ class Preprocessing:
     interpolation: str
 
     def __post_init__(self) -> None:
-        if isinstance(self.size, bool) or not isinstance(self.size, int | np.integer):
-            raise TypeError(f"size must be an int, got {self.size!r}")
-        if self.size <= 0:
-            raise ValueError(f"size must be positive, got {self.size}")
-        object.__setattr__(self, "size", int(self.size))
+        # The geometry checks size, resize_mode and interpolation (one set of rules for both).
+        geometry = ResizeGeometry(self.size, self.resize_mode, self.interpolation)
+        object.__setattr__(self, "size", geometry.size)
         object.__setattr__(self, "mean", _three_floats("mean", self.mean))
         std = _three_floats("std", self.std)
         if any(not s > 0 for s in std):
             raise ValueError(f"std values must all be > 0, got {std}")
         object.__setattr__(self, "std", std)
-        if self.resize_mode not in RESIZE_MODES:
-            raise ValueError(f"resize_mode must be one of {RESIZE_MODES}, got {self.resize_mode!r}")
-        if self.interpolation not in INTERPOLATIONS:
-            raise ValueError(
-                f"interpolation must be one of {INTERPOLATIONS}, got {self.interpolation!r}"
-            )
+
+    @property
+    def geometry(self) -> ResizeGeometry:
+        """How this preprocessing resizes a film (mean and std do not change the resized film)."""
+        return ResizeGeometry(self.size, self.resize_mode, self.interpolation)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON/YAML-friendly dict (tuples become lists); inverse of :meth:`from_dict`."""
@@ -191,9 +226,9 @@ def scaled_shape(shape: tuple[int, ...], size: int, mode: str) -> tuple[int, int
     return max(size, round(height * scale)), max(size, round(width * scale))
 
 
-def scale_to_fit(img: np.ndarray, prep: Preprocessing) -> np.ndarray:
-    """The film scaled exactly as :func:`resize` scales it under ``prep``, before the pad or
-    crop (aspect kept), as float32.
+def scale_to_fit(img: np.ndarray, geometry: ResizeGeometry) -> np.ndarray:
+    """The film scaled exactly as :func:`resize` scales it under ``geometry``, before the pad
+    or crop (aspect kept), as float32.
 
     :func:`resize` of the result scales by exactly 1, so it gives the very same ``(S, S)``
     model input as resizing the original: a model-sized stand-in for a large film.
@@ -201,8 +236,8 @@ def scale_to_fit(img: np.ndarray, prep: Preprocessing) -> np.ndarray:
     img = np.asarray(img)
     if img.ndim != 2 or img.shape[0] == 0 or img.shape[1] == 0:
         raise ValueError(f"expected a non-empty (H, W) array, got shape {img.shape}")
-    height, width = scaled_shape(img.shape, prep.size, prep.resize_mode)
-    return _resize_exact(img, height, width, prep.interpolation)
+    height, width = scaled_shape(img.shape, geometry.size, geometry.resize_mode)
+    return _resize_exact(img, height, width, geometry.interpolation)
 
 
 def _resize_exact(img: np.ndarray, height: int, width: int, interpolation: str) -> np.ndarray:
@@ -269,7 +304,7 @@ def to_model_input_batch(batch: torch.Tensor, prep: Preprocessing) -> torch.Tens
 
 def preprocess(img: np.ndarray, prep: Preprocessing) -> torch.Tensor:
     """:func:`resize` then :func:`to_model_input`: ``(H, W)`` in [0, 1] -> ``(3, S, S)``."""
-    return to_model_input(resize(img, prep.size, prep.resize_mode, prep.interpolation), prep)
+    return to_model_input(prep.geometry.apply(img), prep)
 
 
 # --------------------------------------------------------------------------------------------

@@ -29,10 +29,12 @@ import numpy as np
 import pandas as pd
 
 from cxrlabel.data.formats import is_synthetic_dataset
+from cxrlabel.data.images import ImageError, read_image
 from cxrlabel.data.labels import OBSERVATIONS, LabelTable, ensure_ids, filter_view
 from cxrlabel.evaluation.metrics import METRIC_NAMES, Evaluation, evaluate_predictions
 from cxrlabel.evaluation.results import STUDY_AGGREGATES, UNITS, Predictions
 from cxrlabel.fileio import atomic_write_text
+from cxrlabel.models.predictor import Predictor, shared_resize
 from cxrlabel.models.thresholds import Thresholds, choose_thresholds
 
 if TYPE_CHECKING:
@@ -87,7 +89,7 @@ def predict_datasets(
         table = filter_view(table, view)
         if not len(table):
             raise ValueError(f"{table.source}: no {view} images to evaluate ({name})")
-        pred = ensemble.predict_table(table, policy=policy, batch_size=batch_size)
+        pred = predict_table(ensemble, table, policy=policy, batch_size=batch_size)
         out.append(
             pred.replace(
                 model=ensemble.name,
@@ -98,6 +100,59 @@ def predict_datasets(
         )
         log.info("%s: scored %d images with %s (%s)", name, len(pred), ensemble.name, pred.kind)
     return out
+
+
+def predict_table(
+    model: Predictor,
+    table: LabelTable,
+    *,
+    policy: str = "U-Ignore",
+    batch_size: int = 32,
+) -> Predictions:
+    """Score every readable image of a labelled table with any model (an Ensemble or an
+    OnnxModel); unreadable images are skipped and logged. Targets and mask follow `policy`
+    for the model's labels.
+
+    Each film is decoded once and goes through `predict_images`, as `cxrlabel label` scores
+    it, so both give the same probabilities. When every member resizes alike, the film is
+    resized as soon as it is read (`predict_images` then leaves it as it is) and only
+    model-sized films are held; otherwise a batch holds the films as read.
+    """
+    table = ensure_ids(table)
+    paths = table.image_paths()
+    geometry = shared_resize([model])
+    rows: list[int] = []
+    scores: list[np.ndarray] = []
+    for start in range(0, len(paths), batch_size):
+        films, batch_rows = [], []
+        for row in range(start, min(start + batch_size, len(paths))):
+            try:
+                image = read_image(paths[row])
+            except ImageError as exc:
+                log.warning("skipping: %s", exc)
+                continue
+            films.append(image if geometry is None else geometry.apply(image))
+            batch_rows.append(row)
+        if films:
+            scores.append(np.asarray(model.predict_images(films), dtype=np.float64))
+            rows.extend(batch_rows)
+    if not rows:
+        raise ValueError(f"{table.source}: no readable image to score")
+    targets, mask = table.targets(model.labels, policy)
+    frame = table.frame.iloc[rows]
+    return Predictions(
+        labels=tuple(model.labels),
+        paths=tuple(str(p) for p in frame["Path"]),
+        patient_ids=tuple(str(p) for p in frame["patient_id"]),
+        study_ids=tuple(str(s) for s in frame["study_id"]),
+        y_score=np.concatenate(scores),
+        y_true=np.asarray(targets[rows], dtype=np.float64),
+        mask=np.asarray(mask[rows], dtype=bool),
+        thresholds=model.thresholds,
+        model=model.name,
+        kind=model.kind,
+        data=table.source,
+    )
 
 
 def prediction_columns(columns: Sequence[str]) -> dict[str, str]:

@@ -1,14 +1,13 @@
 """Batch labelling: films in, CheXpert-format labels and probabilities out.
 
 `label_inputs` walks files, folders (recursively: PNG, JPEG, DICOM) and CSVs with a `Path`
-column lazily, reads and predicts one batch at a time, and appends each finished batch to
-partial files in ``<out>/.cxrlabel-partial/``. After every batch the partial files are flushed
-to disk and a small state file records how many inputs are done, the partial files' byte sizes
-and a hash of the input paths so far. A run started again with the same arguments truncates the
-partial files to the recorded sizes (dropping a batch that was being written when it stopped),
-checks the inputs hash, skips the done inputs and goes on, so rows are neither duplicated nor
-missing. A restart with different arguments is refused. At the end the output files are written
-atomically from the partial files and the partial folder is removed:
+column lazily, reads and predicts one batch at a time, and appends each finished batch to the
+run's journal (`cxrlabel.labelling.journal`: partial files in ``<out>/.cxrlabel-partial/`` and a
+state file committed after every batch), so an interrupted run started again with the same
+arguments goes on where it stopped, with rows neither duplicated nor missing. Each film is
+decoded once and, when every model resizes alike, resized once as soon as it is read. At the
+end the output files are written atomically from the partial files and the partial folder is
+removed:
 
     labels.csv               Path + the 14 observations: 1.0 / 0.0 / -1.0 (in the band) /
                              blank (a label the model does not predict)
@@ -28,13 +27,10 @@ keeps one row per study).
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import logging
 import math
-import os
 import re
-import shutil
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -56,16 +52,19 @@ from cxrlabel.data.inputs import (
     view_from_text,
 )
 from cxrlabel.data.labels import OBSERVATIONS
-from cxrlabel.data.transforms import Preprocessing, resize
+from cxrlabel.data.transforms import ResizeGeometry
 from cxrlabel.fileio import atomic_path, atomic_write_bytes, atomic_write_text
 from cxrlabel.labelling.heatmaps import contact_sheet_png, gradcams, heatmap_model, overlay_png
+from cxrlabel.labelling.journal import Journal
 from cxrlabel.models.predictor import Predictor, shared_resize
-from cxrlabel.models.thresholds import Thresholds
+from cxrlabel.models.thresholds import combine_thresholds
 
 log = logging.getLogger(__name__)
 
-PARTIAL_DIR = ".cxrlabel-partial"
 HEATMAP_DIR = "heatmaps"
+STUDY_FILES = ("study_labels.csv", "study_probabilities.csv")
+# What an earlier run in the same --out leaves that a fresh run removes (see Journal).
+EARLIER_OUTPUTS = (HEATMAP_DIR, *STUDY_FILES)
 RUN_FORMAT = 1
 # Heatmaps are drawn at most this many pixels on a side (a 3000 px DICOM overlay per label
 # would be tens of MB and no easier to read).
@@ -153,7 +152,7 @@ def _describe(film: Film, meta: dict[str, Any] | None) -> None:
 
 
 def read_film(
-    seq: int, item: InputItem, resize_to: Preprocessing | None, keep_display: bool
+    seq: int, item: InputItem, resize_to: ResizeGeometry | None, keep_display: bool
 ) -> Film:
     """Read and describe one input; any failure becomes the film's error, never an exception."""
     film = Film(seq, item)
@@ -168,9 +167,7 @@ def read_film(
         return film
     _describe(film, meta)
     film.display_image = _display_film(image) if keep_display else None
-    if resize_to is not None:
-        image = resize(image, resize_to.size, resize_to.resize_mode, resize_to.interpolation)
-    film.pixels = image
+    film.pixels = image if resize_to is None else resize_to.apply(image)
     return film
 
 
@@ -183,7 +180,7 @@ def _batches(
 
 
 # --------------------------------------------------------------------------------------------
-# Partial files, manifest and state
+# Rows
 # --------------------------------------------------------------------------------------------
 
 
@@ -193,96 +190,6 @@ def _fmt_label(value: float) -> str:
 
 def _fmt_prob(value: float) -> str:
     return "" if math.isnan(value) else repr(float(value))
-
-
-class _Partial:
-    """The append-only partial files of one run and its state, in `<out>/.cxrlabel-partial`."""
-
-    def __init__(self, out_dir: Path, labels: Sequence[str]) -> None:
-        self.dir = out_dir / PARTIAL_DIR
-        self.images = self.dir / "images.csv"
-        self.errors = self.dir / "errors.csv"
-        self.manifest = self.dir / "manifest.json"
-        self.state_file = self.dir / "state.json"
-        self.labels = tuple(labels)
-        self.header = (
-            "seq",
-            *IMAGE_COLUMNS,
-            *(f"p:{k}" for k in self.labels),
-            *(f"y:{k}" for k in self.labels),
-        )
-
-    def start(self, manifest: dict[str, Any]) -> dict[str, Any]:
-        """A fresh run's empty state, or an interrupted one's (refused if arguments differ)."""
-        if self.manifest.is_file():
-            old = json.loads(self.manifest.read_text(encoding="utf-8"))
-            if old != manifest:
-                diff = sorted(k for k in set(old) | set(manifest) if old.get(k) != manifest.get(k))
-                raise ValueError(
-                    f"{self.dir.parent} holds an interrupted labelling run with different "
-                    f"arguments ({', '.join(diff)} differ); rerun with the same arguments to "
-                    f"continue it, or choose another --out, or delete {self.dir} to start over"
-                )
-            if self.state_file.is_file():
-                return self._resume_state()
-        self._remove_earlier_outputs()
-        shutil.rmtree(self.dir, ignore_errors=True)
-        self.dir.mkdir(parents=True)
-        atomic_write_text(self.manifest, json.dumps(manifest, indent=2))
-        with open(self.images, "w", newline="", encoding="utf-8") as f:
-            csv.writer(f).writerow(self.header)
-        with open(self.errors, "w", newline="", encoding="utf-8") as f:
-            csv.writer(f).writerow(("seq", *ERROR_COLUMNS))
-        state = {
-            "done": 0,
-            "paths_sha256": hashlib.sha256().hexdigest(),
-            "bytes": {"images": self.images.stat().st_size, "errors": self.errors.stat().st_size},
-            "counts": {"labelled": 0, "errors": 0, "flagged": 0, "heatmaps": 0},
-            "seconds": 0.0,
-        }
-        atomic_write_text(self.state_file, json.dumps(state))
-        return state
-
-    def _remove_earlier_outputs(self) -> None:
-        """A fresh run into a folder that holds an earlier run (its run.json or partial folder)
-        removes that run's heatmaps (named by input number, so they would mix with the new
-        ones) and its study files (a run whose films have no study ids writes none, and the
-        old ones must not pass for its own). Someone else's files are left alone."""
-        out_dir = self.dir.parent
-        if not ((out_dir / "run.json").is_file() or self.dir.is_dir()):
-            return
-        old = out_dir / HEATMAP_DIR
-        if old.is_dir():
-            log.info("removing %s from an earlier run", old)
-            shutil.rmtree(old)
-        for name in ("study_labels.csv", "study_probabilities.csv"):
-            (out_dir / name).unlink(missing_ok=True)
-
-    def _resume_state(self) -> dict[str, Any]:
-        state = json.loads(self.state_file.read_text(encoding="utf-8"))
-        for key, path in (("images", self.images), ("errors", self.errors)):
-            size = state["bytes"][key]
-            if not path.is_file() or path.stat().st_size < size:
-                raise ValueError(
-                    f"{path} is shorter than its recorded {size} bytes: the partial run is "
-                    f"damaged; delete {self.dir} to start over"
-                )
-            # Drop whatever a batch that did not finish had written after the last commit.
-            with open(path, "r+b") as f:
-                f.truncate(size)
-        log.info("continuing an interrupted run after %d inputs", state["done"])
-        return state
-
-    def commit(self, state: dict[str, Any], files: Sequence[Any]) -> None:
-        """Make the rows appended so far durable, then record them in the state."""
-        for f in files:
-            f.flush()
-            os.fsync(f.fileno())
-        state["bytes"] = {
-            "images": self.images.stat().st_size,
-            "errors": self.errors.stat().st_size,
-        }
-        atomic_write_text(self.state_file, json.dumps(state))
 
 
 # --------------------------------------------------------------------------------------------
@@ -328,19 +235,6 @@ class LabelSummary:
 def _union_labels(models: Sequence[Predictor]) -> tuple[str, ...]:
     wanted = {name for m in models for name in m.labels}
     return tuple(o for o in OBSERVATIONS if o in wanted)
-
-
-def _union_thresholds(models: Sequence[Predictor], labels: Sequence[str]) -> Thresholds:
-    """Per label, the first model's threshold that predicts it (the frontal model first)."""
-    values, bands, has_band = [], [], False
-    for name in labels:
-        source = next(m.thresholds for m in models if name in m.labels)
-        k = source.labels.index(name)
-        values.append(source.values[k])
-        band = source.band[k] if source.band is not None else (source.values[k],) * 2
-        has_band |= source.band is not None
-        bands.append(band)
-    return Thresholds(tuple(labels), tuple(values), band=tuple(bands) if has_band else None)
 
 
 def _safe_name(text: str) -> str:
@@ -429,7 +323,15 @@ class _Labeller:
         if lateral_model is not None:
             self.models["lateral model"] = lateral_model
         self.labels = _union_labels(list(self.models.values()))
-        self.partial = _Partial(out_dir, self.labels)
+        header = (
+            "seq",
+            *IMAGE_COLUMNS,
+            *(f"p:{k}" for k in self.labels),
+            *(f"y:{k}" for k in self.labels),
+        )
+        self.journal = Journal(
+            out_dir, header, ("seq", *ERROR_COLUMNS), earlier_outputs=EARLIER_OUTPUTS
+        )
         self.heatmapper = heatmapper
         self.resize_to = shared_resize(list(self.models.values()))
 
@@ -549,8 +451,8 @@ def label_inputs(
     models = {"model": model, **({"lateral model": lateral_model} if lateral_model else {})}
     heatmapper = _Heatmapper(out_dir, models, heatmap_labels) if heatmaps else None
     labeller = _Labeller(model, lateral_model, out_dir, heatmapper)
-    partial = labeller.partial
-    state = partial.start(_manifest(paths, model, lateral_model, heatmaps, heatmap_labels))
+    journal = labeller.journal
+    state = journal.start(_manifest(paths, model, lateral_model, heatmaps, heatmap_labels))
     summary = LabelSummary(resumed_after=state["done"], model=model.name, kind=model.kind)
     started = time.perf_counter()
     processed = _label_stream(paths, out_dir, labeller, state, batch_size, progress, on_batch)
@@ -574,37 +476,27 @@ def _label_stream(
     """Read, predict and append batch after batch; returns how many inputs this call did."""
     from tqdm.auto import tqdm
 
-    partial = labeller.partial
-    hasher = hashlib.sha256()
-    items = enumerate(iter_inputs(paths, exclude=out_dir))
+    journal = labeller.journal
     done = state["done"]
-    for _ in range(done):  # skip what an interrupted run finished, checking it is the same
-        seq_item = next(items, None)
-        if seq_item is None:
-            break
-        hasher.update(f"{seq_item[1].path}\n".encode())
-    if hasher.hexdigest() != state["paths_sha256"]:
-        raise ValueError(
-            f"the inputs changed since the interrupted run in {partial.dir} (its first {done} "
-            f"files differ now); delete {partial.dir} to start over"
-        )
+    inputs = iter_inputs(paths, exclude=out_dir)
+    # Skip what an interrupted run finished, checking it is the same; numbering goes on
+    # from input number `done`.
+    hasher = journal.skip_done((item.path for item in inputs), state)
+    items = enumerate(inputs, start=done)
     keep_display = labeller.heatmapper is not None
     processed = 0
     bar = tqdm(desc="label", unit="img", initial=done, disable=not progress, dynamic_ncols=True)
     with (
-        open(partial.images, "a", newline="", encoding="utf-8") as images_f,
-        open(partial.errors, "a", newline="", encoding="utf-8") as errors_f,
+        open(journal.images, "a", newline="", encoding="utf-8") as images_f,
+        open(journal.errors, "a", newline="", encoding="utf-8") as errors_f,
         bar,
     ):
         writers = (csv.writer(images_f), csv.writer(errors_f))
         for batch in _batches(items, batch_size):
             films = [read_film(s, it, labeller.resize_to, keep_display) for s, it in batch]
             labeller.run_batch(films, writers, state["counts"])
-            for _, item in batch:
-                hasher.update(f"{item.path}\n".encode())
-            state["done"] += len(batch)
-            state["paths_sha256"] = hasher.hexdigest()
-            partial.commit(state, (images_f, errors_f))
+            journal.advance(state, hasher, [item.path for _, item in batch])
+            journal.commit(state, (images_f, errors_f))
             processed += len(batch)
             bar.update(len(batch))
             if on_batch is not None:
@@ -615,11 +507,6 @@ def _label_stream(
 # --------------------------------------------------------------------------------------------
 # Final files
 # --------------------------------------------------------------------------------------------
-
-
-def _read_partial(path: Path) -> Iterator[dict[str, str]]:
-    with open(path, newline="", encoding="utf-8") as f:
-        yield from csv.DictReader(f)
 
 
 def _write_csv(path: Path, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> Path:
@@ -634,14 +521,14 @@ def _prob_cell(text: str) -> str:
     return f"{float(text):.6f}" if text else ""
 
 
-def _study_rows(partial: _Partial) -> dict[str, list[Any]]:
+def _study_rows(journal: Journal, labels: Sequence[str]) -> dict[str, list[Any]]:
     """study -> [patient, number of films, per-label max probability (NaN: not predicted)]."""
     studies: dict[str, list[Any]] = {}
-    for row in _read_partial(partial.images):
+    for row in journal.image_rows():
         study = row["study_id"]
         if not study:
             continue
-        probs = np.array([float(row[f"p:{k}"] or "nan") for k in partial.labels])
+        probs = np.array([float(row[f"p:{k}"] or "nan") for k in labels])
         entry = studies.setdefault(study, [row["patient_id"], 0, np.full(len(probs), np.nan)])
         entry[1] += 1
         entry[2] = np.fmax(entry[2], probs)  # fmax: a label one view lacks does not blank it
@@ -660,12 +547,13 @@ def _study_label_row(
 
 def _write_studies(out_dir: Path, labeller: _Labeller) -> tuple[dict[str, Path], int]:
     """Study-level files (max over each study's films); none when no film has a study id."""
-    partial = labeller.partial
-    studies = _study_rows(partial)
+    labels = labeller.labels
+    studies = _study_rows(labeller.journal, labels)
     if not studies:
         return {}, 0
-    labels = partial.labels
-    thresholds = _union_thresholds(list(labeller.models.values()), labels)
+    # Per label, the thresholds of the first model that predicts it (the frontal model first).
+    parts = [m.thresholds for m in labeller.models.values()]
+    thresholds = combine_thresholds(parts, labels, how="first")
     label_rows = (
         _study_label_row(s, v[2], thresholds.apply(np.nan_to_num(v[2])[None])[0], labels)
         for s, v in studies.items()
@@ -694,34 +582,31 @@ def _finish(
     summary: LabelSummary,
     heatmapper: _Heatmapper | None,
 ) -> None:
-    partial = labeller.partial
-    labels = partial.labels
+    journal = labeller.journal
+    labels = labeller.labels
     outputs = {
         "labels": _write_csv(
             out_dir / "labels.csv",
             ["Path", *OBSERVATIONS],
             (
                 [r["Path"], *(r.get(f"y:{o}", "") for o in OBSERVATIONS)]
-                for r in _read_partial(partial.images)
+                for r in journal.image_rows()
             ),
         ),
         "probabilities": _write_csv(
             out_dir / "probabilities.csv",
             ["Path", *labels],
-            (
-                [r["Path"], *(_prob_cell(r[f"p:{k}"]) for k in labels)]
-                for r in _read_partial(partial.images)
-            ),
+            ([r["Path"], *(_prob_cell(r[f"p:{k}"]) for k in labels)] for r in journal.image_rows()),
         ),
         "images": _write_csv(
             out_dir / "images.csv",
             IMAGE_COLUMNS,
-            ([r[c] for c in IMAGE_COLUMNS] for r in _read_partial(partial.images)),
+            ([r[c] for c in IMAGE_COLUMNS] for r in journal.image_rows()),
         ),
         "errors": _write_csv(
             out_dir / "errors.csv",
             ERROR_COLUMNS,
-            ([r[c] for c in ERROR_COLUMNS] for r in _read_partial(partial.errors)),
+            ([r[c] for c in ERROR_COLUMNS] for r in journal.error_rows()),
         ),
     }
     study_outputs, summary.studies = _write_studies(out_dir, labeller)
@@ -734,7 +619,7 @@ def _finish(
         outputs["heatmaps"] = heatmapper.dir
     run_json = out_dir / "run.json"
     summary.outputs = {**outputs, "run": run_json}
-    manifest = json.loads(partial.manifest.read_text(encoding="utf-8"))
+    manifest = journal.arguments()
     record = {
         "summary": summary.to_dict(),
         "arguments": manifest,
@@ -750,4 +635,4 @@ def _finish(
         ],
     }
     atomic_write_text(run_json, json.dumps(record, indent=2, default=str))
-    shutil.rmtree(partial.dir)
+    journal.remove()

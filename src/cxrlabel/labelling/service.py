@@ -75,9 +75,9 @@ from cxrlabel.data.images import (
     sniff_format,
 )
 from cxrlabel.data.pictures import encode_png
-from cxrlabel.data.transforms import Preprocessing, scale_to_fit
+from cxrlabel.data.transforms import ResizeGeometry, scale_to_fit
 from cxrlabel.labelling.heatmaps import gradcams, heatmap_model, overlay_png
-from cxrlabel.models.predictor import Predictor, resize_geometry, shared_resize
+from cxrlabel.models.predictor import Predictor, shared_resize
 from cxrlabel.models.thresholds import Thresholds
 
 log = logging.getLogger(__name__)
@@ -98,7 +98,7 @@ MULTIPART_SLACK = 64 * 1024
 # Films shown on the page when no model preprocessing says what size the model sees (only
 # the geometry matters here: mean and std are never applied to a preview).
 PREVIEW_SIZE = 512
-PREVIEW_PREP = Preprocessing(PREVIEW_SIZE, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), "pad", "bilinear")
+PREVIEW_GEOMETRY = ResizeGeometry(PREVIEW_SIZE, "pad", "bilinear")
 MAX_NAME = 255  # characters of the client's file name echoed back in responses
 LABEL_TEXT = {1: "positive", 0: "negative", -1: "uncertain"}
 
@@ -448,11 +448,13 @@ class _Service:
         self.cam = heatmap_model(model, required=False)
         if self.cam.available:
             log.info("heatmaps: %s", self.cam.note)
-        self.input_prep = shared_resize([model])
+        self.input_geometry = shared_resize([model])
         # The film kept for a result is scaled as the heatmap model scales it (else as the
         # model does); members that resize differently and no heatmaps get a preview size.
         cam_prep = self.cam.model.preprocessing if self.cam.model is not None else None
-        self.film_prep: Preprocessing = cam_prep or self.input_prep or PREVIEW_PREP
+        self.film_geometry: ResizeGeometry = (
+            cam_prep.geometry if cam_prep else self.input_geometry or PREVIEW_GEOMETRY
+        )
 
     def check_token(self, credentials: HTTPAuthorizationCredentials | None) -> None:
         if self.token is None:
@@ -506,9 +508,7 @@ class _Service:
             model_input = self.model_view(image)
             film = None
             if keep_film:
-                shared = self.input_prep is not None and (
-                    resize_geometry(self.input_prep) == resize_geometry(self.film_prep)
-                )
+                shared = self.input_geometry == self.film_geometry
                 film = model_input if shared else self.film_view(image)
             # Drop the full-size film before waiting for the model lock: only model-sized
             # copies wait (unless members differ in their resize; see model_view).
@@ -531,7 +531,7 @@ class _Service:
         """The film scaled to the model's input before its pad or crop, which the model's own
         resize then leaves unchanged: the same probabilities from a model-sized array. An
         ensemble whose members resize differently gets the film itself."""
-        return image if self.input_prep is None else scale_to_fit(image, self.input_prep)
+        return image if self.input_geometry is None else scale_to_fit(image, self.input_geometry)
 
     def predict(self, image: np.ndarray) -> np.ndarray:
         with self.lock:
@@ -544,7 +544,7 @@ class _Service:
         is identical to the one scored, while a result keeps only a model-sized film rather
         than the full upload; the page shows it without the padding.
         """
-        return scale_to_fit(image, self.film_prep)
+        return scale_to_fit(image, self.film_geometry)
 
     def heatmap_png(self, result: _Result, label: str) -> bytes:
         cached = result.pngs.get(label)

@@ -18,15 +18,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
 import cxrlabel
-from cxrlabel.data.labels import LabelTable, ensure_ids
-from cxrlabel.data.transforms import Preprocessing, preprocess
-from cxrlabel.evaluation.results import Predictions
+from cxrlabel.data.transforms import Preprocessing, ResizeGeometry, to_model_input_batch
 from cxrlabel.models.checkpoint import checkpoint_paths, load_checkpoint, thresholds_from_metadata
 from cxrlabel.models.factory import CXRModel, model_display_name, resolve_device
-from cxrlabel.models.thresholds import Thresholds
+from cxrlabel.models.thresholds import combine_thresholds
 
 log = logging.getLogger(__name__)
 
@@ -94,28 +91,6 @@ def resolve_model_paths(specs: Sequence[str | Path]) -> list[Path]:
     return paths
 
 
-def _combined_thresholds(members: Sequence[Thresholds]) -> Thresholds:
-    """Identical thresholds pass through (`cxrlabel thresholds` on an ensemble stores the same
-    ones in every member); differing ones are averaged label by label, which approximates the
-    rule only, so the result says so."""
-    first = members[0]
-    if all(t == first for t in members[1:]):
-        return first
-    values = tuple(float(v) for v in np.mean([t.values for t in members], axis=0))
-    bands = [t.band for t in members]
-    band = None
-    if all(b is not None for b in bands):
-        band = tuple((float(lo), float(hi)) for lo, hi in np.mean(bands, axis=0))
-    elif any(b is not None for b in bands):
-        log.warning(
-            "ensemble members disagree on the uncertainty band (some have none): no band is "
-            "used; run `cxrlabel thresholds` on the ensemble to choose one for it"
-        )
-    rules = ", ".join(dict.fromkeys(t.rule for t in members))
-    note = f"mean of {len(members)} members' thresholds (rules: {rules})"
-    return Thresholds(first.labels, values, first.rule, band, note)
-
-
 @dataclass(frozen=True)
 class Member:
     path: Path
@@ -139,8 +114,8 @@ class Ensemble:
         self.members = tuple(members)
         self.labels: tuple[str, ...] = tuple(labels)
         self.device = device
-        self.thresholds = _combined_thresholds(
-            [thresholds_from_metadata(m.meta).subset(labels) for m in members]
+        self.thresholds = combine_thresholds(
+            [thresholds_from_metadata(m.meta).subset(labels) for m in members], labels
         )
 
     @property
@@ -181,80 +156,32 @@ class Ensemble:
         return torch.sigmoid(logits).cpu().numpy()
 
     def predict_images(self, images: Sequence[np.ndarray]) -> np.ndarray:
-        """(H, W) [0, 1] films -> (N, K) probabilities averaged over the members."""
+        """(H, W) [0, 1] films -> (N, K) probabilities averaged over the members.
+
+        Each film is resized once per distinct resize geometry and normalised once per
+        distinct preprocessing, however many members share them (`RUN:best5` would otherwise
+        prepare every film five times); an S x S film already resized to a member's geometry
+        is not resampled again.
+        """
         if not len(images):
             return np.zeros((0, len(self.labels)), dtype=np.float32)
         total = np.zeros((len(images), len(self.labels)), dtype=np.float64)
-        for group in self._by_preprocessing():
-            prep = group[0].model.preprocessing
-            batch = torch.stack([preprocess(img, prep) for img in images])
-            for member in group:
-                total += self._member_probs(member, batch)
+        for geometry, by_prep in self._by_preprocessing().items():
+            resized = torch.from_numpy(np.stack([geometry.apply(img) for img in images]))
+            for prep, group in by_prep.items():
+                batch = to_model_input_batch(resized, prep)
+                for member in group:
+                    total += self._member_probs(member, batch)
         return (total / len(self.members)).astype(np.float32)
 
-    def _by_preprocessing(self) -> list[list[Member]]:
-        """Members grouped by preprocessing: a group's films are resized and normalised once
-        (`RUN:best5` would otherwise prepare every film five times)."""
-        groups: dict[str, list[Member]] = {}
+    def _by_preprocessing(self) -> dict[ResizeGeometry, dict[Preprocessing, list[Member]]]:
+        """Members grouped by resize geometry, then by preprocessing (mean and std), in
+        member order."""
+        groups: dict[ResizeGeometry, dict[Preprocessing, list[Member]]] = {}
         for member in self.members:
-            key = json.dumps(member.model.preprocessing.to_dict(), sort_keys=True)
-            groups.setdefault(key, []).append(member)
-        return list(groups.values())
-
-    def predict_table(
-        self,
-        table: LabelTable,
-        *,
-        policy: str = "U-Ignore",
-        batch_size: int = 32,
-        workers: int = 0,
-    ) -> Predictions:
-        """Score every readable image of a labelled table (unreadable ones are skipped and
-        logged); targets and mask follow `policy` for this ensemble's labels."""
-        from cxrlabel.data.dataset import CXRDataset, collate_skipping
-
-        table = ensure_ids(table)
-        total: np.ndarray | None = None
-        rows: np.ndarray | None = None
-        targets = masks = None
-        # One pass over the images per preprocessing: decoding is the slow part.
-        for group in self._by_preprocessing():
-            prep = group[0].model.preprocessing
-            dataset = CXRDataset(table, self.labels, prep, policy=policy, on_error="skip")
-            loader = DataLoader(
-                dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate_skipping
-            )
-            probs, index = [], []
-            for batch in loader:
-                if batch is None:
-                    continue
-                probs.append(sum(self._member_probs(m, batch["image"]) for m in group))
-                index.append(batch["index"].numpy())
-            if not probs:
-                raise ValueError(f"{table.source}: no readable image to score")
-            group_rows = np.concatenate(index)
-            group_sum = np.concatenate(probs).astype(np.float64)
-            if rows is None:
-                rows, total = group_rows, group_sum
-                targets, masks = dataset.targets[rows], dataset.mask[rows]
-            elif not np.array_equal(rows, group_rows):
-                raise RuntimeError("ensemble members scored different images")  # same paths
-            else:
-                total = total + group_sum
-        frame = table.frame.iloc[rows]
-        return Predictions(
-            labels=self.labels,
-            paths=tuple(str(p) for p in frame["Path"]),
-            patient_ids=tuple(str(p) for p in frame["patient_id"]),
-            study_ids=tuple(str(s) for s in frame["study_id"]),
-            y_score=total / len(self.members),
-            y_true=np.asarray(targets, dtype=np.float64),
-            mask=np.asarray(masks, dtype=bool),
-            thresholds=self.thresholds,
-            model=self.name,
-            kind=self.kind,
-            data=table.source,
-        )
+            prep = member.model.preprocessing
+            groups.setdefault(prep.geometry, {}).setdefault(prep, []).append(member)
+        return groups
 
     def model_info(self) -> dict[str, Any]:
         """What a service or an output file says about the model that produced a label."""

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from cxrlabel.data.transforms import Preprocessing, resize
+from cxrlabel.data.transforms import Preprocessing
 from cxrlabel.fileio import atomic_write_bytes
 from cxrlabel.models.checkpoint import load_checkpoint
 from cxrlabel.models.ensemble import Ensemble, load_ensemble
@@ -302,11 +302,8 @@ class OnnxModel:
         """(H, W) [0, 1] films -> (N, K) probabilities (resized here, as PyTorch would)."""
         if not len(images):
             return np.zeros((0, len(self.labels)), dtype=np.float32)
-        prep = self.preprocessing
-        batch = np.stack(
-            [resize(img, prep.size, prep.resize_mode, prep.interpolation) for img in images]
-        )
-        return self.predict_batch(batch)
+        geometry = self.preprocessing.geometry
+        return self.predict_batch(np.stack([geometry.apply(img) for img in images]))
 
     def model_info(self) -> dict[str, Any]:
         return {**self._info, "backend": "onnxruntime", "onnx_source": self.source}

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 import numpy as np
 import torch
 
-from cxrlabel.data.transforms import Preprocessing
+from cxrlabel.data.transforms import Preprocessing, ResizeGeometry
 from cxrlabel.models.thresholds import Thresholds
 
 if TYPE_CHECKING:
@@ -135,14 +135,15 @@ def load_model(
     return ensemble
 
 
-def resize_geometry(prep: Preprocessing) -> tuple[int, str, str]:
+def resize_geometry(prep: Preprocessing) -> ResizeGeometry:
     """What `resize` depends on (mean and std do not change the resized film)."""
-    return prep.size, prep.resize_mode, prep.interpolation
+    return prep.geometry
 
 
-def shared_resize(models: Sequence[Predictor]) -> Preprocessing | None:
+def shared_resize(models: Sequence[Predictor]) -> ResizeGeometry | None:
     """The one resize every model (every ensemble member) applies, or None when they differ.
     With one, a film can be resized once as soon as it is read (predict_images' own resize of
     an S x S film is then the identity) and the full-size film dropped."""
     preps = [prep for model in models for prep in model.member_preprocessings]
-    return preps[0] if len({resize_geometry(p) for p in preps}) == 1 else None
+    geometries = {resize_geometry(p) for p in preps}
+    return geometries.pop() if len(geometries) == 1 else None

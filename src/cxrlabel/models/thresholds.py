@@ -11,12 +11,15 @@ later command (evaluate, label, serve, export) uses the same ones.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 RULES = ("fixed", "youden", "max_f1")
 DEFAULT_THRESHOLD = 0.5
@@ -166,3 +169,61 @@ def choose_thresholds(
     chosen_on = "" if rule == "fixed" else chosen_on
     thresholds = Thresholds(tuple(labels), tuple(values), rule, None, chosen_on)
     return thresholds.with_band(band) if band > 0 else thresholds
+
+
+COMBINE_RULES = ("mean", "first")
+
+
+def combine_thresholds(
+    parts: Sequence[Thresholds], labels: Sequence[str], *, how: str = "mean"
+) -> Thresholds:
+    """Several models' thresholds as one set for `labels`: the one place they are combined.
+
+    Per label, the parts that hold it contribute: how='mean' averages their values and bands
+    (an ensemble's members), how='first' takes the first part's (the labeller's frontal model
+    before its lateral model, over the union of their labels). Identical parts pass through
+    unchanged (`cxrlabel thresholds` on an ensemble stores the same ones in every member).
+
+    A label whose contributors all have a band gets theirs; one where only some do gets none
+    (averaging a band with no band would invent one), with a warning. The result has a band
+    when any label got one; labels without get a zero-width band, which marks nothing uncertain.
+    """
+    if how not in COMBINE_RULES:
+        raise ValueError(f"how must be one of {COMBINE_RULES}, not {how!r}")
+    if not parts:
+        raise ValueError("no thresholds to combine")
+    labels = tuple(labels)
+    sources: list[list[Thresholds]] = []
+    for name in labels:
+        having = [t for t in parts if name in t.labels]
+        if not having:
+            raise KeyError(f"no threshold stored for {name!r} in any of {len(parts)} models")
+        sources.append(having[:1] if how == "first" else having)
+    used = list({id(t): t for having in sources for t in having}.values())
+    if all(t == used[0] for t in used[1:]):
+        return used[0].subset(labels)
+
+    values, bands, has_band, disagree = [], [], False, False
+    for name, having in zip(labels, sources, strict=True):
+        subsets = [t.subset([name]) for t in having]
+        value = float(np.mean([t.values[0] for t in subsets]))
+        values.append(value)
+        if all(t.band is not None for t in subsets):
+            low, high = np.mean([t.band[0] for t in subsets], axis=0)  # type: ignore[index]
+            bands.append((float(low), float(high)))
+            has_band = True
+        else:
+            disagree |= any(t.band is not None for t in subsets)
+            bands.append((value, value))
+    if disagree:
+        log.warning(
+            "the models disagree on the uncertainty band (some have none): those labels get "
+            "no band; run `cxrlabel thresholds` on the ensemble to choose one for it"
+        )
+    rules = ", ".join(dict.fromkeys(t.rule for t in used))
+    if how == "mean":
+        note = f"mean of {len(used)} members' thresholds (rules: {rules})"
+    else:
+        note = f"per label, the first of {len(used)} models' thresholds that has it ({rules})"
+    band = tuple(bands) if has_band else None
+    return Thresholds(labels, tuple(values), used[0].rule, band, note)

@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 
 from cxrlabel.data.cache import ImageCache, Skipped
 from cxrlabel.data.cache import fingerprint as files_fingerprint
-from cxrlabel.data.dataset import CXRDataset, collate_skipping, resize_settings
+from cxrlabel.data.dataset import CXRDataset, collate_skipping
 from cxrlabel.data.formats import load_table
 from cxrlabel.data.labels import (
     OBSERVATIONS,
@@ -153,7 +153,7 @@ def feature_fingerprint(
         "weights": weights_identity(weights),
         "keras_compat": keras_compat,
         "preprocessing": preprocessing.to_dict(),
-        "images": files_fingerprint(table.image_paths(), resize_settings(preprocessing)),
+        "images": files_fingerprint(table.image_paths(), preprocessing.geometry),
     }
     digest.update(json.dumps(header, sort_keys=True).encode())
     digest.update(np.ascontiguousarray(labels).tobytes())

@@ -63,7 +63,7 @@ from torch.utils.data import DataLoader
 
 from cxrlabel.config import RunConfig, load_config
 from cxrlabel.data.cache import ImageCache, prepare_cache
-from cxrlabel.data.dataset import CXRDataset, collate_skipping, resize_settings
+from cxrlabel.data.dataset import CXRDataset, collate_skipping
 from cxrlabel.data.formats import load_table
 from cxrlabel.data.labels import LabelTable, filter_certain, filter_view, resolve_labels
 from cxrlabel.data.splits import patient_split, save_split
@@ -192,10 +192,10 @@ def load_tables(config: RunConfig, run_dir: Path) -> tuple[LabelTable, LabelTabl
 
 
 def cache_dir_for(root: Path, paths: Sequence[Path], model: CXRModel) -> Path:
-    """A cache folder keyed by resize settings and the image list, so runs can share it."""
-    settings = resize_settings(model.preprocessing)
+    """A cache folder keyed by resize geometry and the image list, so runs can share it."""
+    geometry = model.preprocessing.geometry
     digest = hashlib.sha256("\n".join(str(p) for p in paths).encode()).hexdigest()[:16]
-    name = f"{settings.size}px-{settings.resize_mode}-{settings.interpolation}-{digest}"
+    name = f"{geometry.size}px-{geometry.resize_mode}-{geometry.interpolation}-{digest}"
     return root / name
 
 
@@ -210,11 +210,10 @@ def make_dataset(
     cache: ImageCache | None = None
     if config.use_cache:
         paths = table.image_paths()
-        settings = resize_settings(model.preprocessing)
         cache = prepare_cache(
             paths,
             cache_dir_for(cache_root, paths, model),
-            settings,
+            model.preprocessing.geometry,
             workers=config.workers or None,
         )
     return CXRDataset(
