@@ -108,7 +108,7 @@ def test_an_ensemble_of_different_preprocessings_says_so(checkpoints: dict[str, 
     assert [p.size for p in mixed.member_preprocessings] == [64, 48]
     assert shared_resize([mixed]) is None
     same = load_ensemble([checkpoints["a"], checkpoints["b"]], device="cpu")
-    assert shared_resize([same]) == same.preprocessing
+    assert shared_resize([same]) == same.preprocessing.geometry
     assert shared_resize([same, load_ensemble([checkpoints["small"]], device="cpu")]) is None
 
 
@@ -117,7 +117,7 @@ def test_shared_resize_ignores_normalisation_and_spans_backends(
 ) -> None:
     torch_model = load_ensemble([checkpoints["a"]], device="cpu")
     onnx_model = OnnxModel(export_onnx([checkpoints["b"]], tmp_path / "b.onnx"))
-    assert shared_resize([torch_model, onnx_model]) == torch_model.preprocessing
+    assert shared_resize([torch_model, onnx_model]) == torch_model.preprocessing.geometry
     prep = torch_model.preprocessing
     other_norm = Preprocessing(
         prep.size, (0.1,) * 3, (0.9,) * 3, prep.resize_mode, prep.interpolation
