@@ -56,6 +56,7 @@ def test_layout_paths(tmp_path: Path) -> None:
     assert folder.epoch_checkpoint(7) == root / "checkpoints" / "epoch-0007.safetensors"
     assert not root.exists() and not folder.is_run()  # building one creates nothing
     assert RunFolder(str(root)).root == root
+    assert RunFolder.best == Path("checkpoints/best.safetensors")  # on the class: relative
 
 
 def test_epoch_checkpoints_finds_each_epoch_once(tmp_path: Path) -> None:

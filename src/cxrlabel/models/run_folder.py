@@ -65,68 +65,48 @@ _EPOCH_FILE = re.compile(r"^epoch-(?P<epoch>\d+)\.")
 _BEST_K = re.compile(r"^(?P<run>.+):best(?P<k>\d+)$")
 
 
+class _Inside:
+    """A fixed path inside the run folder, read as an attribute (``folder.metrics``)."""
+
+    def __init__(self, *parts: str) -> None:
+        self.parts = parts
+
+    def __get__(self, folder: RunFolder | None, owner: type | None = None) -> Path:
+        if folder is None:  # looked up on the class (help(), inspect): the relative path
+            return Path(*self.parts)
+        return folder.root.joinpath(*self.parts)
+
+
 @dataclass(frozen=True)
 class RunFolder:
     """The paths of one run folder (nothing is read or created by building one)."""
 
     root: Path
 
+    config = _Inside(CONFIG_FILE)
+    split = _Inside("splits", "split.csv")
+    metrics = _Inside(METRICS_FILE)
+    loss_plot = _Inside("plots", "loss.png")
+    summary = _Inside(SUMMARY_FILE)
+    report = _Inside(REPORT_DIR)
+    checkpoints = _Inside(CHECKPOINT_DIR)
+    kept = _Inside(CHECKPOINT_DIR, KEPT_FILE)
+    best = _Inside(CHECKPOINT_DIR, f"best{WEIGHTS_SUFFIX}")
+    last = _Inside(CHECKPOINT_DIR, f"last{WEIGHTS_SUFFIX}")
+    # The previous `last`, kept while a new one is written.
+    last_prev = _Inside(CHECKPOINT_DIR, f"last.prev{WEIGHTS_SUFFIX}")
+
     def __post_init__(self) -> None:
         object.__setattr__(self, "root", Path(self.root))
-
-    @property
-    def config(self) -> Path:
-        return self.root / CONFIG_FILE
-
-    @property
-    def split(self) -> Path:
-        return self.root / "splits" / "split.csv"
-
-    @property
-    def metrics(self) -> Path:
-        return self.root / METRICS_FILE
-
-    @property
-    def loss_plot(self) -> Path:
-        return self.root / "plots" / "loss.png"
-
-    @property
-    def summary(self) -> Path:
-        return self.root / SUMMARY_FILE
-
-    @property
-    def report(self) -> Path:
-        return self.root / REPORT_DIR
 
     @property
     def cache_root(self) -> Path:
         """Preprocessing caches, beside the run folders so runs over the same images share."""
         return self.root.parent / ".cache"
 
-    @property
-    def checkpoints(self) -> Path:
-        return self.root / CHECKPOINT_DIR
-
-    @property
-    def kept(self) -> Path:
-        return self.checkpoints / KEPT_FILE
-
     def checkpoint(self, name: str) -> Path:
         """The weights file of checkpoint `name` ("best", "last", ...)."""
         return self.checkpoints / f"{name}{WEIGHTS_SUFFIX}"
-
-    @property
-    def best(self) -> Path:
-        return self.checkpoint("best")
-
-    @property
-    def last(self) -> Path:
-        return self.checkpoint("last")
-
-    @property
-    def last_prev(self) -> Path:
-        """The previous `last`, kept while a new one is written."""
-        return self.checkpoint("last.prev")
 
     def epoch_checkpoint(self, epoch: int) -> Path:
         """The weights file a kept epoch (0-based) is saved to when keep_best > 1."""
