@@ -211,7 +211,7 @@ def _named_csvs(items: Sequence[str]) -> list[tuple[str | None, Path]]:
 
 
 def _report_dir(args: argparse.Namespace) -> Path:
-    from cxrlabel.evaluation.scoring import run_dir_of
+    from cxrlabel.models.run_folder import RunFolder, run_dir_of
 
     if args.out is not None:
         return args.out
@@ -219,7 +219,7 @@ def _report_dir(args: argparse.Namespace) -> Path:
     if run is None:
         what = args.model[0] if args.model else "predictions files"
         raise ValueError(f"{what} not in a run folder: give --out for the report folder")
-    return run / "report"
+    return RunFolder(run).report
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -230,10 +230,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         evaluate,
         format_evaluations,
         read_predictions,
-        run_dir_of,
         save_evaluations,
         score_predictions,
     )
+    from cxrlabel.models.run_folder import run_dir_of
 
     if not args.model and not args.predictions:
         raise ValueError("nothing to evaluate: give --model and/or --predictions")
@@ -291,7 +291,7 @@ def cmd_thresholds(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from cxrlabel.evaluation.scoring import compare_runs, format_comparison
+    from cxrlabel.evaluation.compare import compare_runs, format_comparison
     from cxrlabel.fileio import atomic_write_text
 
     text = format_comparison(compare_runs(args.runs))
@@ -368,7 +368,7 @@ def _default_onnx_path(spec: str | Path) -> Path:
     the run, no colon in the name), RUN/model.onnx for a run folder, and beside a checkpoint
     file (its name + .onnx)."""
     from cxrlabel.models.checkpoint import WEIGHTS_SUFFIX, checkpoint_paths
-    from cxrlabel.models.ensemble import split_best_k  # the same parse as loading, so the two agree
+    from cxrlabel.models.run_folder import split_best_k  # the same parse as loading: they agree
 
     path, k = split_best_k(spec)
     if k is not None:

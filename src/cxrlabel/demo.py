@@ -28,6 +28,7 @@ from cxrlabel.fileio import atomic_write_text
 from cxrlabel.labelling.batch import label_inputs
 from cxrlabel.models.ensemble import load_ensemble
 from cxrlabel.models.predictor import load_model
+from cxrlabel.models.run_folder import RunFolder
 from cxrlabel.synth import contact_sheet, write_dataset
 from cxrlabel.training.features import format_sweep_table, run_sweep
 from cxrlabel.training.finetune import train
@@ -135,7 +136,7 @@ def evaluate_finetuned(run_dir: Path, valid_csv: Path, view: str, *, seed: int, 
         *score_predictions([images], unit="image", n_resamples=DEMO_RESAMPLES, seed=seed),
         *score_predictions([every_view], unit="study", n_resamples=DEMO_RESAMPLES, seed=seed),
     ]
-    report_dir = run_dir / "report"
+    report_dir = RunFolder(run_dir).report
     report_md, report_html = write_report(
         evaluations,
         report_dir,

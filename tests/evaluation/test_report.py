@@ -15,8 +15,8 @@ from cxrlabel.data.stats import label_stats
 from cxrlabel.evaluation.metrics import Evaluation, evaluate_predictions
 from cxrlabel.evaluation.report import PAPER_AUROC, column_names, fmt, fmt_ci, write_report
 from cxrlabel.evaluation.results import Predictions
+from cxrlabel.models.run_folder import write_metrics
 from cxrlabel.models.thresholds import Thresholds
-from cxrlabel.training.finetune import write_metrics
 
 LABELS = ("Cardiomegaly", "Edema", "Consolidation", "Atelectasis", "Pleural Effusion", "Fracture")
 SECTIONS = (
@@ -74,7 +74,7 @@ def evaluations(synthetic: bool = True, labels: tuple[str, ...] = LABELS[:3]) ->
 
 
 def fake_run(root: Path) -> Path:
-    """A run folder with a metrics.csv in cxrlabel.training.finetune's layout."""
+    """A run folder with a metrics.csv in cxrlabel.models.run_folder's layout."""
     run = root / "run-a"
     rows = [
         {"kind": "step", "epoch": e, "step": 3 * e + s, "train_loss": 1.0 / (3 * e + s + 1)}

@@ -14,7 +14,6 @@ import pytest
 from cxrlabel.data.formats import load_table
 from cxrlabel.evaluation.scoring import (
     choose_and_store_thresholds,
-    compare_runs,
     data_names,
     describe_data,
     evaluate,
@@ -24,11 +23,10 @@ from cxrlabel.evaluation.scoring import (
     markdown_table,
     prediction_columns,
     read_predictions,
-    run_dir_of,
     save_evaluations,
     score_predictions,
 )
-from cxrlabel.models.checkpoint import read_metadata, set_thresholds
+from cxrlabel.models.checkpoint import read_metadata
 from cxrlabel.models.thresholds import Thresholds
 from cxrlabel.training.finetune import TrainResult
 from tests.helpers import chexpert_csv
@@ -174,39 +172,6 @@ def test_data_names():
     assert data_names(3, [None, "holdout"]) == ["validation", "holdout", "data3"]
     with pytest.raises(ValueError, match="differ"):
         data_names(2, ["x", "x"])
-
-
-def test_run_dir_of(tiny_run: TrainResult, tmp_path: Path):
-    run = tiny_run.run_dir
-    assert run_dir_of(run) == run
-    assert run_dir_of(f"{run}:best2") == run
-    assert run_dir_of(run / "checkpoints" / "epoch-0002.json") == run
-    assert run_dir_of(tmp_path / "model.safetensors") is None
-
-
-def test_compare_runs_reads_summary_then_saved_evaluation(
-    tiny_run: TrainResult, tiny_dataset: Path, tmp_path: Path
-):
-    run = Path(shutil.copytree(tiny_run.run_dir, tmp_path / "copy"))
-    frame = compare_runs([tiny_run.run_dir, run])
-    assert list(frame["Run"]) == ["tiny-run", "copy"]
-    row = frame.iloc[0]
-    summary = tiny_run.metrics
-    assert row["Model"] == "Tiny_1" and row["Epochs"] == 3
-    assert row["Best epoch"] == str(summary["best_epoch"])
-    assert row["Accuracy"] == pytest.approx(summary["val_mean"]["Accuracy"])
-    assert row["Metrics from"].startswith("training validation")
-    # Once the copy has a saved evaluation, its row comes from that instead.
-    table = load_table(tiny_dataset / "train.csv")
-    set_thresholds(run / "checkpoints" / "best.safetensors", Thresholds.fixed(summary["labels"]))
-    ev = evaluate_checkpoint(run / "checkpoints" / "best.safetensors", table, **FAST)
-    save_evaluations(run / "report" / "evaluation.json", [ev], ["validation"])
-    row = compare_runs([run]).iloc[0]
-    assert row["Metrics from"].startswith("evaluate: validation")
-    mean = ev.table.set_index("Label").loc["Mean"]
-    assert row["F1"] == pytest.approx(mean["F1"]) and row["AUROC"] == pytest.approx(mean["AUROC"])
-    with pytest.raises(FileNotFoundError, match=r"summary\.json"):
-        compare_runs([tmp_path])
 
 
 def test_prediction_columns_by_name_and_nih_name():

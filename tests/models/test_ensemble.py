@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +14,7 @@ from cxrlabel.data.images import read_image
 from cxrlabel.data.transforms import Preprocessing
 from cxrlabel.evaluation.scoring import predict_table
 from cxrlabel.models.checkpoint import save_checkpoint
-from cxrlabel.models.ensemble import load_ensemble, resolve_model_paths
+from cxrlabel.models.ensemble import load_ensemble
 from cxrlabel.models.factory import create_model
 from cxrlabel.models.thresholds import Thresholds, combine_thresholds
 from tests.helpers import count_calls
@@ -35,36 +34,6 @@ def _checkpoint(path: Path, seed: int, size: int = 64, thresholds: Thresholds | 
         data.update(extra_meta)
         meta.write_text(json.dumps(data))
     return path
-
-
-def test_resolve_run_folder_best_k_and_files(tmp_path: Path) -> None:
-    run = tmp_path / "run"
-    ckpts = run / "checkpoints"
-    for name in ("best", "epoch-0000", "epoch-0003"):
-        _checkpoint(ckpts / f"{name}.safetensors", seed=0)
-    assert resolve_model_paths([run]) == [ckpts / "best.safetensors"]
-    with pytest.raises(FileNotFoundError, match=r"kept\.json"):
-        resolve_model_paths([f"{run}:best2"])
-    # RUN:bestK follows the ranking training recorded in kept.json, not the file names.
-    kept = [
-        {"rank": 1, "epoch": 3, "val_loss": 0.2, "path": "checkpoints/epoch-0003.safetensors"},
-        {"rank": 2, "epoch": 0, "val_loss": 0.3, "path": "checkpoints/epoch-0000.safetensors"},
-    ]
-    (ckpts / "kept.json").write_text(json.dumps({"keep_best": 2, "kept": kept}))
-    assert resolve_model_paths([f"{run}:best2"]) == [
-        ckpts / "epoch-0003.safetensors",
-        ckpts / "epoch-0000.safetensors",
-    ]
-    assert resolve_model_paths([f"{run}:best1"]) == [ckpts / "epoch-0003.safetensors"]
-    json_path = ckpts / "epoch-0000.json"
-    assert resolve_model_paths([json_path]) == [ckpts / "epoch-0000.safetensors"]
-    with pytest.raises(ValueError, match="keeps 2 checkpoint"):
-        resolve_model_paths([f"{run}:best3"])
-    (ckpts / "epoch-0000.safetensors").unlink()
-    with pytest.raises(FileNotFoundError, match="epoch-0000"):
-        resolve_model_paths([f"{run}:best2"])
-    with pytest.raises(FileNotFoundError, match="not a run folder or a checkpoint"):
-        resolve_model_paths([tmp_path / "nothing.safetensors"])
 
 
 def test_ensemble_averages_members_with_their_own_preprocessing(

@@ -16,21 +16,17 @@ from cxrlabel.data.formats import load_table
 from cxrlabel.data.labels import filter_view
 from cxrlabel.evaluation.metrics import metrics_table
 from cxrlabel.models.checkpoint import load_checkpoint, read_metadata
-from cxrlabel.models.ensemble import resolve_model_paths
+from cxrlabel.models.run_folder import METRIC_COLUMNS, resolve_model_paths
 from cxrlabel.models.thresholds import Thresholds
 from cxrlabel.synth import write_dataset
 from cxrlabel.training.execution import choose_execution, cpu_has_fast_bf16
 from cxrlabel.training.finetune import (
-    METRIC_COLUMNS,
     TrainResult,
     epoch_order,
     make_loader,
     predict,
-    rank_kept,
-    read_metrics,
     scheduled_lr,
     train,
-    write_metrics,
 )
 
 
@@ -168,19 +164,6 @@ def test_best_checkpoints_carry_chosen_thresholds(full_run: TrainResult) -> None
     assert "thresholds" not in read_metadata(full_run.last_checkpoint)  # last is for resuming
 
 
-def test_rank_kept_orders_and_truncates() -> None:
-    kept = [{"epoch": 0, "value": 0.5}, {"epoch": 1, "value": 0.7}]
-    new = {"epoch": 2, "value": 0.6}
-    assert [e["epoch"] for e in rank_kept(kept, new, 2, "val_loss")] == [0, 2]
-    assert [e["epoch"] for e in rank_kept(kept, new, 3, "val_loss")] == [0, 2, 1]
-    assert [e["epoch"] for e in rank_kept(kept, new, 2, "val_auroc")] == [1, 2]
-    tie = {"epoch": 3, "value": 0.5}  # a tie ranks below the earlier epoch
-    assert [e["epoch"] for e in rank_kept(kept[:1], tie, 2, "val_loss")] == [0, 3]
-    nan = {"epoch": 4, "value": float("nan")}  # never displaces a real value
-    assert [e["epoch"] for e in rank_kept(kept, nan, 2, "val_loss")] == [0, 1]
-    assert [e["epoch"] for e in rank_kept(kept, nan, 3, "val_auroc")] == [1, 0, 4]
-
-
 @pytest.fixture(scope="module")
 def kept_run(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> TrainResult:
     """An uninterrupted run whose last epoch displaces a kept one (the crash tests' reference).
@@ -234,24 +217,26 @@ class _Killed(Exception):
 
 def _kill_at(point: str, monkeypatch: pytest.MonkeyPatch, fired: list[str]) -> None:
     """Make the end of epoch 2 (which displaces kept epoch 0 and is the new best) die at
-    `point` of its bookkeeping."""
-    import cxrlabel.training.finetune as train_module
+    `point` of its bookkeeping (the run's CheckpointSaver's)."""
+    import cxrlabel.training.saver as saver_module
 
-    def in_epoch_2_end(run: Any) -> bool:  # `progress` has already moved to epoch 3
-        return (run.progress.epoch, run.progress.batch) == (3, 0)
+    Saver = saver_module.CheckpointSaver
+
+    def in_epoch_2_end(progress: dict[str, Any]) -> bool:  # it has already moved to epoch 3
+        return (progress["epoch"], progress["batch"]) == (3, 0)
 
     if point == "before_ranking_saved":  # the kept epoch's file is written, `last` is not
-        save_last = train_module._Run.save_last
+        save_last = Saver.save_last
 
-        def dying_save_last(run: Any) -> None:
-            if in_epoch_2_end(run):
+        def dying_save_last(saver: Any, progress: dict[str, Any]) -> None:
+            if in_epoch_2_end(progress):
                 fired.append(point)
                 raise _Killed
-            save_last(run)
+            save_last(saver, progress)
 
-        monkeypatch.setattr(train_module._Run, "save_last", dying_save_last)
+        monkeypatch.setattr(Saver, "save_last", dying_save_last)
     elif point == "while_saving_last":  # `last`'s tensor files are new, its metadata old
-        save = train_module.save_checkpoint
+        save = saver_module.save_checkpoint
 
         def dying_save(path: Path, *args: Any, **kwargs: Any) -> Path:
             progress = kwargs.get("extra", {}).get("progress", {})
@@ -264,19 +249,19 @@ def _kill_at(point: str, monkeypatch: pytest.MonkeyPatch, fired: list[str]) -> N
             fired.append(point)
             raise _Killed
 
-        monkeypatch.setattr(train_module, "save_checkpoint", dying_save)
+        monkeypatch.setattr(saver_module, "save_checkpoint", dying_save)
     elif point == "after_ranking_saved":  # before kept.json and best.* are written
-        write_kept = train_module._Run.write_kept
+        write_kept = Saver.write_kept
 
-        def dying_write_kept(run: Any) -> None:
-            if in_epoch_2_end(run):
+        def dying_write_kept(saver: Any) -> None:
+            if in_epoch_2_end(saver.committed):
                 fired.append(point)
                 raise _Killed
-            write_kept(run)
+            write_kept(saver)
 
-        monkeypatch.setattr(train_module._Run, "write_kept", dying_write_kept)
+        monkeypatch.setattr(Saver, "write_kept", dying_write_kept)
     elif point == "while_deleting_displaced":  # epoch 0's files are still there
-        remove = train_module.remove_checkpoint
+        remove = saver_module.remove_checkpoint
 
         def dying_remove(path: Path) -> None:
             if Path(path).name.startswith("epoch-"):
@@ -284,7 +269,7 @@ def _kill_at(point: str, monkeypatch: pytest.MonkeyPatch, fired: list[str]) -> N
                 raise _Killed
             remove(path)
 
-        monkeypatch.setattr(train_module, "remove_checkpoint", dying_remove)
+        monkeypatch.setattr(saver_module, "remove_checkpoint", dying_remove)
 
 
 @pytest.mark.parametrize(
@@ -340,23 +325,6 @@ def test_kill_during_end_of_epoch_bookkeeping_then_resume(
     b = pd.read_csv(resumed.run_dir / "metrics.csv")
     assert list(a.kind) == list(b.kind) and list(a.epoch) == list(b.epoch)
     assert a.val_loss.dropna().tolist() == b.val_loss.dropna().tolist()
-
-
-def test_read_metrics_keeps_what_last_covers(tmp_path: Path) -> None:
-    """metrics.csv is written before `last`, so after a kill it can hold the row of an epoch
-    that `last` stopped at the end of but had not validated: that row must not come back."""
-    path = tmp_path / "metrics.csv"
-    rows = [
-        {"kind": "step", "epoch": 0, "step": 1, "train_loss": 1.0},
-        {"kind": "step", "epoch": 0, "step": 2, "train_loss": 0.9},
-        {"kind": "epoch", "epoch": 0, "step": 2, "train_loss": 0.95, "val_loss": 1.1},
-        {"kind": "step", "epoch": 1, "step": 3, "train_loss": 0.8},
-    ]
-    write_metrics(path, rows)
-    assert [r["kind"] for r in read_metrics(path, 2, 0)] == ["step", "step"]
-    assert [r["kind"] for r in read_metrics(path, 2, 1)] == ["step", "step", "epoch"]
-    assert len(read_metrics(path, 3, 1)) == 4
-    assert read_metrics(tmp_path / "missing.csv", 3, 1) == []
 
 
 def test_epoch_order_depends_on_seed_and_epoch_only() -> None:

@@ -702,23 +702,12 @@ def _calibration_section(
     )
 
 
-LOSS_COLUMNS = ("kind", "epoch", "step", "train_loss", "val_loss")
-
-
 def read_loss_rows(run_dir: Path) -> list[dict[str, object]]:
-    """The rows of a run folder's metrics.csv (see cxrlabel.training.finetune), checked for the
-    columns."""
-    path = Path(run_dir) / "metrics.csv"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no metrics.csv in run folder {run_dir}")
-    try:
-        frame = pd.read_csv(path)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path}: not a readable metrics CSV ({err})") from err
-    missing = [c for c in LOSS_COLUMNS if c not in frame.columns]
-    if missing:
-        raise ValueError(f"{path}: missing column(s) {missing}; expected cxrlabel train's layout")
-    return frame.to_dict("records")
+    """The rows of a run folder's metrics.csv, checked for the columns (see
+    cxrlabel.models.run_folder)."""
+    from cxrlabel.models.run_folder import RunFolder, read_metrics
+
+    return read_metrics(RunFolder(Path(run_dir)).metrics)
 
 
 def _loss_section(runs: Sequence[tuple[Path, list[dict[str, object]]]]) -> Section:

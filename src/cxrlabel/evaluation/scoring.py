@@ -576,81 +576,6 @@ def data_names(count: int, given: Sequence[str | None] = ()) -> list[str]:
     return names
 
 
-# --------------------------------------------------------------------------------------------
-# Comparing runs
-# --------------------------------------------------------------------------------------------
-
-
-def run_dir_of(spec: str | Path) -> Path | None:
-    """The run folder a model spec belongs to (a run, `RUN:bestK`, or a checkpoint in
-    `RUN/checkpoints/`), or None for a checkpoint outside any run folder."""
-    from cxrlabel.models.ensemble import split_best_k
-
-    path, _ = split_best_k(spec)
-    if path.is_dir():
-        return path if (path / "config.yaml").is_file() else None
-    if path.parent.name == "checkpoints" and (path.parent.parent / "config.yaml").is_file():
-        return path.parent.parent
-    return None
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"{path}: cannot read ({exc})") from exc
-
-
-def compare_row(run_dir: Path, *, report_dir: str = "report") -> dict[str, Any]:
-    """One run's row: model, epochs, best epoch, and its best checkpoint's mean metrics.
-
-    The metrics come from the run's saved evaluation (`<run>/<report_dir>/evaluation.json`,
-    its first dataset) when there is one, else from summary.json (validation during training,
-    at the stored thresholds).
-    """
-    from cxrlabel.config import load_config
-    from cxrlabel.models.factory import model_display_name
-
-    run_dir = Path(run_dir)
-    summary_path = run_dir / "summary.json"
-    if not summary_path.is_file():
-        raise FileNotFoundError(f"{run_dir}: not a finished run folder (no summary.json)")
-    summary = _read_json(summary_path)
-    config = load_config(run_dir / "config.yaml")
-    row: dict[str, Any] = {
-        "Run": run_dir.name,
-        "Model": model_display_name(config.backbone, config.head),
-        "Epochs": int(summary.get("epochs") or 0),
-        "Best epoch": "n/a" if summary.get("best_epoch") is None else str(summary["best_epoch"]),
-    }
-    saved = run_dir / report_dir / EVALUATION_FILE
-    if saved.is_file():
-        first = _read_json(saved)["evaluations"][0]
-        mean, thresholds = first["mean"], first["thresholds"]
-        source = f"evaluate: {first['dataset']} ({first['unit']} level, {first['kind']})"
-    else:
-        mean = summary.get("val_mean") or {"AUROC": summary.get("val_auroc_mean")}
-        thresholds = summary.get("thresholds") or {"rule": "fixed"}
-        source = f"training validation ({summary.get('validation', 'images')})"
-    row["Thresholds"] = thresholds.get("rule", "fixed")
-    row["Metrics from"] = source
-    for metric in SUMMARY_METRICS:
-        value = mean.get(metric)
-        row[metric] = math.nan if value is None else float(value)
-    return row
-
-
-def compare_runs(run_dirs: Sequence[Path]) -> pd.DataFrame:
-    """One row per run (see `compare_row`), in the order given."""
-    if not run_dirs:
-        raise ValueError("no run folders to compare")
-    return pd.DataFrame([compare_row(Path(r)) for r in run_dirs])
-
-
-def format_comparison(frame: pd.DataFrame) -> str:
-    return markdown_table(frame, digits={"AUROC": 3})
-
-
 __all__ = [
     "DEFAULT_DATA_NAMES",
     "EVALUATION_FILE",
@@ -658,21 +583,17 @@ __all__ = [
     "at_unit",
     "check_unit",
     "choose_and_store_thresholds",
-    "compare_row",
-    "compare_runs",
     "data_names",
     "describe_data",
     "evaluate",
     "evaluate_checkpoint",
     "evaluation_record",
-    "format_comparison",
     "format_evaluations",
     "is_synthetic",
     "markdown_table",
     "per_label_frame",
     "predict_datasets",
     "rechoose_thresholds",
-    "run_dir_of",
     "save_evaluations",
     "score_predictions",
     "summary_frame",

@@ -8,9 +8,7 @@ paper's figures come from a 30-checkpoint ensemble; `kind` says which kind a fig
 
 from __future__ import annotations
 
-import json
 import logging
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,74 +19,12 @@ import torch
 
 import cxrlabel
 from cxrlabel.data.transforms import Preprocessing, ResizeGeometry, to_model_input_batch
-from cxrlabel.models.checkpoint import checkpoint_paths, load_checkpoint, thresholds_from_metadata
+from cxrlabel.models.checkpoint import load_checkpoint, thresholds_from_metadata
 from cxrlabel.models.factory import CXRModel, model_display_name, resolve_device
+from cxrlabel.models.run_folder import resolve_model_paths
 from cxrlabel.models.thresholds import combine_thresholds
 
 log = logging.getLogger(__name__)
-
-_BEST_K = re.compile(r"^(?P<run>.+):best(?P<k>\d+)$")
-
-
-def _run_checkpoint(run: Path, name: str) -> Path:
-    path = run / "checkpoints" / f"{name}.safetensors"
-    if not path.is_file():
-        raise FileNotFoundError(f"{run}: run folder has no checkpoints/{name}.safetensors")
-    return path
-
-
-def _best_k(run: Path, k: int) -> list[Path]:
-    """A run's `k` best checkpoints, best first, as its checkpoints/kept.json ranks them.
-
-    Training writes kept.json (cxrlabel.training.finetune.KEPT_FILE) whenever the ranking
-    changes; kept checkpoints are named by epoch, so only this file says which ranks where.
-    """
-    kept_file = run / "checkpoints" / "kept.json"
-    if not kept_file.is_file():
-        raise FileNotFoundError(
-            f"{run}: run folder has no checkpoints/kept.json (no epoch finished yet?)"
-        )
-    data = json.loads(kept_file.read_text(encoding="utf-8"))
-    kept = data["kept"]
-    if k < 1 or len(kept) < k:
-        raise ValueError(
-            f"{run}:best{k}: the run keeps {len(kept)} checkpoint(s) "
-            f"(keep_best={data.get('keep_best')}), so K must be 1 to {len(kept)}"
-        )
-    paths = []
-    for entry in kept[:k]:
-        path = run / entry["path"]
-        if not path.is_file():
-            raise FileNotFoundError(f"{run}: kept checkpoint {entry['rank']} ({path}) is missing")
-        paths.append(path)
-    return paths
-
-
-def split_best_k(spec: str | Path) -> tuple[Path, int | None]:
-    """`RUN:bestK` -> (RUN, K); anything else -> (the path, None)."""
-    match = _BEST_K.match(str(spec))
-    if match is None:
-        return Path(spec), None
-    return Path(match["run"]), int(match["k"])
-
-
-def resolve_model_paths(specs: Sequence[str | Path]) -> list[Path]:
-    """Run folders, `RUN:bestK` and checkpoint files -> checkpoint weight files, in order."""
-    if not specs:
-        raise ValueError("no model given: name a run folder or a checkpoint")
-    paths: list[Path] = []
-    for spec in specs:
-        path, k = split_best_k(spec)
-        if k is not None:
-            paths.extend(_best_k(path, k))
-        elif path.is_dir():
-            paths.append(_run_checkpoint(path, "best"))
-        else:
-            weights, _, meta = checkpoint_paths(path)
-            if not meta.is_file():
-                raise FileNotFoundError(f"{spec}: not a run folder or a checkpoint")
-            paths.append(weights)
-    return paths
 
 
 @dataclass(frozen=True)
@@ -206,7 +142,7 @@ class Ensemble:
 
 
 def load_ensemble(specs: Sequence[str | Path], *, device: str = "auto") -> Ensemble:
-    """Load every checkpoint named by `specs` (see `resolve_model_paths`) in eval mode."""
+    """Load every checkpoint named by `specs` (see run_folder.resolve_model_paths) in eval mode."""
     target = resolve_device(device)
     members = []
     for path in resolve_model_paths(specs):

@@ -1,29 +1,10 @@
 """End-to-end fine-tuning (approach 2): one `train(config)` call makes a complete run folder.
 
-Run folder layout (default ``<config.runs_dir>/<config.name>``)::
-
-    config.yaml                   the resolved RunConfig (load_config rebuilds the run)
-    splits/split.csv              patient_id,split when validation is split off train
-    metrics.csv                   kind=step|epoch, epoch, step, train_loss, val_loss, val_auroc,
-                                  lr, images_per_s, loader_images_per_s
-    plots/loss.png                per-step training loss; per-epoch train vs validation loss
-    checkpoints/last.*            end of every epoch and every `checkpoint_every_steps` steps,
-                                  with optimizer and RNG state for `resume=True`
-    checkpoints/best.*            best epoch by validation loss (or mean AUROC)
-    checkpoints/epoch-NNNN.*      with keep_best=k>1: each of the k best epochs under its own
-                                  (0-based) epoch number; a displaced one is deleted
-    checkpoints/kept.json         the ranking, best first: rank, epoch, value, path (for
-                                  keep_best=1 the one entry is best.*); `RUN:bestK` reads it
-    summary.json                  labels, best epoch, its validation loss, AUROCs and mean
-                                  metrics at its thresholds, the kept checkpoints, speed
-
-End-of-epoch bookkeeping survives a kill at any point. A kept epoch's file is new, so writing
-it touches nothing recorded; the ranking is recorded with `last` (the commit), then in
-kept.json, then best.* is written and displaced epochs' files are deleted. A resumed run
-deletes epoch files the recorded ranking does not name and rewrites best.* if the kill came
-before it. `last` itself is saved beside a hard-linked copy of the previous one
-(last.prev.*, deleted once the new one is whole), which a resume falls back to when `last` is
-torn; metrics.csv is written first and trimmed on resume to what `last` covers.
+The folder's layout (default ``<config.runs_dir>/<config.name>``: config.yaml, splits/,
+metrics.csv, plots/loss.png, checkpoints/{last,best,epoch-NNNN,kept.json}, summary.json) is
+cxrlabel.models.run_folder's; the checkpoints, and the order that lets end-of-epoch
+bookkeeping survive a kill at any point, are cxrlabel.training.saver's `CheckpointSaver`.
+This module is the training loop: data, steps, validation, metrics.csv and the summary.
 
 Every best / kept checkpoint carries decision thresholds in its metadata ("thresholds"):
 chosen per label by `config.threshold_rule` (fixed 0.5, youden, max_f1) on that epoch's
@@ -44,15 +25,11 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import logging
 import math
-import os
-import re
-import shutil
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -69,36 +46,25 @@ from cxrlabel.data.labels import LabelTable, filter_certain, filter_view, resolv
 from cxrlabel.data.splits import patient_split, save_split
 from cxrlabel.data.transforms import AugmentConfig
 from cxrlabel.evaluation.metrics import METRIC_NAMES, metrics_table
-from cxrlabel.fileio import atomic_write_bytes, atomic_write_text
-from cxrlabel.models.checkpoint import (
-    CheckpointError,
-    checkpoint_paths,
-    load_training_state,
-    read_metadata,
-    remove_checkpoint,
-    save_checkpoint,
-)
+from cxrlabel.fileio import atomic_write_bytes
+from cxrlabel.models.checkpoint import checkpoint_paths
 from cxrlabel.models.factory import CXRModel, create_model, masked_bce_loss
+from cxrlabel.models.run_folder import (
+    RunFolder,
+    json_value,
+    read_metrics_until,
+    write_metrics,
+    write_summary,
+)
 from cxrlabel.models.thresholds import Thresholds, choose_thresholds
 from cxrlabel.training.execution import ExecutionPlan, autocast, choose_execution, to_device
+from cxrlabel.training.saver import CheckpointSaver
 
 log = logging.getLogger(__name__)
 
 # Without an explicit `checkpoint_every_steps`, `last` is also refreshed this often mid-epoch,
 # so a killed long epoch (DenseNet at 320 px: hours) loses at most this many steps.
 DEFAULT_CHECKPOINT_EVERY_STEPS = 200
-
-METRIC_COLUMNS = (
-    "kind",
-    "epoch",
-    "step",
-    "train_loss",
-    "val_loss",
-    "val_auroc",
-    "lr",
-    "images_per_s",
-    "loader_images_per_s",
-)
 
 
 @dataclass(frozen=True)
@@ -180,7 +146,7 @@ def load_tables(config: RunConfig, run_dir: Path) -> tuple[LabelTable, LabelTabl
         valid_table = _filtered(load_table(Path(config.valid_csv), config.format), config, labels)
     else:
         split = patient_split(train_table, config.valid_fraction, config.seed)
-        save_split(split, run_dir / "splits" / "split.csv")
+        save_split(split, RunFolder(run_dir).split)
         train_table, valid_table = split.apply(train_table)
     if not len(train_table) or not len(valid_table):
         raise ValueError(
@@ -273,40 +239,12 @@ def make_loader(
 
 
 # --------------------------------------------------------------------------------------------
-# Run folder: metrics, plot, summary
+# Run folder: plot and AUROCs
 # --------------------------------------------------------------------------------------------
-
-
-def write_metrics(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
-    frame = pd.DataFrame(list(rows), columns=list(METRIC_COLUMNS))
-    atomic_write_text(path, frame.to_csv(index=False))
-
-
-def read_metrics(path: Path, up_to_step: int, before_epoch: int) -> list[dict[str, Any]]:
-    """Rows of an interrupted run's metrics.csv that its checkpoint covers: steps up to
-    `up_to_step`, epoch rows of epochs before `before_epoch` (the one in progress).
-
-    The file is written before `last`, so after a kill it may run ahead of it; an epoch's row
-    shares its last step's number, so the epoch filter keeps an epoch that `last` stopped at
-    the end of, but had not yet validated, from being recorded twice.
-    """
-    if not path.is_file():
-        return []
-    frame = pd.read_csv(path)
-    is_epoch = frame["kind"] == "epoch"
-    frame = frame[(frame["step"] <= up_to_step) & (~is_epoch | (frame["epoch"] < before_epoch))]
-    rows = frame.to_dict("records")
-    return [{k: (None if _isnan(v) else v) for k, v in row.items()} for row in rows]
 
 
 def _isnan(value: Any) -> bool:
     return isinstance(value, float) and math.isnan(value)
-
-
-def _json_float(value: Any) -> float | None:
-    """A float for JSON, None for NaN / infinite (no AUROC, or no value to rank by)."""
-    value = float(value)
-    return value if math.isfinite(value) else None
 
 
 def loss_plot_png(rows: Sequence[Mapping[str, Any]]) -> bytes:
@@ -363,16 +301,12 @@ def scheduled_lr(base_lr: float, schedule: str, step: int, total_steps: int) -> 
 
 @dataclass
 class Progress:
-    """Where training stands; saved in `last.json` so a resumed run picks up here."""
+    """Where training stands; saved in `last.json` (beside the saver's ranking) so a resumed
+    run picks up here."""
 
     epoch: int = 0  # the epoch in progress (0-based)
     batch: int = 0  # batches of that epoch already done
     step: int = 0  # optimisation steps done over the whole run
-    best_epoch: int | None = None
-    best_value: float | None = None
-    best_metrics: dict[str, Any] | None = None
-    # The keep_best ranking, best first: {"epoch", "value"} per kept epoch.
-    kept: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -404,44 +338,8 @@ def validation_source(config: RunConfig) -> str:
     return f"{config.valid_fraction:.0%} patient split of {Path(config.train_csv).name}"
 
 
-def rank_kept(
-    kept: Sequence[Mapping[str, Any]], new: Mapping[str, Any], k: int, select_best: str
-) -> list[dict[str, Any]]:
-    """The best `k` of `kept` plus `new` ({"epoch", "value"}), best first.
-
-    Lower is better for val_loss, higher for val_auroc; on a tie the earlier epoch ranks first,
-    as a later epoch only becomes `best` when strictly better. A NaN value ranks last.
-    """
-    sign = -1.0 if select_best == "val_auroc" else 1.0
-
-    def key(entry: Mapping[str, Any]) -> tuple[float, int]:
-        value = float(entry["value"])
-        return (math.inf if math.isnan(value) else sign * value, int(entry["epoch"]))
-
-    return sorted((dict(e) for e in (*kept, new)), key=key)[:k]
-
-
-# Kept epochs are saved under their epoch number and never renamed: a file's name says which
-# epoch it holds whatever point a kill interrupted, and the ranking lives in `last`/kept.json.
-_EPOCH_FILE = re.compile(r"^epoch-(?P<epoch>\d+)\.")
-# Read by cxrlabel.models.ensemble.resolve_model_paths for `RUN:bestK` (same name there).
-KEPT_FILE = "kept.json"
-
-
-def epoch_path(ckpt_dir: Path, epoch: int) -> Path:
-    """The weights file a kept epoch (0-based) is saved to when keep_best > 1."""
-    return ckpt_dir / f"epoch-{epoch:04d}.safetensors"
-
-
-def _link_or_copy(src: Path, dst: Path) -> None:
-    try:
-        os.link(src, dst)  # no copy of the data; `src` is later replaced, not rewritten in place
-    except OSError:  # a file system without hard links
-        shutil.copyfile(src, dst)
-
-
 def _check_resumable(config: RunConfig, run_dir: Path) -> None:
-    saved = run_dir / "config.yaml"
+    saved = RunFolder(run_dir).config
     if not saved.is_file():
         return
     old, new = load_config(saved).to_dict(), config.to_dict()
@@ -456,12 +354,8 @@ class _Run:
     def __init__(self, config: RunConfig, run_dir: Path, every: int | None) -> None:
         self.config = config
         self.run_dir = run_dir
+        self.folder = RunFolder(run_dir)
         self.every = every
-        self.ckpt_dir = run_dir / "checkpoints"
-        self.last = self.ckpt_dir / "last.safetensors"
-        # The previous `last`, kept while a new one is written (see save_last).
-        self.last_prev = self.ckpt_dir / "last.prev.safetensors"
-        self.best = self.ckpt_dir / "best.safetensors"
         self.plan = choose_execution(config.device, config.precision)
         log.info("execution: %s", self.plan.to_dict())
         train_table, valid_table = load_tables(config, run_dir)
@@ -476,7 +370,7 @@ class _Run:
         ).to(self.plan.device)
         if self.plan.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        cache_root = run_dir.parent / ".cache"
+        cache_root = self.folder.cache_root
         self.train_set = make_dataset(
             train_table, self.model, config, cache_root, augmentation=augmentation_from(config)
         )
@@ -491,25 +385,16 @@ class _Run:
         self.valid_source = validation_source(config)
         self.rows: list[dict[str, Any]] = []
         self.images_per_s: list[float] = []
-        # Whether checkpoints/last.* is known to be whole, so worth keeping as last.prev.*.
-        self.last_whole = False
+        self.saver = CheckpointSaver(
+            self.folder, self.model, self.optimizer, select_best=config.select_best,
+            keep_best=config.keep_best, config=config.to_dict(),
+            extra={"execution": self.plan.to_dict()},
+        )  # fmt: skip
 
     def resume(self) -> None:
-        try:
-            meta = load_training_state(self.last, self.model, self.optimizer)
-            self.last_whole = True
-            remove_checkpoint(self.last_prev)  # not needed: what a kill left of it goes
-        except CheckpointError as exc:
-            # Killed while `last` was being rewritten: its files disagree, the previous is whole.
-            if not checkpoint_paths(self.last_prev)[2].is_file():
-                raise
-            log.warning("%s; resuming from the previous one, %s", exc, self.last_prev.name)
-            meta = load_training_state(self.last_prev, self.model, self.optimizer)
-        self.progress = Progress(**meta["extra"]["progress"])
-        self.rows = read_metrics(
-            self.run_dir / "metrics.csv", self.progress.step, self.progress.epoch
-        )
-        self.settle_kept()
+        """Continue from `last` (see CheckpointSaver.resume), metrics.csv trimmed to match."""
+        self.progress = Progress(**self.saver.resume())
+        self.rows = read_metrics_until(self.folder.metrics, self.progress.step, self.progress.epoch)
         log.info(
             "resumed %s at epoch %d, batch %d (step %d)",
             self.run_dir,
@@ -518,75 +403,11 @@ class _Run:
             self.progress.step,
         )
 
-    def settle_kept(self) -> None:
-        """Make the kept checkpoints match the resumed ranking after a kill in end_epoch.
-
-        Files of a kill's half-done saves and epoch files the ranking does not name (one saved
-        before the kill could record it, or one displaced but not yet deleted) go; kept.json
-        is rewritten; best.* is rewritten when the kill came between recording a new best and
-        saving it, which leaves `last` at the start of the next epoch with that best's weights.
-        """
-        for tmp in self.ckpt_dir.glob(".*.tmp"):
-            tmp.unlink(missing_ok=True)
-        self.prune_epoch_files()
-        p = self.progress
-        if p.kept:
-            self.write_kept()
-        else:  # no epoch recorded yet: nothing to name
-            (self.ckpt_dir / KEPT_FILE).unlink(missing_ok=True)
-        if p.best_epoch is None or p.best_metrics is None:
-            return
-        try:
-            if read_metadata(self.best)["epoch"] == p.best_epoch:
-                return
-        except CheckpointError:
-            pass  # missing, or torn by the kill: rewritten below
-        if (p.epoch, p.batch) == (p.best_epoch + 1, 0):
-            log.info("%s: saving best epoch %d again (interrupted)", self.best, p.best_epoch)
-            thresholds = Thresholds.from_dict(p.best_metrics["thresholds"])
-            self.save_best(self.best, p.best_metrics, thresholds, epoch=p.best_epoch)
-        else:
-            log.warning(
-                "%s does not hold the recorded best epoch %d and cannot be rebuilt",
-                self.best,
-                p.best_epoch,
-            )
-
     def save_last(self) -> None:
-        # metrics.csv first: a resume trims it to what `last` covers (read_metrics), whereas
-        # rows written after `last` would be lost to a kill in between.
-        write_metrics(self.run_dir / "metrics.csv", self.rows)
-        if self.last_whole:
-            self.keep_previous_last()
-        save_checkpoint(
-            self.last,
-            self.model,
-            config=self.config.to_dict(),
-            epoch=self.progress.epoch,
-            step=self.progress.step,
-            optimizer=self.optimizer,
-            extra={
-                "progress": self.progress.to_dict(),
-                "execution": self.plan.to_dict(),
-            },
-        )
-        self.last_whole = True
-        remove_checkpoint(self.last_prev)
-
-    def keep_previous_last(self) -> None:
-        """Hard-link the whole current `last` as last.prev.* before it is overwritten.
-
-        save_checkpoint replaces each file of `last` in turn, so a kill part-way leaves files
-        that disagree (read_metadata refuses them); the links keep the old contents.
-        """
-        remove_checkpoint(self.last_prev)
-        src, dst = checkpoint_paths(self.last), checkpoint_paths(self.last_prev)
-        meta = json.loads(src[2].read_text(encoding="utf-8"))
-        for kind, index in (("weights", 0), ("state", 1)):
-            _link_or_copy(src[index], dst[index])
-            meta["files"][kind] = dst[index].name
-        # Last: the metadata naming the linked files marks the copy whole.
-        atomic_write_text(dst[2], json.dumps(meta, indent=2))
+        # metrics.csv first: a resume trims it to what `last` covers (read_metrics_until),
+        # whereas rows written after `last` would be lost to a kill in between.
+        write_metrics(self.folder.metrics, self.rows)
+        self.saver.save_last(self.progress.to_dict())
 
     def run_epoch(self, stop_after_steps: int | None) -> bool:
         """Train the rest of the current epoch; False if `stop_after_steps` cut it short."""
@@ -671,41 +492,21 @@ class _Run:
             val_loss,
             mean_auroc,
         )
-        if config.select_best == "val_auroc":
-            value = -math.inf if mean_auroc is None else mean_auroc
-            better = p.best_value is None or value > p.best_value
-        else:
-            value = val_loss
-            better = p.best_value is None or value < p.best_value
         mean = table.set_index("Label").loc["Mean"]
         metrics = {
             "val_loss": val_loss,
             "val_auroc_mean": mean_auroc,
             "val_auroc": aurocs,
-            "val_mean": {m: _json_float(mean[m]) for m in METRIC_NAMES},
+            "val_mean": {m: json_value(mean[m]) for m in METRIC_NAMES},
             "thresholds": thresholds.to_dict(),
         }
-        if better:
-            p.best_epoch, p.best_value, p.best_metrics = p.epoch, value, metrics
         ended = p.epoch
-        p.kept = rank_kept(
-            p.kept, {"epoch": ended, "value": value}, config.keep_best, config.select_best
-        )
-        kept = any(e["epoch"] == ended for e in p.kept)
-        if kept and config.keep_best > 1:
-            # A new file: nothing recorded is touched before the ranking is.
-            self.save_best(epoch_path(self.ckpt_dir, ended), metrics, thresholds, epoch=ended)
         p.epoch += 1
         p.batch = 0
-        # The commit: from here a resume starts at the next epoch with the new ranking, and
-        # settle_kept finishes whatever of the rest a kill left undone.
-        self.save_last()
-        if kept:
-            self.write_kept()
-        if better:
-            self.save_best(self.best, metrics, thresholds, epoch=ended)
-        self.prune_epoch_files()
-        atomic_write_bytes(self.run_dir / "plots" / "loss.png", loss_plot_png(self.rows))
+        # metrics.csv before the saver commits the epoch in `last` (see save_last).
+        write_metrics(self.folder.metrics, self.rows)
+        self.saver.end_epoch(ended, metrics, thresholds, p.to_dict())
+        atomic_write_bytes(self.folder.loss_plot, loss_plot_png(self.rows))
 
     def choose_thresholds(
         self, scores: np.ndarray, targets: np.ndarray, masks: np.ndarray
@@ -720,69 +521,16 @@ class _Run:
             chosen_on=chosen_on, band=config.uncertainty_band,
         )  # fmt: skip
 
-    def save_best(
-        self, path: Path, metrics: Mapping[str, Any], thresholds: Thresholds, *, epoch: int
-    ) -> None:
-        """Save the model as epoch `epoch`'s inference checkpoint (no optimizer state)."""
-        save_checkpoint(
-            path,
-            self.model,
-            config=self.config.to_dict(),
-            epoch=epoch,
-            step=self.progress.step,
-            extra={"metrics": dict(metrics), "execution": self.plan.to_dict()},
-            thresholds=thresholds,
-        )
-
-    def prune_epoch_files(self) -> None:
-        """Delete epoch-NNNN.* files of epochs the recorded ranking does not keep."""
-        keep = {int(e["epoch"]) for e in self.progress.kept} if self.config.keep_best > 1 else set()
-        stale = {
-            checkpoint_paths(f)[2]
-            for f in list(self.ckpt_dir.glob("epoch-*"))
-            if (m := _EPOCH_FILE.match(f.name)) is not None and int(m["epoch"]) not in keep
-        }
-        for meta in sorted(stale):
-            remove_checkpoint(meta)
-
-    def write_kept(self) -> None:
-        """checkpoints/kept.json: the recorded ranking, for `RUN:bestK` (written atomically)."""
-        data = {
-            "select_best": self.config.select_best,
-            "keep_best": self.config.keep_best,
-            "kept": self.kept_checkpoints(),
-        }
-        atomic_write_text(self.ckpt_dir / KEPT_FILE, json.dumps(data, indent=2))
-
-    def kept_checkpoints(self) -> list[dict[str, Any]]:
-        """summary.json's list of kept checkpoints, best first, paths relative to the run."""
-        out = []
-        for rank, entry in enumerate(self.progress.kept, start=1):
-            path = (
-                self.best
-                if self.config.keep_best == 1
-                else epoch_path(self.ckpt_dir, int(entry["epoch"]))
-            )
-            out.append(
-                {
-                    "rank": rank,
-                    "epoch": entry["epoch"],
-                    self.config.select_best: _json_float(entry["value"]),
-                    "path": str(path.relative_to(self.run_dir)),
-                }
-            )
-        return out
-
     def summary(self) -> dict[str, Any]:
-        p = self.progress
-        best = p.best_metrics or {}
+        p, ranking = self.progress, self.saver.ranking
+        best = ranking.best_metrics or {}
         speed = self.images_per_s[1:] or self.images_per_s  # the first step includes warm-up
         return {
             "labels": list(self.model.spec.labels),
             "epochs": p.epoch,
             "steps": p.step,
             "select_best": self.config.select_best,
-            "best_epoch": p.best_epoch,
+            "best_epoch": ranking.best_epoch,
             "val_loss": best.get("val_loss"),
             "val_auroc_mean": best.get("val_auroc_mean"),
             "val_auroc": best.get("val_auroc"),
@@ -790,7 +538,7 @@ class _Run:
             "thresholds": best.get("thresholds"),
             "validation": self.valid_source,
             "keep_best": self.config.keep_best,
-            "kept_checkpoints": self.kept_checkpoints(),
+            "kept_checkpoints": self.saver.kept_checkpoints(),
             "images_per_s": float(np.median(speed)) if speed else None,
             "train_images": len(self.train_set),
             "valid_images": len(self.valid_set),
@@ -820,13 +568,14 @@ def train(
     if config.lr_schedule not in LR_SCHEDULES:
         raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, not {config.lr_schedule!r}")
     run_dir = Path(run_dir) if run_dir is not None else Path(config.runs_dir) / config.name
-    last_meta = checkpoint_paths(run_dir / "checkpoints" / "last.safetensors")[2]
+    folder = RunFolder(run_dir)
+    last_meta = checkpoint_paths(folder.last)[2]
     if resume:
         _check_resumable(config, run_dir)
     elif last_meta.is_file():
         raise FileExistsError(f"{run_dir} holds a run already: resume it (--resume) or rename")
     run_dir.mkdir(parents=True, exist_ok=True)
-    config.save(run_dir / "config.yaml")
+    config.save(folder.config)
     with run_context(config):
         run = _Run(config, run_dir, checkpoint_every_steps)
         if resume and last_meta.is_file():
@@ -836,10 +585,10 @@ def train(
         completed = _train_epochs(run, stop_after_steps)
     summary = run.summary()
     summary["completed"] = completed
-    atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
+    write_summary(folder, summary)
     if completed:
         log.info("run %s done: best epoch %s", run_dir, summary["best_epoch"])
-    return TrainResult(run_dir, run.best, run.last, summary, completed)
+    return TrainResult(run_dir, folder.best, folder.last, summary, completed)
 
 
 def _train_epochs(run: _Run, stop_after_steps: int | None) -> bool:

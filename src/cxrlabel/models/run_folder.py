@@ -1,0 +1,293 @@
+"""The run folder: one place that knows its layout, its files' formats and how specs name it.
+
+A training run (cxrlabel.training.finetune) writes, under ``<runs_dir>/<name>``::
+
+    config.yaml                   the resolved RunConfig (load_config rebuilds the run)
+    splits/split.csv              patient_id,split when validation is split off train
+    metrics.csv                   kind=step|epoch, epoch, step, train_loss, val_loss, val_auroc,
+                                  lr, images_per_s, loader_images_per_s
+    plots/loss.png                per-step training loss; per-epoch train vs validation loss
+    checkpoints/last.*            end of every epoch and every few steps, with optimizer and
+                                  RNG state for resuming (last.prev.* while it is rewritten)
+    checkpoints/best.*            best epoch by validation loss (or mean AUROC)
+    checkpoints/epoch-NNNN.*      with keep_best=k>1: each of the k best epochs under its own
+                                  (0-based) epoch number
+    checkpoints/kept.json         the ranking, best first: rank, epoch, value, path (for
+                                  keep_best=1 the one entry is best.*); `RUN:bestK` reads it
+    summary.json                  labels, best epoch and its validation metrics, kept
+                                  checkpoints, speed
+    report/                       `cxrlabel evaluate`'s report and evaluation.json
+
+Readers (loading `RUN` or `RUN:bestK`, evaluate's report folder, compare, the report's loss
+curves) go through this module rather than re-parsing the files. It sits in the models layer
+because resolving a model spec needs it; it imports nothing from training or evaluation.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from cxrlabel.fileio import atomic_write_text
+from cxrlabel.models.checkpoint import WEIGHTS_SUFFIX, checkpoint_paths
+
+CONFIG_FILE = "config.yaml"
+METRICS_FILE = "metrics.csv"
+SUMMARY_FILE = "summary.json"
+CHECKPOINT_DIR = "checkpoints"
+KEPT_FILE = "kept.json"
+REPORT_DIR = "report"
+
+METRIC_COLUMNS = (
+    "kind",
+    "epoch",
+    "step",
+    "train_loss",
+    "val_loss",
+    "val_auroc",
+    "lr",
+    "images_per_s",
+    "loader_images_per_s",
+)
+# What a reader of metrics.csv needs (older runs may lack the speed columns).
+REQUIRED_METRIC_COLUMNS = ("kind", "epoch", "step", "train_loss", "val_loss")
+
+# Kept epochs are saved under their epoch number and never renamed: a file's name says which
+# epoch it holds whatever point a kill interrupted, and the ranking lives in `last`/kept.json.
+_EPOCH_FILE = re.compile(r"^epoch-(?P<epoch>\d+)\.")
+_BEST_K = re.compile(r"^(?P<run>.+):best(?P<k>\d+)$")
+
+
+class _Inside:
+    """A fixed path inside the run folder, read as an attribute (``folder.metrics``)."""
+
+    def __init__(self, *parts: str) -> None:
+        self.parts = parts
+
+    def __get__(self, folder: RunFolder | None, owner: type | None = None) -> Path:
+        if folder is None:  # looked up on the class (help(), inspect): the relative path
+            return Path(*self.parts)
+        return folder.root.joinpath(*self.parts)
+
+
+@dataclass(frozen=True)
+class RunFolder:
+    """The paths of one run folder (nothing is read or created by building one)."""
+
+    root: Path
+
+    config = _Inside(CONFIG_FILE)
+    split = _Inside("splits", "split.csv")
+    metrics = _Inside(METRICS_FILE)
+    loss_plot = _Inside("plots", "loss.png")
+    summary = _Inside(SUMMARY_FILE)
+    report = _Inside(REPORT_DIR)
+    checkpoints = _Inside(CHECKPOINT_DIR)
+    kept = _Inside(CHECKPOINT_DIR, KEPT_FILE)
+    best = _Inside(CHECKPOINT_DIR, f"best{WEIGHTS_SUFFIX}")
+    last = _Inside(CHECKPOINT_DIR, f"last{WEIGHTS_SUFFIX}")
+    # The previous `last`, kept while a new one is written.
+    last_prev = _Inside(CHECKPOINT_DIR, f"last.prev{WEIGHTS_SUFFIX}")
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
+
+    @property
+    def cache_root(self) -> Path:
+        """Preprocessing caches, beside the run folders so runs over the same images share."""
+        return self.root.parent / ".cache"
+
+    def checkpoint(self, name: str) -> Path:
+        """The weights file of checkpoint `name` ("best", "last", ...)."""
+        return self.checkpoints / f"{name}{WEIGHTS_SUFFIX}"
+
+    def epoch_checkpoint(self, epoch: int) -> Path:
+        """The weights file a kept epoch (0-based) is saved to when keep_best > 1."""
+        return self.checkpoint(f"epoch-{epoch:04d}")
+
+    def epoch_checkpoints(self) -> dict[int, Path]:
+        """The epoch-NNNN checkpoints present (any of their files), by epoch: metadata path."""
+        found: dict[int, Path] = {}
+        for file in sorted(self.checkpoints.glob("epoch-*")):
+            match = _EPOCH_FILE.match(file.name)
+            if match is not None:
+                found[int(match["epoch"])] = checkpoint_paths(file)[2]
+        return found
+
+    def is_run(self) -> bool:
+        return self.config.is_file()
+
+
+# --------------------------------------------------------------------------------------------
+# JSON files: summary.json, kept.json
+# --------------------------------------------------------------------------------------------
+
+
+def json_value(value: Any) -> float | None:
+    """A float for summary.json / kept.json, None for NaN or infinite (no AUROC, nothing to
+    rank by): JSON has no such numbers."""
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """A run folder's JSON file; an unreadable one is an error naming it."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path}: cannot read ({exc})") from exc
+
+
+def write_summary(folder: RunFolder, summary: Mapping[str, Any]) -> None:
+    atomic_write_text(folder.summary, json.dumps(dict(summary), indent=2))
+
+
+def read_summary(folder: RunFolder) -> dict[str, Any]:
+    """summary.json, written when a `train` call returns."""
+    if not folder.summary.is_file():
+        raise FileNotFoundError(f"{folder.root}: not a finished run folder (no {SUMMARY_FILE})")
+    return read_json(folder.summary)
+
+
+def write_kept(
+    folder: RunFolder, kept: Sequence[Mapping[str, Any]], *, select_best: str, keep_best: int
+) -> None:
+    """checkpoints/kept.json: the ranking (rank, epoch, value, path), best first, atomically."""
+    data = {"select_best": select_best, "keep_best": keep_best, "kept": [dict(e) for e in kept]}
+    atomic_write_text(folder.kept, json.dumps(data, indent=2))
+
+
+def read_kept(folder: RunFolder) -> dict[str, Any]:
+    """kept.json's contents, checked for the list of kept checkpoints."""
+    if not folder.kept.is_file():
+        raise FileNotFoundError(
+            f"{folder.root}: run folder has no {CHECKPOINT_DIR}/{KEPT_FILE} "
+            "(no epoch finished yet?)"
+        )
+    data = read_json(folder.kept)
+    if not isinstance(data.get("kept"), list):
+        raise ValueError(f"{folder.kept}: no list of kept checkpoints under 'kept'")
+    return data
+
+
+def best_k(folder: RunFolder, k: int) -> list[Path]:
+    """A run's `k` best checkpoints, best first, as its kept.json ranks them.
+
+    Kept checkpoints are named by epoch, so only this file says which ranks where.
+    """
+    data = read_kept(folder)
+    kept = data["kept"]
+    if k < 1 or len(kept) < k:
+        raise ValueError(
+            f"{folder.root}:best{k}: the run keeps {len(kept)} checkpoint(s) "
+            f"(keep_best={data.get('keep_best')}), so K must be 1 to {len(kept)}"
+        )
+    paths = []
+    for entry in kept[:k]:
+        path = folder.root / entry["path"]
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{folder.root}: kept checkpoint {entry['rank']} ({path}) is missing"
+            )
+        paths.append(path)
+    return paths
+
+
+# --------------------------------------------------------------------------------------------
+# metrics.csv
+# --------------------------------------------------------------------------------------------
+
+
+def write_metrics(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
+    frame = pd.DataFrame(list(rows), columns=list(METRIC_COLUMNS))
+    atomic_write_text(path, frame.to_csv(index=False))
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """Every row of a metrics.csv, empty cells as None; checked for the columns."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no {METRICS_FILE} in run folder {path.parent}")
+    try:
+        frame = pd.read_csv(path)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: not a readable metrics CSV ({err})") from err
+    missing = [c for c in REQUIRED_METRIC_COLUMNS if c not in frame.columns]
+    if missing:
+        raise ValueError(f"{path}: missing column(s) {missing}; expected cxrlabel train's layout")
+    # object dtype first: otherwise a float column turns None back into NaN.
+    return frame.astype(object).where(frame.notna(), None).to_dict("records")
+
+
+def read_metrics_until(path: Path, up_to_step: int, before_epoch: int) -> list[dict[str, Any]]:
+    """Rows of an interrupted run's metrics.csv that its checkpoint covers: steps up to
+    `up_to_step`, epoch rows of epochs before `before_epoch` (the one in progress); [] when
+    there is no file yet.
+
+    The file is written before `last`, so after a kill it may run ahead of it; an epoch's row
+    shares its last step's number, so the epoch filter keeps an epoch that `last` stopped at
+    the end of, but had not yet validated, from being recorded twice.
+    """
+    if not Path(path).is_file():
+        return []
+    return [
+        row
+        for row in read_metrics(path)
+        if row["step"] <= up_to_step and (row["kind"] != "epoch" or row["epoch"] < before_epoch)
+    ]
+
+
+# --------------------------------------------------------------------------------------------
+# Model specs: RUN, RUN:bestK, checkpoint files
+# --------------------------------------------------------------------------------------------
+
+
+def split_best_k(spec: str | Path) -> tuple[Path, int | None]:
+    """`RUN:bestK` -> (RUN, K); anything else -> (the path, None)."""
+    match = _BEST_K.match(str(spec))
+    if match is None:
+        return Path(spec), None
+    return Path(match["run"]), int(match["k"])
+
+
+def resolve_model_paths(specs: Sequence[str | Path]) -> list[Path]:
+    """Run folders (their best checkpoint), `RUN:bestK` and checkpoint files -> checkpoint
+    weight files, in order."""
+    if not specs:
+        raise ValueError("no model given: name a run folder or a checkpoint")
+    paths: list[Path] = []
+    for spec in specs:
+        path, k = split_best_k(spec)
+        if k is not None:
+            paths.extend(best_k(RunFolder(path), k))
+        elif path.is_dir():
+            best = RunFolder(path).best
+            if not best.is_file():
+                raise FileNotFoundError(
+                    f"{path}: run folder has no {best.relative_to(path).as_posix()}"
+                )
+            paths.append(best)
+        else:
+            weights, _, meta = checkpoint_paths(path)
+            if not meta.is_file():
+                raise FileNotFoundError(f"{spec}: not a run folder or a checkpoint")
+            paths.append(weights)
+    return paths
+
+
+def run_dir_of(spec: str | Path) -> Path | None:
+    """The run folder a model spec belongs to (a run, `RUN:bestK`, or a checkpoint in
+    `RUN/checkpoints/`), or None for a checkpoint outside any run folder."""
+    path, _ = split_best_k(spec)
+    if path.is_dir():
+        return path if RunFolder(path).is_run() else None
+    if path.parent.name == CHECKPOINT_DIR and RunFolder(path.parent.parent).is_run():
+        return path.parent.parent
+    return None
