@@ -37,7 +37,7 @@ from nih_xception_cv import LABELS_CSV, WEIGHTS, fold_masks, labelled_observatio
 from cxrlabel import cli
 from cxrlabel.data.formats import load_table
 from cxrlabel.data.transforms import Preprocessing
-from cxrlabel.evaluation.scoring import prediction_columns
+from cxrlabel.evaluation.external import prediction_columns
 from cxrlabel.fileio import atomic_write_text
 from cxrlabel.models.factory import HEADS, create_backbone, model_display_name
 from cxrlabel.training.features import FeatureSet, extract_features, predict_head, train_head

@@ -224,15 +224,10 @@ def _report_dir(args: argparse.Namespace) -> Path:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from cxrlabel.data.stats import label_stats
+    from cxrlabel.evaluation.external import read_predictions
     from cxrlabel.evaluation.report import write_report
-    from cxrlabel.evaluation.scoring import (
-        data_names,
-        evaluate,
-        format_evaluations,
-        read_predictions,
-        save_evaluations,
-        score_predictions,
-    )
+    from cxrlabel.evaluation.scoring import data_names, evaluate, score_predictions
+    from cxrlabel.evaluation.tables import format_evaluations, save_evaluations
     from cxrlabel.models.run_folder import run_dir_of
 
     if not args.model and not args.predictions:

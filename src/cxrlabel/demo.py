@@ -18,12 +18,8 @@ from cxrlabel.config import build_config
 from cxrlabel.data.formats import load_table
 from cxrlabel.data.stats import label_stats
 from cxrlabel.evaluation.report import write_report
-from cxrlabel.evaluation.scoring import (
-    format_evaluations,
-    predict_datasets,
-    save_evaluations,
-    score_predictions,
-)
+from cxrlabel.evaluation.scoring import predict_datasets, score_predictions
+from cxrlabel.evaluation.tables import format_evaluations, save_evaluations
 from cxrlabel.fileio import atomic_write_text
 from cxrlabel.labelling.batch import label_inputs
 from cxrlabel.models.ensemble import load_ensemble

@@ -11,7 +11,8 @@ import pytest
 
 from cxrlabel.data.formats import load_table
 from cxrlabel.evaluation.compare import compare_row, compare_runs, format_comparison
-from cxrlabel.evaluation.scoring import evaluate_checkpoint, save_evaluations
+from cxrlabel.evaluation.scoring import evaluate_checkpoint
+from cxrlabel.evaluation.tables import save_evaluations
 from cxrlabel.models.checkpoint import set_thresholds
 from cxrlabel.models.thresholds import Thresholds
 from cxrlabel.training.finetune import TrainResult

@@ -13,8 +13,9 @@ import pytest
 from cxrlabel.data.formats import load_table
 from cxrlabel.data.stats import label_stats
 from cxrlabel.evaluation.metrics import Evaluation, evaluate_predictions
-from cxrlabel.evaluation.report import PAPER_AUROC, column_names, fmt, fmt_ci, write_report
+from cxrlabel.evaluation.report import PAPER_AUROC, column_names, write_report
 from cxrlabel.evaluation.results import Predictions
+from cxrlabel.evaluation.tables import fmt, fmt_ci
 from cxrlabel.models.run_folder import write_metrics
 from cxrlabel.models.thresholds import Thresholds
 

@@ -12,20 +12,17 @@ import pandas as pd
 import pytest
 
 from cxrlabel.data.formats import load_table
+from cxrlabel.evaluation.external import prediction_columns, read_predictions
 from cxrlabel.evaluation.scoring import (
     choose_and_store_thresholds,
     data_names,
     describe_data,
     evaluate,
     evaluate_checkpoint,
-    evaluation_record,
     is_synthetic,
-    markdown_table,
-    prediction_columns,
-    read_predictions,
-    save_evaluations,
     score_predictions,
 )
+from cxrlabel.evaluation.tables import evaluation_record, markdown_table, save_evaluations
 from cxrlabel.models.checkpoint import read_metadata
 from cxrlabel.models.thresholds import Thresholds
 from cxrlabel.training.finetune import TrainResult

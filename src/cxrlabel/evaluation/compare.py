@@ -15,7 +15,7 @@ from typing import Any
 
 import pandas as pd
 
-from cxrlabel.evaluation.scoring import EVALUATION_FILE, SUMMARY_METRICS, markdown_table
+from cxrlabel.evaluation.tables import EVALUATION_FILE, SUMMARY_METRICS, markdown_table
 from cxrlabel.models.run_folder import REPORT_DIR, RunFolder, read_json, read_summary
 
 

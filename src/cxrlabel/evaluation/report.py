@@ -22,10 +22,9 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -34,14 +33,19 @@ import numpy as np
 import pandas as pd
 
 from cxrlabel.data.labels import LABEL_SETS, OBSERVATIONS
+from cxrlabel.evaluation.figures import (
+    calibration_of,
+    loss_plot_png,
+    pr_figure,
+    reliability_figure,
+    roc_figure,
+)
+from cxrlabel.evaluation.tables import NA, fmt, fmt_ci, label_row, markdown_lines
 from cxrlabel.fileio import atomic_write_bytes, atomic_write_text
 
 if TYPE_CHECKING:
-    from matplotlib.axes import Axes
-    from matplotlib.figure import Figure
-
     from cxrlabel.data.stats import LabelStats
-    from cxrlabel.evaluation.metrics import Calibration, Evaluation
+    from cxrlabel.evaluation.metrics import Evaluation
     from cxrlabel.models.thresholds import Thresholds
 
 log = logging.getLogger(__name__)
@@ -59,9 +63,6 @@ PAPER_SETTING = (
     "CheXpert paper (Irvin et al., 2019), U-Ignore: CheXpert validation set (200 studies), "
     "ensemble of 30 checkpoints, study level"
 )
-NA = "n/a"
-# Colours per evaluation (matplotlib's tab10), so one evaluation has one colour in every plot.
-COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -120,31 +121,6 @@ class Section:
 # Formatting helpers
 
 
-def fmt(value: object, digits: int = 3) -> str:
-    """A number with `digits` decimals; NaN/None as 'n/a'."""
-    if value is None:
-        return NA
-    try:
-        number = float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        return str(value)
-    return NA if math.isnan(number) else f"{number:.{digits}f}"
-
-
-def fmt_ci(value: object, low: object, high: object) -> str:
-    """'0.812 [0.751, 0.870]'; 'n/a' without a value; the bare value without a CI."""
-    if fmt(value) == NA:
-        return NA
-    if fmt(low) == NA or fmt(high) == NA:
-        return fmt(value)
-    return f"{fmt(value)} [{fmt(low)}, {fmt(high)}]"
-
-
-def _row(frame: pd.DataFrame, label: str) -> pd.Series | None:
-    hits = frame[frame["Label"] == label]
-    return None if hits.empty else hits.iloc[0]
-
-
 def _unit_text(evaluation: Evaluation) -> str:
     pred = evaluation.predictions
     if pred.unit == "study":
@@ -168,7 +144,7 @@ def _na_labels(evaluation: Evaluation) -> list[str]:
 
 
 def _na_reason(evaluation: Evaluation, label: str) -> str:
-    row = _row(evaluation.table, label)
+    row = label_row(evaluation.table, label)
     if row is None:
         return "not evaluated"
     pos, neg = int(row.get("Positives", 0)), int(row.get("Negatives", 0))
@@ -257,8 +233,8 @@ def _summary_section(
     rows = []
     for evaluation, dataset in zip(evaluations, datasets, strict=True):
         pred = evaluation.predictions
-        mean = _row(evaluation.table, "Mean")
-        ci = _row(evaluation.ci, "Mean")
+        mean = label_row(evaluation.table, "Mean")
+        ci = label_row(evaluation.ci, "Mean")
         metrics = ["Accuracy", "Precision", "Recall", "F1"]
         values = [fmt(None if mean is None else mean[m]) for m in metrics]
         auroc = NA if mean is None else fmt_ci(mean["AUROC"], *_low_high(ci))
@@ -311,7 +287,7 @@ def _auroc_section(
     for label in [*labels, "Mean"]:
         cells = [label]
         for evaluation in evaluations:
-            row, ci = _row(evaluation.table, label), _row(evaluation.ci, label)
+            row, ci = label_row(evaluation.table, label), label_row(evaluation.ci, label)
             if row is None:
                 cells += ["not evaluated", "", ""]
                 continue
@@ -355,7 +331,7 @@ def _chexpert_section(
     rows = []
     own_means: list[str] = []
     for evaluation in evaluations:
-        values = [_row(evaluation.table, label) for label in competition]
+        values = [label_row(evaluation.table, label) for label in competition]
         aurocs = [math.nan if r is None else float(r["AUROC"]) for r in values]
         defined = [a for a in aurocs if not math.isnan(a)]
         own_means.append(
@@ -366,7 +342,7 @@ def _chexpert_section(
     for label in competition:
         cells = [label, fmt(PAPER_AUROC[label])]
         for evaluation in evaluations:
-            row, ci = _row(evaluation.table, label), _row(evaluation.ci, label)
+            row, ci = label_row(evaluation.table, label), label_row(evaluation.ci, label)
             cells.append("not evaluated" if row is None else fmt_ci(row["AUROC"], *_low_high(ci)))
         rows.append(tuple(cells))
     rows.append(("Mean of the five", fmt(np.mean(list(PAPER_AUROC.values()))), *own_means))
@@ -463,173 +439,6 @@ def _band_section(evaluations: Sequence[Evaluation], names: Sequence[str]) -> Se
     return Section("band", "Uncertainty band", tuple(parts))
 
 
-# ---------------------------------------------------------------------------------------------
-# Figures
-
-
-def _png(fig: Figure) -> bytes:
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    return buffer.getvalue()
-
-
-def _label_grid(
-    labels: Sequence[str],
-    draw: Callable[[Axes, str], None],
-    title: str,
-    names: Sequence[str],
-    ncols: int = 4,
-) -> bytes:
-    """One small panel per label, drawn by `draw(axes, label)`, under one legend of `names`
-    (evaluation i is drawn in COLOURS[i]; each panel's own legend holds only its numbers)."""
-    # Figure directly, not pyplot: no global backend or figure registry is touched.
-    from matplotlib.figure import Figure
-    from matplotlib.lines import Line2D
-
-    ncols = max(1, min(ncols, len(labels)))
-    nrows = math.ceil(len(labels) / ncols)
-    fig = Figure(figsize=(3.1 * ncols, 3.0 * nrows + 0.4), layout="constrained")
-    axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).ravel()
-    for ax, label in zip(axes, labels, strict=False):
-        ax.set_title(label, fontsize=10)
-        draw(ax, label)
-    for ax in axes[len(labels) :]:
-        ax.set_visible(False)
-    handles = [Line2D([], [], color=_colour(i), lw=2) for i in range(len(names))]
-    fig.legend(
-        handles,
-        list(names),
-        loc="outside upper center",
-        ncols=min(len(names), 4),
-        frameon=False,
-        fontsize=9,
-        title=title,  # the title sits above the series names, so the two never overlap
-        title_fontsize=12,
-    )
-    return _png(fig)
-
-
-def _colour(i: int) -> str:
-    return COLOURS[i % len(COLOURS)]
-
-
-def _label_data(evaluation: Evaluation, label: str) -> tuple[np.ndarray, np.ndarray] | None:
-    """(y_true, y_score) on the labelled rows of one label; None when not evaluated."""
-    pred = evaluation.predictions
-    if label not in pred.labels:
-        return None
-    k = pred.labels.index(label)
-    keep = np.asarray(pred.mask[:, k], dtype=bool)
-    return np.asarray(pred.y_true[keep, k]), np.asarray(pred.y_score[keep, k])
-
-
-def _both_classes(y_true: np.ndarray) -> bool:
-    return bool(len(np.unique(y_true.astype(bool))) == 2)
-
-
-def _metric(evaluation: Evaluation, label: str, column: str) -> str:
-    row = _row(evaluation.table, label)
-    return NA if row is None or column not in row else fmt(row[column], 2)
-
-
-def _roc_figure(
-    evaluations: Sequence[Evaluation], names: Sequence[str], labels: Sequence[str]
-) -> bytes:
-    from cxrlabel.evaluation.metrics import curves
-
-    def draw(ax: Axes, label: str) -> None:
-        ax.plot([0, 1], [0, 1], ls=":", color="#999999", lw=0.8)
-        for i, evaluation in enumerate(evaluations):
-            data = _label_data(evaluation, label)
-            if data is None or not _both_classes(data[0]):
-                continue
-            c = curves(*data)
-            auroc = _metric(evaluation, label, "AUROC")
-            ax.plot(
-                c["fpr"],
-                c["tpr"],
-                color=_colour(i),
-                lw=1.3,
-                label=auroc,
-            )
-        _finish(ax, "1 - specificity", "sensitivity", "AUROC", "lower right")
-
-    return _label_grid(labels, draw, "ROC curves", names)
-
-
-def _pr_figure(
-    evaluations: Sequence[Evaluation], names: Sequence[str], labels: Sequence[str]
-) -> bytes:
-    from cxrlabel.evaluation.metrics import curves
-
-    def draw(ax: Axes, label: str) -> None:
-        for i, evaluation in enumerate(evaluations):
-            data = _label_data(evaluation, label)
-            if data is None or not _both_classes(data[0]):
-                continue
-            colour = _colour(i)
-            c = curves(*data)
-            auprc = _metric(evaluation, label, "AUPRC")
-            ax.plot(c["recall"], c["precision"], color=colour, lw=1.3, label=auprc)
-            # A classifier that guesses scores the prevalence: the floor to compare against.
-            ax.axhline(float(np.mean(data[0])), color=colour, ls=":", lw=0.8)
-        _finish(ax, "recall", "precision", "AUPRC", "best")
-
-    return _label_grid(labels, draw, "Precision-recall curves (dotted: prevalence)", names)
-
-
-def _reliability_figure(
-    evaluations: Sequence[Evaluation], names: Sequence[str], labels: Sequence[str]
-) -> bytes:
-    def draw(ax: Axes, label: str) -> None:
-        ax.plot([0, 1], [0, 1], ls=":", color="#999999", lw=0.8)
-        for i, evaluation in enumerate(evaluations):
-            calibration = _calibration(evaluation, label)
-            if calibration is None:
-                continue
-            bins = calibration.bins[calibration.bins["Count"] > 0]
-            if bins.empty:
-                continue
-            x, y = bins["Mean score"], bins["Fraction positive"]
-            ax.plot(x, y, "-", lw=0.9, color=_colour(i), label=fmt(calibration.ece, 3))
-            # Point area by bin count: a bin of three films should not look like one of 300.
-            size = 4 + 80 * bins["Count"] / bins["Count"].max()
-            ax.scatter(x, y, s=size, color=_colour(i), alpha=0.8, zorder=3, linewidths=0)
-        _finish(ax, "mean predicted probability", "fraction positive", "ECE", "best")
-
-    return _label_grid(
-        labels, draw, "Reliability diagrams (point area: predictions in the bin)", names
-    )
-
-
-def _calibration(evaluation: Evaluation, label: str) -> Calibration | None:
-    for calibration in evaluation.calibration:
-        if calibration.label == label:
-            return calibration
-    return None
-
-
-def _finish(ax: Axes, xlabel: str, ylabel: str, legend_title: str, where: str) -> None:
-    ax.set(xlim=(-0.02, 1.02), ylim=(-0.02, 1.02), xlabel=xlabel, ylabel=ylabel)
-    ax.xaxis.label.set_size(8)
-    ax.yaxis.label.set_size(8)
-    ax.tick_params(labelsize=7)
-    ax.grid(alpha=0.3, lw=0.5)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=7, loc=where, title=legend_title, title_fontsize=7)
-    else:
-        ax.text(
-            0.5,
-            0.5,
-            "n/a: one class only",
-            ha="center",
-            va="center",
-            fontsize=9,
-            transform=ax.transAxes,
-            color="#555555",
-        )
-
-
 def _series_text(
     evaluations: Sequence[Evaluation], datasets: Sequence[str], names: Sequence[str]
 ) -> str:
@@ -654,13 +463,13 @@ def _curves_section(
         (
             Picture(
                 "roc_curves.png",
-                _roc_figure(evaluations, names, labels),
+                roc_figure(evaluations, names, labels),
                 "ROC curves per label",
                 series,
             ),
             Picture(
                 "pr_curves.png",
-                _pr_figure(evaluations, names, labels),
+                pr_figure(evaluations, names, labels),
                 "Precision-recall curves per label",
                 series,
             ),
@@ -678,7 +487,7 @@ def _calibration_section(
     for label in labels:
         cells = [label]
         for evaluation in evaluations:
-            calibration = _calibration(evaluation, label)
+            calibration = calibration_of(evaluation, label)
             cells.append("not evaluated" if calibration is None else fmt(calibration.ece))
         rows.append(tuple(cells))
     text = (
@@ -693,7 +502,7 @@ def _calibration_section(
             Text(text),
             Picture(
                 "reliability.png",
-                _reliability_figure(evaluations, names, labels),
+                reliability_figure(evaluations, names, labels),
                 "Reliability diagrams per label",
                 _series_text(evaluations, datasets, names),
             ),
@@ -711,8 +520,6 @@ def read_loss_rows(run_dir: Path) -> list[dict[str, object]]:
 
 
 def _loss_section(runs: Sequence[tuple[Path, list[dict[str, object]]]]) -> Section:
-    from cxrlabel.training.finetune import loss_plot_png
-
     if not runs:
         note = "No training run folder was given (e.g. external predictions): no loss curves."
         return Section("loss", "Training loss curves", (Text(note, "note"),))
@@ -754,10 +561,6 @@ def _stats_section(stats: LabelStats | None) -> Section:
 # Rendering
 
 
-def _md_cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")
-
-
 def _md_table(table: Table) -> list[str]:
     if table.groups:
         # Markdown has no spanning headers: prefix each column with its group.
@@ -769,12 +572,7 @@ def _md_table(table: Table) -> list[str]:
                 names.append(f"{group}: {column}" if group else column)
     else:
         names = list(table.columns)
-    rule = ["---:" if a == "r" else "---" for a in table.alignment()]
-    lines = [
-        "| " + " | ".join(_md_cell(n) for n in names) + " |",
-        "|" + "|".join(rule) + "|",
-        *("| " + " | ".join(_md_cell(c) for c in row) + " |" for row in table.rows),
-    ]
+    lines = markdown_lines(names, table.rows, [a == "r" for a in table.alignment()])
     if table.caption:
         lines += ["", f"*{table.caption}*"]
     return lines

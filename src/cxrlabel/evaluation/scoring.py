@@ -9,31 +9,25 @@ threshold_rule`), or chosen here on the first dataset by a named rule.
 
 Each evaluation's `Predictions` say which model and kind ("single model", "ensemble of N
 checkpoints"), which data (and whether they are cxrlabel's synthetic films, recognised by the
-marker file `synth.write_dataset` leaves beside its CSVs), and which unit.
+marker file the generator leaves beside its CSVs, read by `data.formats`), and which unit.
 
-`evaluation_record` / `save_evaluations` write the JSON that `compare_runs` reads beside a
-report; `markdown_table` is the one formatter for the command-line tables (evaluate, compare
-and the sweep).
+External predictions files are read by `external`; tables and JSON records are in `tables`.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 
 from cxrlabel.data.formats import is_synthetic_dataset
 from cxrlabel.data.images import ImageError, read_image
-from cxrlabel.data.labels import OBSERVATIONS, LabelTable, ensure_ids, filter_view
-from cxrlabel.evaluation.metrics import METRIC_NAMES, Evaluation, evaluate_predictions
+from cxrlabel.data.labels import LabelTable, ensure_ids, filter_view
+from cxrlabel.evaluation.metrics import Evaluation, evaluate_predictions
 from cxrlabel.evaluation.results import STUDY_AGGREGATES, UNITS, Predictions
-from cxrlabel.fileio import atomic_write_text
 from cxrlabel.models.predictor import Predictor, shared_resize
 from cxrlabel.models.thresholds import Thresholds, choose_thresholds
 
@@ -43,9 +37,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DEFAULT_DATA_NAMES = ("validation", "test")
-EVALUATION_FILE = "evaluation.json"
-# The method's summary columns (Table I / II: Acc, Prec, Recall, F Score, AUROC).
-SUMMARY_METRICS = ("Accuracy", "Precision", "Recall", "F1", "AUROC")
 
 ModelSpecs = Sequence[str | Path]
 
@@ -56,7 +47,7 @@ ModelSpecs = Sequence[str | Path]
 
 
 def is_synthetic(table: LabelTable) -> bool:
-    """True when the table's CSV came from cxrlabel's generator (see `synth.SYNTHETIC_MARKER`)."""
+    """True when the table's CSV came from cxrlabel's generator (`data.formats` marker)."""
     return is_synthetic_dataset(Path(table.source))
 
 
@@ -152,129 +143,6 @@ def predict_table(
         model=model.name,
         kind=model.kind,
         data=table.source,
-    )
-
-
-def prediction_columns(columns: Sequence[str]) -> dict[str, str]:
-    """Probability columns -> observations: the observation's own name, optionally prefixed
-    `prob_`, or an NIH name (`prob_Effusion`) that maps to exactly one observation."""
-    from cxrlabel.data.formats import NIH_TO_CHEXPERT
-
-    targets: dict[str, list[str]] = {}
-    for column in columns:
-        raw = column.removeprefix("prob_")
-        spaced = raw.replace("_", " ")
-        observation = spaced if spaced in OBSERVATIONS else NIH_TO_CHEXPERT.get(raw)
-        if observation is not None:
-            targets.setdefault(observation, []).append(column)
-    # Several columns for one observation (NIH Mass and Nodule -> Lung Lesion) are ambiguous.
-    return {obs: cols[0] for obs, cols in targets.items() if len(cols) == 1}
-
-
-def _unique_index(values: Sequence[str]) -> dict[str, int]:
-    """value -> row for values that occur exactly once (a repeated value matches nothing)."""
-    seen: dict[str, int] = {}
-    repeated: set[str] = set()
-    for i, v in enumerate(values):
-        if v in seen:
-            repeated.add(v)
-        seen[v] = i
-    return {v: i for v, i in seen.items() if v not in repeated}
-
-
-def _match_rows(keys: pd.Series, table: LabelTable, source: Path) -> np.ndarray:
-    """For each table row, the index of its prediction row (-1 if none).
-
-    A prediction path matches a label path when it ends with it (`cxrlabel label` writes the
-    paths it was given, e.g. absolute or `data/valid/patient1/...` for `valid/patient1/...`),
-    else when their file stems are equal and unique on both sides (a film may have been
-    converted: NIH's PNGs are shared as JPEGs).
-    """
-    keys = keys.astype(str).str.replace("\\", "/", regex=False).str.lstrip("./")
-    table_paths = table.frame["Path"].astype(str).str.replace("\\", "/", regex=False)
-    # Every trailing run of path components of a prediction path, as a lookup key.
-    suffixes: list[tuple[str, int]] = []
-    for i, key in enumerate(keys):
-        parts = key.split("/")
-        suffixes += [("/".join(parts[-n:]), i) for n in range(1, len(parts) + 1)]
-    by_suffix = _unique_index([s for s, _ in suffixes])
-    row_of = {s: i for s, i in suffixes}
-    by_stem = _unique_index([Path(k).stem for k in keys])
-    table_stems = [Path(p).stem for p in table_paths]
-    unique_stems = _unique_index(table_stems)
-    rows = []
-    for path, stem in zip(table_paths, table_stems, strict=True):
-        path = path.lstrip("./")
-        if path in by_suffix:
-            rows.append(row_of[path])
-        elif stem in unique_stems and stem in by_stem:
-            rows.append(by_stem[stem])
-        else:
-            rows.append(-1)
-    if all(r < 0 for r in rows):
-        raise ValueError(f"{source}: no prediction row matches an image of {table.source}")
-    return np.asarray(rows)
-
-
-def read_predictions(
-    path: Path,
-    table: LabelTable,
-    *,
-    model: str | None = None,
-    policy: str = "U-Ignore",
-    view: str = "all",
-) -> Predictions:
-    """Probabilities from a CSV scored against a label table's labels.
-
-    The CSV has a `Path` (or NIH `Image Index`) column and one probability column per
-    observation (`cxrlabel label`'s probabilities.csv, or another model's output such as the
-    NIH reference predictions). Rows are matched on the path, else on the file stem. A JSON
-    file beside it (same name, .json) may give "model", "kind" and "notes" for the report.
-    Labelled images without a prediction are left out, and the Predictions' notes say so.
-    """
-    path = Path(path)
-    frame = pd.read_csv(path)
-    key = next((c for c in ("Path", "Image Index") if c in frame.columns), None)
-    if key is None:
-        raise ValueError(f"{path}: predictions need a 'Path' or 'Image Index' column")
-    table = ensure_ids(filter_view(table, view))
-    columns = prediction_columns(list(frame.columns))
-    predicted = [o for o in OBSERVATIONS if o in columns]
-    no_match = f"{path}: no probability column matches an observation {table.source} labels"
-    if not predicted:
-        raise ValueError(no_match)
-    targets, mask = table.targets(predicted, policy)
-    labelled = mask.any(axis=0)  # only observations the label file actually labels
-    labels = [o for o, keep in zip(predicted, labelled, strict=True) if keep]
-    if not labels:
-        raise ValueError(no_match)
-    targets, mask = targets[:, labelled], mask[:, labelled]
-    rows = _match_rows(frame[key], table, path)
-    found = rows >= 0
-    scores = frame[[columns[o] for o in labels]].to_numpy(np.float64)[rows[found]]
-    if not np.isfinite(scores).all() or (scores < 0).any() or (scores > 1).any():
-        raise ValueError(f"{path}: probabilities must be finite and within [0, 1]")
-    side = path.with_suffix(".json")
-    about = json.loads(side.read_text(encoding="utf-8")) if side.is_file() else {}
-    notes = list(about.get("notes", []))
-    if not found.all():
-        notes.append(f"{int((~found).sum())} labelled image(s) had no prediction in {path.name}")
-        log.warning("%s: %s", path, notes[-1])
-    kept = table.frame[found]
-    return Predictions(
-        labels=tuple(labels),
-        paths=tuple(kept["Path"].astype(str)),
-        patient_ids=tuple(kept["patient_id"].astype(str)),
-        study_ids=tuple(kept["study_id"].astype(str)),
-        y_score=scores,
-        y_true=np.asarray(targets[found], dtype=np.float64),
-        mask=np.asarray(mask[found], dtype=bool),
-        thresholds=Thresholds.fixed(labels),
-        model=model or about.get("model") or path.stem,
-        kind=about.get("kind", "external predictions"),
-        data=describe_data(table, view),
-        synthetic=is_synthetic(table),
-        notes=tuple(notes),
     )
 
 
@@ -404,166 +272,6 @@ def choose_and_store_thresholds(
     return paths, pred.thresholds
 
 
-# --------------------------------------------------------------------------------------------
-# Tables for the terminal and JSON beside the report
-# --------------------------------------------------------------------------------------------
-
-
-def _number(value: Any, digits: int) -> str:
-    if value is None:
-        return "n/a"
-    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
-        return str(int(value))
-    number = float(value)
-    return "n/a" if math.isnan(number) else f"{number:.{digits}f}"
-
-
-def markdown_table(
-    frame: pd.DataFrame,
-    columns: Sequence[str] | None = None,
-    *,
-    digits: int | Mapping[str, int] = 2,
-) -> str:
-    """A markdown table: text columns left-aligned, numeric ones right-aligned, NaN as n/a.
-
-    `digits` is one number of decimals for every float, or one per column (default 2).
-    """
-    columns = list(frame.columns if columns is None else columns)
-    numeric = [pd.api.types.is_numeric_dtype(frame[c]) for c in columns]
-    lines = [
-        "| " + " | ".join(columns) + " |",
-        "|" + "|".join("---:" if n else "---" for n in numeric) + "|",
-    ]
-    # Records, not iterrows: a row Series of numbers only would turn every int into a float.
-    for row in frame.to_dict("records"):
-        cells = []
-        for column, is_number in zip(columns, numeric, strict=True):
-            value = row[column]
-            places = digits.get(column, 2) if isinstance(digits, Mapping) else digits
-            cells.append(_number(value, places) if is_number else str(value))
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def _mean_row(evaluation: Evaluation) -> pd.Series:
-    return evaluation.table.set_index("Label").loc["Mean"]
-
-
-def _ci_row(evaluation: Evaluation, label: str) -> pd.Series | None:
-    ci = evaluation.ci.set_index("Label")
-    return ci.loc[label] if label in ci.index else None
-
-
-def summary_frame(evaluations: Sequence[Evaluation], names: Sequence[str]) -> pd.DataFrame:
-    """One row per evaluation: dataset, model, kind, unit, N and the method's mean metrics."""
-    rows = []
-    for name, ev in zip(names, evaluations, strict=True):
-        pred, mean, ci = ev.predictions, _mean_row(ev), _ci_row(ev, "Mean")
-        unit = pred.unit if pred.unit == "image" else f"study ({pred.aggregate})"
-        row: dict[str, Any] = {
-            "Dataset": name,
-            "Model": pred.model,
-            "Kind": pred.kind,
-            "Unit": unit,
-            "N": len(pred),
-            **{m: float(mean[m]) for m in SUMMARY_METRICS},
-        }
-        row["AUROC 95% CI"] = _ci_text(ci)
-        rows.append(row)
-    return pd.DataFrame(rows)
-
-
-def _ci_text(ci: pd.Series | None) -> str:
-    if ci is None or not all(math.isfinite(float(ci[c])) for c in ("Low", "High")):
-        return "n/a"
-    return f"{float(ci['Low']):.3f}-{float(ci['High']):.3f}"
-
-
-def per_label_frame(evaluation: Evaluation) -> pd.DataFrame:
-    """The metrics table with each label's AUROC CI beside it."""
-    table = evaluation.table.copy()
-    table.insert(table.columns.get_loc("AUROC") + 1, "AUROC 95% CI", "n/a")
-    for i, label in enumerate(table["Label"]):
-        table.loc[i, "AUROC 95% CI"] = _ci_text(_ci_row(evaluation, label))
-    return table
-
-
-def format_evaluations(evaluations: Sequence[Evaluation], names: Sequence[str]) -> str:
-    """Summary table, then per-label tables: what `cxrlabel evaluate` prints."""
-    digits = {"AUROC": 3, "AUPRC": 3, "Threshold": 3}
-    parts = [markdown_table(summary_frame(evaluations, names), digits=digits)]
-    for name, ev in zip(names, evaluations, strict=True):
-        pred = ev.predictions
-        t = pred.thresholds
-        band = "" if t.band is None else ", with an uncertainty band"
-        parts.append(
-            f"\n{name}: {pred.data}; {pred.model} ({pred.kind}), {pred.unit} level; "
-            f"thresholds {t.rule}{band}"
-            + (f" (chosen on {t.chosen_on})" if t.chosen_on else "")
-            + f"; AUROC CIs from {ev.n_resamples} bootstrap resamples of studies\n"
-        )
-        parts.append(markdown_table(per_label_frame(ev), digits=digits))
-        missing = ev.table.attrs.get("auroc_na") or []
-        if missing:
-            parts.append(
-                f"AUROC n/a (one class only), left out of the mean: {', '.join(missing)}\n"
-            )
-    return "".join(parts)
-
-
-def _json_value(value: Any) -> Any:
-    if isinstance(value, (np.integer,)):
-        return int(value)
-    if isinstance(value, (float, np.floating)):
-        return float(value) if math.isfinite(float(value)) else None
-    return value
-
-
-def _records(frame: pd.DataFrame) -> list[dict[str, Any]]:
-    return [{k: _json_value(v) for k, v in row.items()} for row in frame.to_dict("records")]
-
-
-def evaluation_record(evaluation: Evaluation, name: str) -> dict[str, Any]:
-    """One evaluation as JSON-able data: what, how, and the numbers (NaN as null)."""
-    pred, mean, ci = evaluation.predictions, _mean_row(evaluation), _ci_row(evaluation, "Mean")
-    return {
-        "dataset": name,
-        "data": pred.data,
-        "synthetic": pred.synthetic,
-        "model": pred.model,
-        "kind": pred.kind,
-        "unit": pred.unit,
-        "aggregate": pred.aggregate,
-        "n": len(pred),
-        "thresholds": pred.thresholds.to_dict(),
-        "mean": {m: _json_value(mean[m]) for m in METRIC_NAMES},
-        "auroc_ci": None if ci is None else [_json_value(ci["Low"]), _json_value(ci["High"])],
-        "auroc_na": list(evaluation.table.attrs.get("auroc_na") or []),
-        "labels": _records(evaluation.table),
-        "ci": _records(evaluation.ci),
-        "n_resamples": evaluation.n_resamples,
-        "seed": evaluation.seed,
-    }
-
-
-def save_evaluations(
-    path: Path,
-    evaluations: Sequence[Evaluation],
-    names: Sequence[str],
-    *,
-    models: Sequence[str | Path] = (),
-) -> Path:
-    """Write `evaluation.json` (read by `compare_runs`) atomically; return its path."""
-    data = {
-        "models": [str(m) for m in models],
-        "evaluations": [
-            evaluation_record(ev, name) for ev, name in zip(evaluations, names, strict=True)
-        ],
-    }
-    atomic_write_text(Path(path), json.dumps(data, indent=2))
-    return Path(path)
-
-
 def data_names(count: int, given: Sequence[str | None] = ()) -> list[str]:
     """Names for `count` datasets: given ones, else validation, test, data3, ..."""
     names = []
@@ -578,8 +286,6 @@ def data_names(count: int, given: Sequence[str | None] = ()) -> list[str]:
 
 __all__ = [
     "DEFAULT_DATA_NAMES",
-    "EVALUATION_FILE",
-    "SUMMARY_METRICS",
     "at_unit",
     "check_unit",
     "choose_and_store_thresholds",
@@ -587,14 +293,8 @@ __all__ = [
     "describe_data",
     "evaluate",
     "evaluate_checkpoint",
-    "evaluation_record",
-    "format_evaluations",
     "is_synthetic",
-    "markdown_table",
-    "per_label_frame",
     "predict_datasets",
     "rechoose_thresholds",
-    "save_evaluations",
     "score_predictions",
-    "summary_frame",
 ]

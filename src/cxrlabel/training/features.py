@@ -54,7 +54,7 @@ from cxrlabel.data.labels import (
 )
 from cxrlabel.data.transforms import Preprocessing
 from cxrlabel.evaluation.metrics import metrics_table
-from cxrlabel.evaluation.scoring import markdown_table
+from cxrlabel.evaluation.tables import markdown_table
 from cxrlabel.fileio import atomic_path, atomic_write_text
 from cxrlabel.models.factory import (
     HEADS,

@@ -45,6 +45,7 @@ from cxrlabel.data.formats import load_table
 from cxrlabel.data.labels import LabelTable, filter_certain, filter_view, resolve_labels
 from cxrlabel.data.splits import patient_split, save_split
 from cxrlabel.data.transforms import AugmentConfig
+from cxrlabel.evaluation.figures import loss_plot_png
 from cxrlabel.evaluation.metrics import METRIC_NAMES, metrics_table
 from cxrlabel.fileio import atomic_write_bytes
 from cxrlabel.models.checkpoint import checkpoint_paths
@@ -245,29 +246,6 @@ def make_loader(
 
 def _isnan(value: Any) -> bool:
     return isinstance(value, float) and math.isnan(value)
-
-
-def loss_plot_png(rows: Sequence[Mapping[str, Any]]) -> bytes:
-    """PNG: training loss per step (top) and mean training and validation loss per epoch."""
-    import io
-
-    # Figure directly, not pyplot: no global backend or figure registry is touched.
-    from matplotlib.figure import Figure
-
-    steps = [r for r in rows if r["kind"] == "step"]
-    epochs = [r for r in rows if r["kind"] == "epoch"]
-    fig = Figure(figsize=(7, 6), tight_layout=True)
-    top, bottom = fig.subplots(2, 1)
-    top.plot([r["step"] for r in steps], [r["train_loss"] for r in steps], lw=0.8)
-    top.set(xlabel="step", ylabel="training loss", title="Training loss per step")
-    x = [r["epoch"] for r in epochs]
-    bottom.plot(x, [r["train_loss"] for r in epochs], "o-", label="train")
-    bottom.plot(x, [r["val_loss"] for r in epochs], "s-", label="validation")
-    bottom.set(xlabel="epoch", ylabel="loss", title="Loss per epoch")
-    bottom.legend()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    return buffer.getvalue()
 
 
 def label_aurocs(table: pd.DataFrame) -> dict[str, float | None]:
