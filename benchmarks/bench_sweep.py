@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from cxrlabel.config import build_head_config
+from cxrlabel.config import HeadConfig
 from cxrlabel.data.cache import prepare_cache
 from cxrlabel.data.dataset import CXRDataset, collate_skipping, resize_settings
 from cxrlabel.data.formats import load_table
@@ -32,7 +32,7 @@ from cxrlabel.models.factory import HEADS, create_backbone, create_head, masked_
 from cxrlabel.synth import write_dataset
 from cxrlabel.training.execution import cpu_name
 from cxrlabel.training.features import default_size, extraction_preprocessing
-from cxrlabel.training.heads import sweep
+from cxrlabel.training.heads import HeadRun, sweep
 
 LABELS = LABEL_SETS["competition"]
 
@@ -120,12 +120,12 @@ def main() -> None:
         t_naive = time.perf_counter() - start
 
         start = time.perf_counter()
-        config = build_head_config(
+        config = HeadConfig.build(
             None,
             {"backbones": backbones, "weights": "none", "size": args.size, "epochs": args.epochs,
              "labels": "competition"},
         )  # fmt: skip
-        df = sweep(config, (train, valid), work / "run", progress=False)
+        df = sweep(HeadRun(config, train, valid, work / "run"), progress=False)
         t_cached = time.perf_counter() - start
 
     print(df.round(3).to_string(index=False))

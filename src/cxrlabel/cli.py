@@ -141,12 +141,12 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 def _head_config(args: argparse.Namespace):
     """The approach-1 config of extract / train-head / sweep: a saved config.yaml (--config) or
     a preset, then the key=value overrides."""
-    from cxrlabel.config import HeadConfig, build_any, load_any, parse_overrides
+    from cxrlabel.config import HeadConfig, parse_overrides
 
     if args.config is None:
-        return build_any(HeadConfig, args.preset, args.overrides)
-    saved = load_any(HeadConfig, args.config).to_dict()
-    return build_any(HeadConfig, None, saved | parse_overrides(args.overrides))
+        return HeadConfig.build(args.preset, args.overrides)
+    saved = HeadConfig.load(args.config).to_dict()
+    return HeadConfig.build(None, saved | parse_overrides(args.overrides))
 
 
 def cmd_extract(args: argparse.Namespace) -> int:

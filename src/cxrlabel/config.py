@@ -53,6 +53,18 @@ class _Config:
             for k, v in dataclasses.asdict(self).items()  # type: ignore[call-overload]
         }
 
+    @classmethod
+    def build(
+        cls, preset: str | None = None, overrides: Mapping[str, Any] | Sequence[str] = ()
+    ) -> Any:
+        """This kind's config: defaults, then the preset, then the overrides (`build_any`)."""
+        return build_any(cls, preset, overrides)  # type: ignore[type-var]
+
+    @classmethod
+    def load(cls, path: Path) -> Any:
+        """This kind's saved config.yaml (`load_any`)."""
+        return load_any(cls, path)  # type: ignore[type-var]
+
     def save(self, path: Path) -> None:
         data = self.to_dict()
         if self.KIND != RunConfig.KIND:
@@ -294,15 +306,3 @@ def build_config(
 def load_config(path: Path) -> RunConfig:
     """A fine-tuning run's saved config.yaml."""
     return load_any(RunConfig, path)
-
-
-def build_head_config(
-    preset: str | None = None, overrides: Mapping[str, Any] | Sequence[str] = ()
-) -> HeadConfig:
-    """An approach-1 (frozen backbone + heads) config: defaults, preset, overrides."""
-    return build_any(HeadConfig, preset, overrides)
-
-
-def load_head_config(path: Path) -> HeadConfig:
-    """An approach-1 run's saved config.yaml."""
-    return load_any(HeadConfig, path)

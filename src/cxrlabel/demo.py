@@ -14,7 +14,7 @@ import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
-from cxrlabel.config import build_config, build_head_config
+from cxrlabel.config import HeadConfig, build_config
 from cxrlabel.data.formats import load_table
 from cxrlabel.data.stats import label_stats
 from cxrlabel.evaluation.report import write_report
@@ -78,7 +78,7 @@ def run_demo(
         "Backbones are randomly initialised (no downloads here): this shows the machinery; "
         "run `cxrlabel sweep --preset table1-heads` for the real experiment.\n"
     )
-    heads_config = build_head_config(
+    heads_config = HeadConfig.build(
         None,
         {
             "name": "heads", "train_csv": str(train_csv), "valid_csv": str(valid_csv),

@@ -19,8 +19,6 @@ from cxrlabel.config import (
     ConfigError,
     HeadConfig,
     build_config,
-    build_head_config,
-    load_head_config,
 )
 from cxrlabel.data.images import read_image
 from cxrlabel.data.labels import resolve_labels
@@ -62,7 +60,7 @@ def _config(tiny_dataset: Path, runs: Path, **overrides) -> HeadConfig:
         "name": "sweep",
         **overrides,
     }
-    return build_head_config("tiny-heads", values)
+    return HeadConfig.build("tiny-heads", values)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -131,7 +129,7 @@ def test_sweep_rows_table_and_run_folder(swept, tiny_dataset: Path):
     assert df["Checkpoint"].tolist() == [
         f"{m}/checkpoints/best.json" for m in ("Tiny_1", "Tiny_3", "Tiny_3_D")
     ]
-    assert load_head_config(run / "config.yaml") == config
+    assert HeadConfig.load(run / "config.yaml") == config
     assert pd.read_csv(run / "sweep.csv")["Model"].tolist() == df["Model"].tolist()
     caches = sorted(p.name for p in (run / "features").iterdir())
     assert len(caches) == 2 and {c.split("-")[0] for c in caches} == {"train", "valid"}
@@ -166,7 +164,7 @@ def test_checkpoint_metadata_names_backbone_weights_config_and_thresholds(swept,
     assert meta["config"]["threshold_rule"] == "youden"
     assert meta["thresholds"]["rule"] == "youden"
     assert "patient split" in meta["thresholds"]["chosen_on"]
-    assert build_head_config(None, meta["config"]) == HeadConfig(
+    assert HeadConfig.build(None, meta["config"]) == HeadConfig(
         **{**config.to_dict(), "backbones": ("tiny",), "heads": ("mlp3_dropout",)}
     )
 

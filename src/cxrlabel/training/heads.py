@@ -159,6 +159,20 @@ def evaluate_head(
 # One backbone: its features, its frozen network, its identity
 
 
+@dataclass(frozen=True)
+class HeadRun:
+    """One approach-1 run: its config, its filtered train and valid tables, and its folder."""
+
+    config: HeadConfig
+    train: LabelTable
+    valid: LabelTable
+    run_dir: Path
+
+    @property
+    def tables(self) -> tuple[LabelTable, LabelTable]:
+        return self.train, self.valid
+
+
 @dataclass
 class BackboneData:
     """What every head on one backbone shares: features of both parts, and the network."""
@@ -201,14 +215,9 @@ def backbone_source(config: HeadConfig, backbone: str) -> dict[str, Any]:
 
 
 def _extract(
-    config: HeadConfig,
-    backbone: str,
-    tables: tuple[LabelTable, LabelTable],
-    run_dir: Path,
-    *,
-    overwrite: bool = False,
-    progress: bool = True,
+    run: HeadRun, backbone: str, *, overwrite: bool = False, progress: bool = True
 ) -> tuple[Preprocessing, FeatureSet, FeatureSet]:
+    config = run.config
     prep = preprocessing_of(config, backbone)
     common = {
         "batch_size": config.extract_batch_size,
@@ -217,24 +226,18 @@ def _extract(
         "keras_compat": config.keras_compat,
         "resize_mode": config.resize_mode,
     }
-    cache_root = run_dir / FEATURES_DIR
+    cache_root = run.run_dir / FEATURES_DIR
     parts = [
         features_for(table, backbone, config.weights, prep, cache_root, part, **common)
-        for table, part in zip(tables, ("train", "valid"), strict=True)
+        for table, part in zip(run.tables, ("train", "valid"), strict=True)
     ]
     return prep, parts[0], parts[1]
 
 
-def backbone_data(
-    config: HeadConfig,
-    backbone: str,
-    tables: tuple[LabelTable, LabelTable],
-    run_dir: Path,
-    *,
-    progress: bool = True,
-) -> BackboneData:
+def backbone_data(run: HeadRun, backbone: str, *, progress: bool = True) -> BackboneData:
     """Features of the train and valid tables (cached under run_dir/features) and the network."""
-    prep, train, valid = _extract(config, backbone, tables, run_dir, progress=progress)
+    config = run.config
+    prep, train, valid = _extract(run, backbone, progress=progress)
     network, _ = build_backbone(backbone, config.weights, config.resize_mode)
     if config.keras_compat:
         make_keras_compatible(network)
@@ -259,17 +262,12 @@ def _valid_source(config: HeadConfig) -> str:
     return f"{config.valid_fraction:.0%} patient split of {Path(config.train_csv).name}"
 
 
-def train_model(
-    config: HeadConfig,
-    data: BackboneData,
-    head_kind: str,
-    tables: tuple[LabelTable, LabelTable],
-    run_dir: Path,
-) -> dict[str, Any]:
+def train_model(run: HeadRun, data: BackboneData, head_kind: str) -> dict[str, Any]:
     """Train `head_kind` on `data`, save `<run_dir>/<Model>/checkpoints/best.*`; its sweep row."""
+    config = run.config
     labels = resolve_labels(config.labels)
-    y_train, m_train = data.train.targets(tables[0], labels, config.policy)
-    y_valid, m_valid = data.valid.targets(tables[1], labels, config.policy)
+    y_train, m_train = data.train.targets(run.train, labels, config.policy)
+    y_valid, m_valid = data.valid.targets(run.valid, labels, config.policy)
     head = train_head(
         data.train.features, y_train, m_train, head_kind,
         epochs=config.epochs, lr=config.lr, batch_size=config.batch_size, seed=config.seed,
@@ -290,33 +288,27 @@ def train_model(
     own = replace(config, backbones=(data.name,), heads=(head_kind,))
     metrics = {m: float(mean[_METRIC_SOURCE.get(m, m)]) for m in METRICS}
     checkpoint = save_checkpoint(
-        run_dir / name / CHECKPOINT_STEM, model,
+        run.run_dir / name / CHECKPOINT_STEM, model,
         config=own.to_dict(), epoch=config.epochs, step=0, thresholds=thresholds,
         extra={"valid_metrics": metrics, "valid_images": len(data.valid)},
         frozen_backbone=data.source,
     )  # fmt: skip
     log.info("%s: mean AUROC %.3f -> %s", name, metrics["AUROC"], checkpoint)
-    return {"Model": name, **metrics, CHECKPOINT_COLUMN: str(checkpoint.relative_to(run_dir))}
+    return {"Model": name, **metrics, CHECKPOINT_COLUMN: str(checkpoint.relative_to(run.run_dir))}
 
 
-def sweep(
-    config: HeadConfig,
-    tables: tuple[LabelTable, LabelTable],
-    run_dir: Path,
-    *,
-    progress: bool = True,
-) -> pd.DataFrame:
+def sweep(run: HeadRun, *, progress: bool = True) -> pd.DataFrame:
     """Frozen backbone x head grid: one row per model ("Xception_3_D") and its checkpoint.
 
     Features are extracted once per backbone and table part (filtered train, valid); each head
     trains on the train features, gets thresholds and metrics on the valid features, and is
     saved under `run_dir/<Model>/checkpoints/best`.
     """
-    _check_heads(config)
+    _check_heads(run.config)
     rows = []
-    for backbone in config.backbones:
-        data = backbone_data(config, backbone, tables, Path(run_dir), progress=progress)
-        rows.extend(train_model(config, data, h, tables, Path(run_dir)) for h in config.heads)
+    for backbone in run.config.backbones:
+        data = backbone_data(run, backbone, progress=progress)
+        rows.extend(train_model(run, data, head) for head in run.config.heads)
     return pd.DataFrame(rows, columns=list(SWEEP_COLUMNS))
 
 
@@ -330,13 +322,13 @@ def format_sweep_table(df: pd.DataFrame) -> str:
 # Entry points for the CLI: a config in, a run folder out.
 
 
-def _prepare(config: HeadConfig, run_dir: Path | None) -> tuple[Path, tuple[LabelTable, ...]]:
-    """The run folder (config.yaml written) and the filtered train and valid tables."""
+def _prepare(config: HeadConfig, run_dir: Path | None) -> HeadRun:
+    """The run with its tables loaded and filtered, and its config.yaml written."""
     _check_heads(config)
     run_dir = Path(run_dir) if run_dir is not None else run_dir_of(config)
-    tables = load_tables(config, run_dir)  # type: ignore[arg-type]  # shares RunConfig's keys
+    train, valid = load_tables(config, run_dir)  # type: ignore[arg-type]  # RunConfig's keys
     config.save(run_dir / CONFIG_FILE)
-    return run_dir, tables
+    return HeadRun(config, train, valid, run_dir)
 
 
 def run_extract(
@@ -350,12 +342,10 @@ def run_extract(
 
     `train-head` and `sweep` with the same config and run folder reuse them.
     """
-    run_dir, tables = _prepare(config, run_dir)
+    run = _prepare(config, run_dir)
     out = {}
     for backbone in config.backbones:
-        _, train, valid = _extract(
-            config, backbone, tables, run_dir, overwrite=overwrite, progress=progress
-        )
+        _, train, valid = _extract(run, backbone, overwrite=overwrite, progress=progress)
         out[backbone] = (train, valid)
     return out
 
@@ -369,26 +359,27 @@ def run_train_head(
             f"train-head trains one model: give one backbone and one head (got backbones "
             f"{list(config.backbones)}, heads {list(config.heads)}); `sweep` trains the grid"
         )
-    run_dir, tables = _prepare(config, run_dir)
-    data = backbone_data(config, config.backbones[0], tables, run_dir, progress=progress)
-    row = train_model(config, data, config.heads[0], tables, run_dir)
-    return run_dir / row[CHECKPOINT_COLUMN]
+    run = _prepare(config, run_dir)
+    row = train_model(run, backbone_data(run, config.backbones[0], progress=progress),
+                      config.heads[0])  # fmt: skip
+    return run.run_dir / row[CHECKPOINT_COLUMN]
 
 
 def run_sweep(
     config: HeadConfig, run_dir: Path | None = None, *, progress: bool = True
 ) -> pd.DataFrame:
     """`sweep` of the config's tables into its run folder, table written as CSV and markdown."""
-    run_dir, tables = _prepare(config, run_dir)
-    df = sweep(config, tables, run_dir, progress=progress)
-    atomic_write_text(run_dir / "sweep.csv", df.to_csv(index=False))
-    atomic_write_text(run_dir / "sweep.md", format_sweep_table(df))
+    run = _prepare(config, run_dir)
+    df = sweep(run, progress=progress)
+    atomic_write_text(run.run_dir / "sweep.csv", df.to_csv(index=False))
+    atomic_write_text(run.run_dir / "sweep.md", format_sweep_table(df))
     return df
 
 
 __all__ = [
     "METRICS",
     "BackboneData",
+    "HeadRun",
     "backbone_data",
     "evaluate_head",
     "format_sweep_table",
