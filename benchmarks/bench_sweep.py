@@ -2,7 +2,7 @@
 
 Both sides train the same heads (linear, mlp3, mlp3_dropout) for the same epochs on the same
 synthetic films. The difference is the backbone forward passes: once per image with the feature
-cache (`features.sweep`), versus once per image per epoch per head (plus once per head for
+cache (`heads.sweep`), versus once per image per epoch per head (plus once per head for
 validation) without it.
 
     .venv/bin/python benchmarks/bench_sweep.py [--patients 48] [--epochs 10]
@@ -21,31 +21,27 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from cxrlabel.config import HeadConfig
 from cxrlabel.data.cache import prepare_cache
 from cxrlabel.data.dataset import CXRDataset, collate_skipping
 from cxrlabel.data.formats import load_table
 from cxrlabel.data.labels import LABEL_SETS, filter_certain
 from cxrlabel.data.splits import patient_split
-from cxrlabel.data.transforms import Preprocessing
 from cxrlabel.evaluation.metrics import metrics_table
 from cxrlabel.models.factory import HEADS, create_backbone, create_head, masked_bce_loss
 from cxrlabel.synth import write_dataset
 from cxrlabel.training.execution import cpu_name
-from cxrlabel.training.features import default_size, sweep
+from cxrlabel.training.features import default_size, extraction_preprocessing
+from cxrlabel.training.heads import HeadRun, sweep
 
 LABELS = LABEL_SETS["competition"]
-
-
-def prep_for(backbone: str, size: int) -> Preprocessing:
-    _, native = create_backbone(backbone, "none")
-    return Preprocessing(size, native.mean, native.std, native.resize_mode, native.interpolation)
 
 
 def uncached_sweep(train, valid, backbones, sizes, epochs, workdir: Path) -> dict[str, float]:
     """The naive loop: every epoch of every head runs the frozen backbone over the images again."""
     aurocs = {}
     for backbone in backbones:
-        prep = prep_for(backbone, sizes[backbone])
+        prep = extraction_preprocessing(backbone, sizes[backbone], "pad")
         caches = {
             part: prepare_cache(t.image_paths(), workdir / f"px-{part}-{backbone}", prep.geometry)
             for part, t in (("train", train), ("valid", valid))
@@ -123,10 +119,12 @@ def main() -> None:
         t_naive = time.perf_counter() - start
 
         start = time.perf_counter()
-        df = sweep(
-            train, valid, backbones, labels=LABELS, weights="none", size_for=sizes,
-            cache_dir=work / "features", epochs=args.epochs, progress=False,
+        config = HeadConfig.build(
+            None,
+            {"backbones": backbones, "weights": "none", "size": args.size, "epochs": args.epochs,
+             "labels": "competition"},
         )  # fmt: skip
+        df = sweep(HeadRun(config, train, valid, work / "run"), progress=False)
         t_cached = time.perf_counter() - start
 
     print(df.round(3).to_string(index=False))

@@ -40,7 +40,8 @@ from cxrlabel.data.transforms import Preprocessing
 from cxrlabel.evaluation.external import prediction_columns
 from cxrlabel.fileio import atomic_write_text
 from cxrlabel.models.factory import HEADS, create_backbone, model_display_name
-from cxrlabel.training.features import FeatureSet, extract_features, predict_head, train_head
+from cxrlabel.training.features import FeatureSet, extract_features
+from cxrlabel.training.heads import predict_head, train_head
 
 REFERENCE_CSV = LABELS_CSV.parent / "reference_chexnet_repro_preds.csv"
 REFERENCE_NAME = "CheXNet repro (DenseNet121)"

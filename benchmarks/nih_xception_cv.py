@@ -29,7 +29,8 @@ from cxrlabel.data.splits import patient_folds
 from cxrlabel.data.transforms import Preprocessing
 from cxrlabel.evaluation.metrics import metrics_table
 from cxrlabel.models.factory import HEADS, create_backbone, model_display_name
-from cxrlabel.training.features import FeatureSet, extract_features, predict_head, train_head
+from cxrlabel.training.features import FeatureSet, extract_features
+from cxrlabel.training.heads import predict_head, train_head
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"

@@ -51,3 +51,51 @@ def test_evaluation_options_defaults_presets_and_errors(tmp_path):
     (tmp_path / "config.yaml").write_text("threshold_rule: best\n")
     with pytest.raises(ConfigError, match="threshold_rule"):
         load_config(tmp_path / "config.yaml")
+
+
+def test_head_config_layers_lists_and_round_trip(tmp_path):
+    from cxrlabel.config import HeadConfig
+
+    assert HeadConfig.build() == HeadConfig()
+    table1 = HeadConfig.build("table1-heads")
+    assert table1.backbones == ("xception", "densenet121", "resnet50", "vgg19", "mobilenet")
+    assert table1.heads == ("linear", "mlp3", "mlp3_dropout")
+    assert (table1.size, table1.labels, table1.weights) == (0, "competition", "imagenet")
+    cfg = HeadConfig.build("tiny-heads", ["backbones=tiny,mobilenet", "lr=1e-2", "heads=[mlp3]"])
+    assert cfg.backbones == ("tiny", "mobilenet") and cfg.heads == ("mlp3",)
+    assert cfg.lr == pytest.approx(1e-2) and cfg.weights == "none"
+    with pytest.raises(AttributeError):
+        cfg.lr = 1.0  # type: ignore[misc]
+    cfg.save(tmp_path / "config.yaml")
+    assert (tmp_path / "config.yaml").read_text().startswith("kind: heads\n")
+    assert HeadConfig.load(tmp_path / "config.yaml") == cfg
+
+
+def test_head_config_errors_name_key_kind_and_file(tmp_path):
+    from cxrlabel.config import HeadConfig
+
+    with pytest.raises(ConfigError, match=r"unknown config key\(s\) \['backbone'\]"):
+        HeadConfig.build(None, ["backbone=tiny"])  # RunConfig's key, not this kind's
+    with pytest.raises(ConfigError, match="backbones must be a list of names"):
+        HeadConfig.build(None, {"backbones": 3})
+    with pytest.raises(ConfigError, match="epochs must be int"):
+        HeadConfig.build("tiny-heads", ["epochs=1.5"])
+    with pytest.raises(ConfigError, match="threshold_rule must be one of"):
+        HeadConfig.build(None, ["threshold_rule=median"])
+    with pytest.raises(ConfigError, match="at least one"):
+        HeadConfig.build(None, {"heads": []})
+    # Presets and saved configs of the other kind are refused by name, both ways.
+    with pytest.raises(ConfigError, match=r"tiny-cpu\.yaml is a 'finetune' config"):
+        HeadConfig.build("tiny-cpu")
+    with pytest.raises(ConfigError, match=r"table1-heads\.yaml is a 'heads' config"):
+        build_config("table1-heads")
+    HeadConfig.build("tiny-heads").save(tmp_path / "heads.yaml")
+    with pytest.raises(ConfigError, match=r"heads\.yaml is a 'heads' config .* not a 'finetune'"):
+        load_config(tmp_path / "heads.yaml")
+    build_config("tiny-cpu").save(tmp_path / "run.yaml")
+    assert "kind" not in (tmp_path / "run.yaml").read_text()  # fine-tuning files unchanged
+    with pytest.raises(ConfigError, match=r"run\.yaml is a 'finetune' config"):
+        HeadConfig.load(tmp_path / "run.yaml")
+    (tmp_path / "odd.yaml").write_text("kind: bananas\n")
+    with pytest.raises(ConfigError, match="unknown config kind 'bananas'"):
+        HeadConfig.load(tmp_path / "odd.yaml")

@@ -139,47 +139,46 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
-def _weights_arg(value: str) -> str | Path:
-    return value if value in ("imagenet", "none") else Path(value)
+def _head_config(args: argparse.Namespace):
+    """The approach-1 config of extract / train-head / sweep: a saved config.yaml (--config) or
+    a preset, then the key=value overrides."""
+    from cxrlabel.config import HeadConfig, parse_overrides
+
+    if args.config is None:
+        return HeadConfig.build(args.preset, args.overrides)
+    saved = HeadConfig.load(args.config).to_dict()
+    return HeadConfig.build(None, saved | parse_overrides(args.overrides))
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
-    from cxrlabel.training.features import run_extract
+    from cxrlabel.training.heads import run_extract
 
-    features = run_extract(
-        args.csv, args.out, backbone=args.backbone, weights=_weights_arg(args.weights),
-        size=args.size, fmt=args.format, view=args.view, labels=args.labels,
-        batch_size=args.batch_size, overwrite=args.overwrite,
-    )  # fmt: skip
-    state = "reused" if features.reused else "extracted"
-    print(f"{args.out}: {state} {len(features.rows)} x {features.dim} features, "
-          f"{len(features.skipped)} images skipped")  # fmt: skip
+    found = run_extract(_head_config(args), args.run_dir, overwrite=args.overwrite)
+    for backbone, parts in found.items():
+        for part, features in zip(("train", "valid"), parts, strict=True):
+            state = "reused" if features.reused else "extracted"
+            print(f"{features.cache_dir}: {backbone} {part}: {state} {len(features)} x "
+                  f"{features.dim} features, {len(features.skipped)} images skipped")  # fmt: skip
     return 0
 
 
 def cmd_train_head(args: argparse.Namespace) -> int:
-    from cxrlabel.training.features import run_train_head
+    from cxrlabel.training.heads import run_train_head
 
-    out = run_train_head(
-        args.csv, args.features, args.out, head=args.head, epochs=args.epochs, fmt=args.format,
-        view=args.view, labels=args.labels, policy=args.policy, lr=args.lr, seed=args.seed,
-    )  # fmt: skip
-    print(f"head written to {out} (+ .json spec)")
+    checkpoint = run_train_head(_head_config(args), args.run_dir)
+    print(f"checkpoint: {checkpoint} (use it, or its folder {checkpoint.parent.parent}, as "
+          "--model)")  # fmt: skip
     return 0
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from cxrlabel.training.features import format_sweep_table, run_sweep
+    from cxrlabel.training.heads import format_sweep_table, run_dir_of, run_sweep
 
-    table = run_sweep(
-        args.train_csv, args.valid_csv, args.cache,
-        backbones=args.backbones.split(","), heads=args.heads.split(","),
-        weights=_weights_arg(args.weights), fmt=args.format, view=args.view, labels=args.labels,
-        epochs=args.epochs, lr=args.lr, seed=args.seed,
-        out_csv=args.out / "sweep.csv", out_markdown=args.out / "sweep.md",
-    )  # fmt: skip
+    config = _head_config(args)
+    run_dir = args.run_dir or run_dir_of(config)
+    table = run_sweep(config, run_dir)
     print(format_sweep_table(table))
-    print(f"wrote {args.out / 'sweep.md'} and sweep.csv")
+    print(f"wrote {run_dir / 'sweep.md'} and sweep.csv; checkpoints are relative to {run_dir}")
     return 0
 
 
@@ -375,8 +374,6 @@ def _default_onnx_path(spec: str | Path) -> Path:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from cxrlabel.data.formats import FORMATS
-
     parser = argparse.ArgumentParser(prog="cxrlabel", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -412,48 +409,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--on-error", default="skip", choices=["skip", "raise"])
     p.set_defaults(func=cmd_prepare)
 
-    p = sub.add_parser("extract", help="run a frozen backbone once and cache its features")
-    p.add_argument("csv", type=Path, help="label CSV")
-    p.add_argument("--format", default="auto", choices=FORMATS)
-    p.add_argument("--backbone", required=True)
-    p.add_argument("--weights", default="imagenet", help="imagenet, none or a weights file")
-    p.add_argument("--size", type=int, help="input size (default: 224 MobileNet, 220 others)")
-    p.add_argument("--view", default="all", choices=["frontal", "lateral", "all"])
-    p.add_argument("--labels", default="competition")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--out", type=Path, required=True, help="feature cache folder")
-    p.add_argument("--overwrite", action="store_true", help="rebuild a mismatching cache")
-    p.set_defaults(func=cmd_extract)
-
-    p = sub.add_parser("train-head", help="train a feed-forward head on cached features")
-    p.add_argument("csv", type=Path, help="the label CSV the features were extracted from")
-    p.add_argument("--format", default="auto", choices=FORMATS)
-    p.add_argument("--features", type=Path, required=True, help="folder written by extract")
-    p.add_argument("--head", default="mlp3_dropout", choices=["linear", "mlp3", "mlp3_dropout"])
-    p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--view", default="all", choices=["frontal", "lateral", "all"])
-    p.add_argument("--labels", default="competition")
-    p.add_argument("--policy", default="U-Ignore")
-    p.add_argument("--out", type=Path, required=True, help="head weights (.safetensors)")
-    p.set_defaults(func=cmd_train_head)
-
-    p = sub.add_parser("sweep", help="the method's backbone x head experiment (Table I)")
-    p.add_argument("train_csv", type=Path)
-    p.add_argument("valid_csv", type=Path)
-    p.add_argument("--format", default="auto", choices=FORMATS)
-    p.add_argument("--backbones", default="xception,densenet121,resnet50,vgg19,mobilenet")
-    p.add_argument("--heads", default="linear,mlp3,mlp3_dropout")
-    p.add_argument("--weights", default="imagenet", help="imagenet, none or a weights file")
-    p.add_argument("--view", default="all", choices=["frontal", "lateral", "all"])
-    p.add_argument("--labels", default="competition")
-    p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--cache", type=Path, default=Path("runs/feature-cache"))
-    p.add_argument("--out", type=Path, default=Path("runs/sweep"))
-    p.set_defaults(func=cmd_sweep)
+    head_commands = (
+        ("extract", "run each frozen backbone once and cache its features", cmd_extract),
+        ("train-head", "train one backbone x head model on cached features", cmd_train_head),
+        ("sweep", "the method's backbone x head experiment (Table I)", cmd_sweep),
+    )
+    for name, help_text, func in head_commands:
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("overrides", nargs="*", help="config overrides, key=value (e.g. epochs=5)")
+        p.add_argument("--preset", help="table1-heads, tiny-heads or a YAML (kind: heads)")
+        p.add_argument("--config", type=Path, help="re-run from a saved config.yaml")
+        p.add_argument("--run-dir", type=Path, help="default: <runs_dir>/<name>")
+        if name == "extract":
+            p.add_argument("--overwrite", action="store_true", help="rebuild mismatching caches")
+        p.set_defaults(func=func)
 
     p = sub.add_parser("train", help="fine-tune a backbone and head end to end")
     p.add_argument("overrides", nargs="*", help="config overrides, key=value (e.g. lr=1e-4)")

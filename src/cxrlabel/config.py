@@ -1,8 +1,14 @@
-"""One frozen config per run: defaults, then a YAML preset, then command-line overrides.
+"""Frozen configs: defaults, then a YAML preset, then command-line overrides.
 
-Unknown keys are errors at every layer, so a typo never silently falls back to a default. The
-resolved config is saved as `config.yaml` in the run folder and inside every checkpoint, and
-`load_config(path)` rebuilds a run from it alone.
+Two kinds share the machinery: `RunConfig` (approach 2, end-to-end fine-tuning: `cxrlabel
+train`) and `HeadConfig` (approach 1, frozen backbone + feed-forward heads: `cxrlabel extract`,
+`train-head`, `sweep`). Unknown keys are errors at every layer, so a typo never silently falls
+back to a default. The resolved config is saved as `config.yaml` in the run folder and inside
+every checkpoint, and `load_config(path)` rebuilds a run from it alone.
+
+A preset or saved config of another kind than asked for is refused by name: head presets and
+head config.yaml files carry `kind: heads` (fine-tuning ones need no `kind`, so their files are
+unchanged).
 """
 
 from __future__ import annotations
@@ -12,7 +18,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, TypeVar
 
 import yaml
 
@@ -21,15 +27,56 @@ from cxrlabel.models.thresholds import RULES
 
 PRESET_DIR = Path(__file__).parent / "presets"
 _FLOAT_RE = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
+KIND_KEY = "kind"
 
 
 class ConfigError(ValueError):
     """A config key or value that is not allowed."""
 
 
+def _check_thresholds(threshold_rule: str, uncertainty_band: float) -> None:
+    if threshold_rule not in RULES:
+        raise ConfigError(f"threshold_rule must be one of {RULES}, not {threshold_rule!r}")
+    if not 0.0 <= uncertainty_band < 0.5:
+        raise ConfigError(f"uncertainty_band must be in [0, 0.5), not {uncertainty_band}")
+
+
+class _Config:
+    """What every config kind shares: its kind's name, a plain dict, and saving as YAML."""
+
+    KIND: ClassVar[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        # Lists, not tuples: YAML and JSON both store them as plain sequences.
+        return {
+            k: list(v) if isinstance(v, tuple) else v
+            for k, v in dataclasses.asdict(self).items()  # type: ignore[call-overload]
+        }
+
+    @classmethod
+    def build(
+        cls, preset: str | None = None, overrides: Mapping[str, Any] | Sequence[str] = ()
+    ) -> Any:
+        """This kind's config: defaults, then the preset, then the overrides (`build_any`)."""
+        return build_any(cls, preset, overrides)  # type: ignore[type-var]
+
+    @classmethod
+    def load(cls, path: Path) -> Any:
+        """This kind's saved config.yaml (`load_any`)."""
+        return load_any(cls, path)  # type: ignore[type-var]
+
+    def save(self, path: Path) -> None:
+        data = self.to_dict()
+        if self.KIND != RunConfig.KIND:
+            data = {KIND_KEY: self.KIND, **data}
+        atomic_write_text(Path(path), yaml.safe_dump(data, sort_keys=False))
+
+
 @dataclass(frozen=True)
-class RunConfig:
+class RunConfig(_Config):
     """Everything that defines a training run. Defaults are the method's fine-tuning setup."""
+
+    KIND: ClassVar[str] = "finetune"
 
     name: str = "run"
     # Data
@@ -77,39 +124,119 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         # Checked here so a preset, an override and a saved config.yaml all fail the same way.
-        if self.threshold_rule not in RULES:
-            raise ConfigError(f"threshold_rule must be one of {RULES}, not {self.threshold_rule!r}")
-        if not 0.0 <= self.uncertainty_band < 0.5:
-            raise ConfigError(f"uncertainty_band must be in [0, 0.5), not {self.uncertainty_band}")
+        _check_thresholds(self.threshold_rule, self.uncertainty_band)
         if self.keep_best < 1:
             raise ConfigError(f"keep_best must be at least 1, not {self.keep_best}")
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
-    def save(self, path: Path) -> None:
-        atomic_write_text(Path(path), yaml.safe_dump(self.to_dict(), sort_keys=False))
+@dataclass(frozen=True)
+class HeadConfig(_Config):
+    """Approach 1: frozen backbones, features extracted once, feed-forward heads trained on them.
+
+    Defaults follow the method's Table I protocol on the five competition labels; every
+    backbone x head pair becomes an ordinary checkpoint in `<runs_dir>/<name>/<Model>/`.
+    """
+
+    KIND: ClassVar[str] = "heads"
+
+    name: str = "heads"
+    # Data (as RunConfig)
+    train_csv: str = ""
+    valid_csv: str = ""  # empty: split valid_fraction of train's patients off instead
+    format: str = "auto"
+    labels: str = "competition"
+    view: str = "all"
+    policy: str = "U-Ignore"
+    require_certain: bool = True
+    valid_fraction: float = 0.1
+    # Models: every backbone x every head
+    backbones: tuple[str, ...] = ("xception", "densenet121", "resnet50", "vgg19", "mobilenet")
+    heads: tuple[str, ...] = ("linear", "mlp3", "mlp3_dropout")
+    weights: str = "imagenet"  # imagenet | none | path to a local weights file
+    size: int = 0  # 0: the method's size per backbone (224 MobileNet, 220 the others)
+    resize_mode: str = "pad"
+    keras_compat: bool = False  # compute what Keras computes with Keras-converted weights
+    # Head training (Adam on the cached features)
+    epochs: int = 10
+    lr: float = 1e-3
+    batch_size: int = 64
+    hidden: int = 256
+    seed: int = 0
+    # Thresholds stored with each checkpoint, chosen on the validation split (as RunConfig)
+    threshold_rule: str = "fixed"
+    uncertainty_band: float = 0.0
+    # Execution
+    extract_batch_size: int = 32
+    runs_dir: str = "runs"
+
+    def __post_init__(self) -> None:
+        _check_thresholds(self.threshold_rule, self.uncertainty_band)
+        # Head names are checked by training.heads before any extraction (the list of heads
+        # lives with models.factory, which this module does not import).
+        if not self.backbones or not self.heads:
+            raise ConfigError("backbones and heads must each name at least one")
 
 
-def _check_keys(values: Mapping[str, Any], where: str) -> None:
-    known = {f.name for f in fields(RunConfig)}
+ConfigT = TypeVar("ConfigT", RunConfig, HeadConfig)
+KINDS: dict[str, type[RunConfig] | type[HeadConfig]] = {
+    RunConfig.KIND: RunConfig,
+    HeadConfig.KIND: HeadConfig,
+}
+
+
+def _split_kind(
+    values: dict[str, Any], cls: type[_Config], where: str, default_kind: str
+) -> dict[str, Any]:
+    """Drop the layer's `kind` after checking it is `cls`'s (none: `default_kind`)."""
+    values = dict(values)
+    kind = values.pop(KIND_KEY, default_kind)
+    if kind not in KINDS:
+        raise ConfigError(f"{where}: unknown config kind {kind!r}; kinds: {sorted(KINDS)}")
+    if kind != cls.KIND:
+        users = {"finetune": "cxrlabel train", "heads": "cxrlabel extract / train-head / sweep"}
+        raise ConfigError(
+            f"{where} is a {kind!r} config (for {users[kind]}), not a {cls.KIND!r} one "
+            f"(for {users[cls.KIND]})"
+        )
+    return values
+
+
+def _check_keys(values: Mapping[str, Any], where: str, cls: type[_Config] = RunConfig) -> None:
+    known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(set(values) - known)
     if unknown:
         raise ConfigError(f"{where}: unknown config key(s) {unknown}")
 
 
-def _coerce(values: Mapping[str, Any], where: str) -> dict[str, Any]:
+def _coerce_one(key: str, value: Any, want: type, where: str) -> Any:
+    if want is tuple:
+        # A list from YAML, or "a,b" from a key=value override.
+        if isinstance(value, str):
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{where}: {key} must be a list of names, got {value!r}")
+        return tuple(value)
+    if want is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, want) or (want is int and isinstance(value, bool)):
+        raise ConfigError(f"{where}: {key} must be {want.__name__}, got {value!r}")
+    return value
+
+
+def _coerce(
+    values: Mapping[str, Any], where: str, cls: type[_Config] = RunConfig
+) -> dict[str, Any]:
     """Check each value against the field's default type (int may stand for float)."""
-    types = {f.name: type(f.default) for f in fields(RunConfig)}
-    out = {}
-    for key, value in values.items():
-        want = types[key]
-        if want is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if not isinstance(value, want) or (want is int and isinstance(value, bool)):
-            raise ConfigError(f"{where}: {key} must be {want.__name__}, got {value!r}")
-        out[key] = value
-    return out
+    types = {f.name: type(f.default) for f in fields(cls)}  # type: ignore[arg-type]
+    return {key: _coerce_one(key, value, types[key], where) for key, value in values.items()}
+
+
+def _layer(
+    values: Mapping[str, Any], where: str, cls: type[_Config], default_kind: str
+) -> dict[str, Any]:
+    values = _split_kind(dict(values), cls, where, default_kind)
+    _check_keys(values, where, cls)
+    return _coerce(values, where, cls)
 
 
 def read_yaml(path: Path) -> dict[str, Any]:
@@ -146,24 +273,36 @@ def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
     return out
 
 
-def build_config(
-    preset: str | None = None, overrides: Mapping[str, Any] | Sequence[str] = ()
-) -> RunConfig:
-    """Defaults, then the preset, then the overrides; unknown keys are errors."""
+def build_any(
+    cls: type[ConfigT],
+    preset: str | None = None,
+    overrides: Mapping[str, Any] | Sequence[str] = (),
+) -> ConfigT:
+    """A `cls` config: defaults, then the preset, then the overrides; unknown keys are errors.
+
+    A file without `kind` is a fine-tuning one; overrides need none (they are `cls`'s).
+    """
     values: dict[str, Any] = {}
     if preset:
         path = preset_path(preset)
-        layer = read_yaml(path)
-        _check_keys(layer, str(path))
-        values.update(_coerce(layer, str(path)))
+        values.update(_layer(read_yaml(path), str(path), cls, RunConfig.KIND))
     layer = dict(overrides) if isinstance(overrides, Mapping) else parse_overrides(overrides)
-    _check_keys(layer, "overrides")
-    values.update(_coerce(layer, "overrides"))
-    return RunConfig(**values)
+    values.update(_layer(layer, "overrides", cls, cls.KIND))
+    return cls(**values)
+
+
+def load_any(cls: type[ConfigT], path: Path) -> ConfigT:
+    """A saved config.yaml of kind `cls`, checked like any other layer."""
+    return cls(**_layer(read_yaml(path), str(path), cls, RunConfig.KIND))
+
+
+def build_config(
+    preset: str | None = None, overrides: Mapping[str, Any] | Sequence[str] = ()
+) -> RunConfig:
+    """A fine-tuning config: defaults, then the preset, then the overrides."""
+    return build_any(RunConfig, preset, overrides)
 
 
 def load_config(path: Path) -> RunConfig:
-    """A run's saved config.yaml, checked like any other layer."""
-    data = read_yaml(path)
-    _check_keys(data, str(path))
-    return RunConfig(**_coerce(data, str(path)))
+    """A fine-tuning run's saved config.yaml."""
+    return load_any(RunConfig, path)

@@ -1,8 +1,8 @@
-"""Frozen-feature approach: feature cache, stale-cache refusal, head training, the sweep."""
+"""Frozen-feature approach, "extract once": the feature cache and stale-cache refusal (heads and
+the sweep: test_heads.py)."""
 
 from __future__ import annotations
 
-import math
 from dataclasses import replace
 from pathlib import Path
 
@@ -13,18 +13,13 @@ import torch
 from safetensors.torch import save_file
 
 from cxrlabel.data.formats import load_table
-from cxrlabel.models.factory import TINY_PREPROCESSING, TinyCNN, masked_bce_loss
+from cxrlabel.models.factory import TINY_PREPROCESSING, TinyCNN
 from cxrlabel.training.features import (
     FEATURES_FILE,
     FEATURES_META,
     StaleFeatureCacheError,
     extract_features,
-    format_sweep_table,
     load_features,
-    run_extract,
-    run_train_head,
-    sweep,
-    train_head,
 )
 
 
@@ -124,75 +119,3 @@ def test_bad_image_is_skipped_and_reported(train_table, tmp_path):
     assert feats.rows.tolist() == [0, 1, 2]
     assert len(feats.skipped) == 1 and "broken.jpg" in feats.skipped[0].path
     assert load_features(tmp_path / "c").skipped == feats.skipped
-
-
-def test_train_head_reduces_loss():
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(256, 16)).astype(np.float32)
-    y = (x[:, :3] > 0).astype(np.float32)
-    mask = rng.random(y.shape) > 0.2
-    losses: list[float] = []
-    head = train_head(
-        x, y, mask, "mlp3", epochs=15, lr=3e-3, on_epoch=lambda _e, loss: losses.append(loss)
-    )
-    assert len(losses) == 15 and losses[-1] < 0.5 * losses[0]
-    assert not head.training
-
-
-def test_train_head_is_seeded_and_leaves_global_rng_alone():
-    x = np.random.default_rng(1).normal(size=(64, 8)).astype(np.float32)
-    y = (x[:, :2] > 0).astype(np.float32)
-    mask = np.ones_like(y, dtype=bool)
-    torch.manual_seed(123)
-    expected = torch.rand(1)
-    torch.manual_seed(123)
-    a = train_head(x, y, mask, "mlp3_dropout", epochs=2, seed=5)
-    assert torch.rand(1) == expected
-    # Dropout draws from the RNG too: a different global state must not change the result.
-    torch.manual_seed(999)
-    b = train_head(x, y, mask, "mlp3_dropout", epochs=2, seed=5)
-    for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
-        torch.testing.assert_close(pa, pb)
-
-
-def test_masked_loss_ignores_masked_entries():
-    logits = torch.randn(4, 3, requires_grad=True)
-    targets = torch.randint(0, 2, (4, 3)).float()
-    mask = torch.tensor([[1, 0, 1], [0, 0, 1], [1, 1, 1], [0, 1, 0]], dtype=torch.bool)
-    flipped = torch.where(mask, targets, 1 - targets)
-    loss = masked_bce_loss(logits, targets, mask)
-    torch.testing.assert_close(loss, masked_bce_loss(logits, flipped, mask))
-    loss.backward()
-    assert torch.all(logits.grad[~mask] == 0)
-
-
-def test_sweep_rows_and_table(tiny_dataset: Path, tmp_path):
-    train = load_table(tiny_dataset / "train.csv")
-    valid = load_table(tiny_dataset / "valid.csv")
-    kwargs = dict(weights="none", size_for={"tiny": 32}, cache_dir=tmp_path, epochs=3)
-    df = sweep(train, valid, ["tiny"], progress=False, **kwargs)
-    assert df["Model"].tolist() == ["Tiny_1", "Tiny_3", "Tiny_3_D"]
-    for column in ("Acc", "Prec", "Recall", "F Score", "AUROC"):
-        values = df[column].to_numpy(dtype=float)
-        assert all(math.isnan(v) or 0.0 <= v <= 1.0 for v in values), column
-    assert all(0.0 <= v <= 1.0 for v in df["Acc"])
-    caches = sorted(p.name for p in tmp_path.iterdir())
-    assert len(caches) == 2 and {c.split("-")[0] for c in caches} == {"train", "valid"}
-    # A second sweep with the same settings reuses both caches (no new directories).
-    sweep(train, valid, ["tiny"], heads=["linear"], progress=False, **kwargs)
-    assert sorted(p.name for p in tmp_path.iterdir()) == caches
-
-    markdown = format_sweep_table(df)
-    lines = markdown.splitlines()
-    assert lines[0] == "| Model | Acc | Prec | Recall | F Score | AUROC |"
-    assert lines[2].startswith("| Tiny_1 | ") and len(lines) == 5
-
-
-def test_run_extract_then_train_head(tiny_dataset: Path, tmp_path):
-    csv = tiny_dataset / "train.csv"
-    feats = run_extract(
-        csv, tmp_path / "f", backbone="tiny", weights="none", size=32, progress=False
-    )
-    out = run_train_head(csv, tmp_path / "f", tmp_path / "head.safetensors", head="mlp3", epochs=2)
-    assert out.is_file() and out.with_suffix(".safetensors.json").is_file()
-    assert len(feats) > 0

@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 import cxrlabel
 from cxrlabel.data.transforms import Preprocessing
 from cxrlabel.fileio import atomic_path, atomic_write_text
-from cxrlabel.models.factory import CXRModel, ModelSpec, create_model
+from cxrlabel.models.factory import CXRModel, ModelSpec, create_model, make_keras_compatible
 from cxrlabel.models.thresholds import Thresholds
 
 log = logging.getLogger(__name__)
@@ -39,9 +39,14 @@ CHECKPOINT_FORMAT = 1
 WEIGHTS_SUFFIX = ".safetensors"
 STATE_SUFFIX = ".state.safetensors"
 META_SUFFIX = ".json"
+# Approach-1 models: which frozen backbone and weights the features came from, and whether the
+# network was made Keras-compatible (that has no tensors, so loading must redo it).
+FROZEN_BACKBONE_KEY = "frozen_backbone"
 # Keys that describe the tensor files or how to rebuild the model: changing them in place would
 # pair the weights with metadata they were not saved with, so `update_metadata` refuses them.
-PROTECTED_KEYS = frozenset({"format", "files", "sha256", "model", "preprocessing", "optimizer"})
+PROTECTED_KEYS = frozenset(
+    {"format", "files", "sha256", "model", "preprocessing", "optimizer", FROZEN_BACKBONE_KEY}
+)
 THRESHOLDS_KEY = "thresholds"
 
 
@@ -166,12 +171,14 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer | None = None,
     extra: Mapping[str, Any] | None = None,
     thresholds: Thresholds | None = None,
+    frozen_backbone: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write weights (and, with `optimizer`, resumable training state); return the JSON path.
 
     `extra` is stored as-is under "extra" (it must be JSON-serialisable), e.g. training
     progress or validation metrics. `thresholds` (for the model's labels) are stored under
-    "thresholds"; without them readers use the method's fixed 0.5.
+    "thresholds"; without them readers use the method's fixed 0.5. `frozen_backbone` (an
+    approach-1 model: backbone, weights identity and sha256, keras_compat) is stored as such.
     """
     weights_path, state_path, meta_path = checkpoint_paths(path)
     meta: dict[str, Any] = {
@@ -186,6 +193,8 @@ def save_checkpoint(
         "sha256": {"weights": _save_tensors(weights_path, model.state_dict())},
         "extra": dict(extra or {}),
     }
+    if frozen_backbone is not None:
+        meta[FROZEN_BACKBONE_KEY] = dict(frozen_backbone)
     if thresholds is not None:
         meta[THRESHOLDS_KEY] = thresholds.subset(model.spec.labels).to_dict()
     if optimizer is not None:
@@ -310,6 +319,8 @@ def model_from_metadata(meta: Mapping[str, Any]) -> CXRModel:
     )
     # The saved preprocessing is what the weights were trained with; it wins over defaults.
     model.preprocessing = prep
+    if meta.get(FROZEN_BACKBONE_KEY, {}).get("keras_compat"):
+        make_keras_compatible(model.backbone)
     return model
 
 

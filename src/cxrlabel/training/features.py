@@ -1,8 +1,8 @@
-"""Approach 1: a frozen backbone as feature extractor, feed-forward heads trained on its features.
+"""Approach 1, "extract once": a frozen backbone's pooled features, computed once and cached.
 
 The backbone is frozen, so its pooled features for an image never change: `extract_features`
 runs it once per (images, backbone, weights, preprocessing) and stores the result; every head and
-every epoch afterwards trains on the stored matrix in seconds.
+every epoch afterwards (training.heads) trains on the stored matrix in seconds.
 
 Feature cache layout (one directory per table x backbone configuration):
 
@@ -28,12 +28,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -43,35 +42,14 @@ from tqdm.auto import tqdm
 from cxrlabel.data.cache import ImageCache, Skipped
 from cxrlabel.data.cache import fingerprint as files_fingerprint
 from cxrlabel.data.dataset import CXRDataset, collate_skipping
-from cxrlabel.data.formats import load_table
-from cxrlabel.data.labels import (
-    OBSERVATIONS,
-    LabelTable,
-    UncertaintyPolicy,
-    filter_certain,
-    filter_view,
-    resolve_labels,
-)
+from cxrlabel.data.labels import OBSERVATIONS, LabelTable, UncertaintyPolicy, resolve_labels
 from cxrlabel.data.transforms import Preprocessing
-from cxrlabel.evaluation.metrics import metrics_table
-from cxrlabel.evaluation.tables import markdown_table
 from cxrlabel.fileio import atomic_path, atomic_write_text
-from cxrlabel.models.factory import (
-    HEADS,
-    create_backbone,
-    create_head,
-    make_keras_compatible,
-    masked_bce_loss,
-    model_display_name,
-)
+from cxrlabel.models.factory import TINY_PREPROCESSING, create_backbone, make_keras_compatible
 
 log = logging.getLogger(__name__)
 
 FEATURE_CACHE_VERSION = 1
-# The sweep's columns in the method's Table I layout, and the metrics.metrics_table column each
-# one is read from.
-METRICS = ("Acc", "Prec", "Recall", "F Score", "AUROC")
-_METRIC_SOURCE = {"Acc": "Accuracy", "Prec": "Precision", "Recall": "Recall", "F Score": "F1"}
 FEATURES_FILE, FEATURES_META = "features.safetensors", "meta.json"
 
 WeightsSpec = str | Path
@@ -229,9 +207,10 @@ def _run_backbone(
     return np.concatenate(chunks).astype(np.float32), np.concatenate(rows).astype(np.int64)
 
 
-def _build_backbone(
+def build_backbone(
     backbone: str, weights: WeightsSpec, resize_mode: str
 ) -> tuple[nn.Module, Preprocessing]:
+    """The frozen backbone features are extracted with (and approach-1 checkpoints hold)."""
     # Fixed seed: with weights='none' the random init is then the same on every call, so a
     # rebuilt cache holds the same features (fork_rng leaves the caller's RNG untouched).
     with torch.random.fork_rng(devices=[]):
@@ -264,7 +243,7 @@ def extract_features(
     model: nn.Module | None = None
     prep = preprocessing
     if prep is None:
-        model, prep = _build_backbone(backbone_name, weights, resize_mode)
+        model, prep = build_backbone(backbone_name, weights, resize_mode)
     key = feature_fingerprint(table, backbone_name, weights, prep, keras_compat=keras_compat)
     if (cache_dir / FEATURES_META).is_file():
         try:
@@ -277,7 +256,7 @@ def extract_features(
             log.info("%s: feature cache is stale; recomputing (overwrite=True)", cache_dir)
 
     if model is None:
-        model, _ = _build_backbone(backbone_name, weights, resize_mode)
+        model, _ = build_backbone(backbone_name, weights, resize_mode)
     if keras_compat:
         make_keras_compatible(model)
     model.eval()
@@ -308,108 +287,20 @@ def extract_features(
 
 
 # ---------------------------------------------------------------------------------------------
-# Heads
-
-
-def train_head(
-    features: np.ndarray | torch.Tensor,
-    targets: np.ndarray | torch.Tensor,
-    mask: np.ndarray | torch.Tensor,
-    head_kind: str,
-    *,
-    epochs: int,
-    lr: float = 1e-3,
-    batch_size: int = 64,
-    seed: int = 0,
-    hidden: int = 256,
-    on_epoch: Callable[[int, float], None] | None = None,
-) -> nn.Module:
-    """Train one head on cached features with Adam and the masked BCE loss; returns it in eval.
-
-    `on_epoch(epoch, mean_loss)` is called after each epoch (for logging or loss curves).
-    """
-    x = torch.as_tensor(np.asarray(features), dtype=torch.float32)
-    y = torch.as_tensor(np.asarray(targets), dtype=torch.float32)
-    m = torch.as_tensor(np.asarray(mask), dtype=torch.float32)
-    if not len(x) == len(y) == len(m):
-        raise ValueError(
-            f"features, targets and mask differ in length: {len(x)}, {len(y)}, {len(m)}"
-        )
-    # fork_rng + seed: init and dropout masks are reproducible for a seed, and the caller's
-    # global RNG state is left as it was.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        head = create_head(head_kind, x.shape[1], y.shape[1], hidden)
-        _fit_head(head, x, y, m, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
-                  name=head_kind, on_epoch=on_epoch)  # fmt: skip
-    return head.eval()
-
-
-def _fit_head(
-    head: nn.Module,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    m: torch.Tensor,
-    *,
-    epochs: int,
-    lr: float,
-    batch_size: int,
-    seed: int,
-    name: str,
-    on_epoch: Callable[[int, float], None] | None,
-) -> None:
-    generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.Adam(head.parameters(), lr=lr)
-    head.train()
-    for epoch in range(epochs):
-        order = torch.randperm(len(x), generator=generator)
-        total = 0.0
-        for start in range(0, len(x), batch_size):
-            idx = order[start : start + batch_size]
-            loss = masked_bce_loss(head(x[idx]), y[idx], m[idx])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            total += loss.item() * len(idx)
-        mean_loss = total / max(len(x), 1)
-        log.debug("%s epoch %d: loss %.4f", name, epoch + 1, mean_loss)
-        if on_epoch is not None:
-            on_epoch(epoch, mean_loss)
-
-
-@torch.inference_mode()
-def predict_head(head: nn.Module, features: np.ndarray, batch_size: int = 1024) -> np.ndarray:
-    """Sigmoid probabilities [M, K] of a trained head."""
-    head.eval()
-    x = torch.as_tensor(np.asarray(features), dtype=torch.float32)
-    out = [torch.sigmoid(head(x[i : i + batch_size])) for i in range(0, len(x), batch_size)]
-    return torch.cat(out).numpy() if out else np.zeros((0, 0), dtype=np.float32)
-
-
-# ---------------------------------------------------------------------------------------------
-# The method's first experiment
+# Preprocessing the method extracts with
 
 
 def default_size(backbone: str) -> int:
-    """The method's input sizes: 224 for MobileNet, 220 for the other backbones."""
+    """The method's input sizes: 224 for MobileNet, 220 for the other backbones.
+
+    The tiny test CNN (not in the method) keeps its native size.
+    """
+    if backbone == "tiny":
+        return TINY_PREPROCESSING.size
     return 224 if backbone == "mobilenet" else 220
 
 
-def _size_of(backbone: str, size_for: Mapping[str, int] | Callable[[str], int] | None) -> int:
-    if size_for is None:
-        return default_size(backbone)
-    if isinstance(size_for, Mapping):
-        return int(size_for.get(backbone, default_size(backbone)))
-    return int(size_for(backbone))
-
-
-def _weights_of(backbone: str, weights: WeightsSpec | Mapping[str, WeightsSpec]) -> WeightsSpec:
-    if isinstance(weights, Mapping):
-        return weights.get(backbone, "imagenet")
-    return weights
-
-
-def _preprocessing_for(backbone: str, size: int, resize_mode: str) -> Preprocessing:
+def extraction_preprocessing(backbone: str, size: int, resize_mode: str) -> Preprocessing:
     """The backbone's normalisation (from its architecture's pretrained config) at `size`."""
     # weights='none': only the config is needed, and it must not trigger a download.
     _, native = create_backbone(backbone, "none", resize_mode=resize_mode)
@@ -433,217 +324,15 @@ def features_for(
     return extract_features(table, backbone, weights, preprocessing, cache_dir, **kwargs)
 
 
-def evaluate_head(
-    head: nn.Module, features: np.ndarray, targets: np.ndarray, mask: np.ndarray, labels
-) -> pd.DataFrame:
-    """metrics.metrics_table for a head's predictions (per label + 'Mean', threshold 0.5)."""
-    return metrics_table(targets, predict_head(head, features), mask, resolve_labels(labels))
-
-
-def sweep(
-    train_table: LabelTable,
-    valid_table: LabelTable,
-    backbones: Sequence[str],
-    heads: Sequence[str] = tuple(HEADS),
-    *,
-    labels: Sequence[str] | str = "competition",
-    weights: WeightsSpec | Mapping[str, WeightsSpec] = "imagenet",
-    size_for: Mapping[str, int] | Callable[[str], int] | None = None,
-    cache_dir: Path,
-    epochs: int = 10,
-    lr: float = 1e-3,
-    batch_size: int = 64,
-    hidden: int = 256,
-    seed: int = 0,
-    policy: UncertaintyPolicy | str = UncertaintyPolicy.IGNORE,
-    certain_only: bool = True,
-    extract_batch_size: int = 32,
-    resize_mode: str = "pad",
-    progress: bool = True,
-) -> pd.DataFrame:
-    """Frozen backbone x head grid: one row per model ("Xception_3_D"), the five mean metrics.
-
-    Features are extracted once per backbone and table part; each head trains on the train
-    features and is evaluated on the valid features. Protocol defaults follow the method: the
-    five competition labels, images with at least one certain label among them, U-Ignore.
-    """
-    labels = resolve_labels(labels)
-    if certain_only:
-        train_table = filter_certain(train_table, labels)
-        valid_table = filter_certain(valid_table, labels)
-    rows = []
-    for backbone in backbones:
-        w = _weights_of(backbone, weights)
-        prep = _preprocessing_for(backbone, _size_of(backbone, size_for), resize_mode)
-        common = {"batch_size": extract_batch_size, "progress": progress}
-        train = features_for(train_table, backbone, w, prep, cache_dir, "train", **common)
-        valid = features_for(valid_table, backbone, w, prep, cache_dir, "valid", **common)
-        y_train, m_train = train.targets(train_table, labels, policy)
-        y_valid, m_valid = valid.targets(valid_table, labels, policy)
-        for head_kind in heads:
-            head = train_head(
-                train.features, y_train, m_train, head_kind,
-                epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, hidden=hidden,
-            )  # fmt: skip
-            table = evaluate_head(head, valid.features, y_valid, m_valid, labels)
-            mean = table.set_index("Label").loc["Mean"]
-            row = {"Model": model_display_name(backbone, head_kind)}
-            row.update({m: float(mean[_METRIC_SOURCE.get(m, m)]) for m in METRICS})
-            rows.append(row)
-            log.info("%s: mean AUROC %.3f", row["Model"], row["AUROC"])
-    return pd.DataFrame(rows, columns=["Model", *METRICS])
-
-
-def format_sweep_table(df: pd.DataFrame) -> str:
-    """Markdown in the layout of the method's Table I: Model | Acc | Prec | Recall | F | AUROC."""
-    return markdown_table(df, ["Model", *METRICS], digits=2)
-
-
-# ---------------------------------------------------------------------------------------------
-# Entry points for the CLI: explicit parameters, files in and out.
-
-
-def _load_filtered(
-    csv: Path, fmt: str, view: str, labels: Sequence[str] | str, certain_only: bool
-) -> LabelTable:
-    table = filter_view(load_table(Path(csv), fmt), view)
-    return filter_certain(table, resolve_labels(labels)) if certain_only else table
-
-
-def run_extract(
-    csv: Path,
-    cache_dir: Path,
-    *,
-    backbone: str,
-    weights: WeightsSpec = "imagenet",
-    size: int | None = None,
-    fmt: str = "auto",
-    view: str = "all",
-    labels: Sequence[str] | str = "competition",
-    certain_only: bool = True,
-    batch_size: int = 32,
-    resize_mode: str = "pad",
-    keras_compat: bool = False,
-    overwrite: bool = False,
-    progress: bool = True,
-) -> FeatureSet:
-    """Load a label CSV, filter it like the sweep does, and extract its features into cache_dir.
-
-    size None means the method's default for the backbone (224 MobileNet, 220 others).
-    """
-    table = _load_filtered(csv, fmt, view, labels, certain_only)
-    prep = _preprocessing_for(backbone, size or default_size(backbone), resize_mode)
-    return extract_features(
-        table, backbone, weights, prep, Path(cache_dir),
-        batch_size=batch_size, progress=progress, overwrite=overwrite, keras_compat=keras_compat,
-        resize_mode=resize_mode,
-    )  # fmt: skip
-
-
-def run_train_head(
-    csv: Path,
-    cache_dir: Path,
-    out: Path,
-    *,
-    head: str,
-    epochs: int,
-    fmt: str = "auto",
-    view: str = "all",
-    labels: Sequence[str] | str = "competition",
-    certain_only: bool = True,
-    policy: UncertaintyPolicy | str = UncertaintyPolicy.IGNORE,
-    lr: float = 1e-3,
-    batch_size: int = 64,
-    hidden: int = 256,
-    seed: int = 0,
-) -> Path:
-    """Train a head on a feature cache made by `run_extract` for the same CSV and filters.
-
-    The table is reloaded and the cache's fingerprint re-checked against it, so features and
-    labels cannot drift apart. Writes `out` (safetensors head weights) and `out`.json (spec).
-    """
-    table = _load_filtered(csv, fmt, view, labels, certain_only)
-    meta = json.loads((Path(cache_dir) / FEATURES_META).read_text())
-    prep = Preprocessing.from_dict(meta["preprocessing"])
-    key = feature_fingerprint(
-        table, meta["backbone"], meta["weights"], prep, keras_compat=meta["keras_compat"]
-    )
-    features = load_features(Path(cache_dir), key)
-    label_names = resolve_labels(labels)
-    y, m = features.targets(table, label_names, policy)
-    model = train_head(
-        features.features, y, m, head,
-        epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, hidden=hidden,
-    )  # fmt: skip
-    out = Path(out)
-    with atomic_path(out) as tmp:
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
-    spec = {
-        "head": head,
-        "hidden": hidden,
-        "labels": list(label_names),
-        "in_features": features.dim,
-        "backbone": meta["backbone"],
-        "weights": meta["weights"],
-        "preprocessing": meta["preprocessing"],
-        "feature_fingerprint": key,
-        "name": model_display_name(meta["backbone"], head),
-    }
-    atomic_write_text(out.with_suffix(out.suffix + ".json"), json.dumps(spec, indent=2))
-    return out
-
-
-def run_sweep(
-    train_csv: Path,
-    valid_csv: Path,
-    cache_dir: Path,
-    *,
-    backbones: Sequence[str],
-    heads: Sequence[str] = tuple(HEADS),
-    weights: WeightsSpec | Mapping[str, WeightsSpec] = "imagenet",
-    sizes: Mapping[str, int] | None = None,
-    fmt: str = "auto",
-    view: str = "all",
-    labels: Sequence[str] | str = "competition",
-    epochs: int = 10,
-    lr: float = 1e-3,
-    batch_size: int = 64,
-    hidden: int = 256,
-    seed: int = 0,
-    out_csv: Path | None = None,
-    out_markdown: Path | None = None,
-    progress: bool = True,
-) -> pd.DataFrame:
-    """Load train/valid CSVs, run `sweep`, optionally write the table as CSV and markdown."""
-    train = filter_view(load_table(Path(train_csv), fmt), view)
-    valid = filter_view(load_table(Path(valid_csv), fmt), view)
-    df = sweep(
-        train, valid, backbones, heads,
-        labels=labels, weights=weights, size_for=sizes, cache_dir=Path(cache_dir),
-        epochs=epochs, lr=lr, batch_size=batch_size, hidden=hidden, seed=seed, progress=progress,
-    )  # fmt: skip
-    if out_csv is not None:
-        atomic_write_text(Path(out_csv), df.to_csv(index=False))
-    if out_markdown is not None:
-        atomic_write_text(Path(out_markdown), format_sweep_table(df))
-    return df
-
-
 __all__ = [
     "FeatureSet",
     "StaleFeatureCacheError",
+    "build_backbone",
     "default_size",
-    "evaluate_head",
     "extract_features",
+    "extraction_preprocessing",
     "feature_fingerprint",
     "features_for",
-    "format_sweep_table",
     "load_features",
-    "predict_head",
-    "run_extract",
-    "run_sweep",
-    "run_train_head",
-    "sweep",
-    "train_head",
     "weights_identity",
 ]
