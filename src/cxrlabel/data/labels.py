@@ -38,23 +38,16 @@ OBSERVATIONS: tuple[str, ...] = (
 POSITIVE, NEGATIVE, UNCERTAIN = 1.0, 0.0, -1.0
 
 
-# The CheXpert paper's Table 1 lists the observations in this order (not the CSV's order).
-TABLE1_ORDER: tuple[str, ...] = (
-    "No Finding",
-    "Enlarged Cardiomediastinum",
-    "Cardiomegaly",
-    "Lung Lesion",
-    "Lung Opacity",
-    "Edema",
-    "Consolidation",
-    "Pneumonia",
-    "Atelectasis",
-    "Pneumothorax",
-    "Pleural Effusion",
-    "Pleural Other",
-    "Fracture",
-    "Support Devices",
-)
+def _swapped(names: tuple[str, ...], a: str, b: str) -> tuple[str, ...]:
+    i, j = names.index(a), names.index(b)
+    out = list(names)
+    out[i], out[j] = out[j], out[i]
+    return tuple(out)
+
+
+# The CheXpert paper's Table 1 lists the observations in the CSV's order but for one pair:
+# Lung Lesion comes before Lung Opacity.
+TABLE1_ORDER: tuple[str, ...] = _swapped(OBSERVATIONS, "Lung Opacity", "Lung Lesion")
 
 LABEL_SETS: dict[str, tuple[str, ...]] = {
     # The five observations of the CheXpert competition (and of the method's first experiment).

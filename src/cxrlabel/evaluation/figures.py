@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -103,31 +104,57 @@ def _curves(
             yield i, data[0], curves(*data)
 
 
+@dataclass(frozen=True)
+class _CurveKind:
+    """What distinguishes the ROC from the precision-recall figure."""
+
+    x: str
+    y: str
+    metric: str
+    xlabel: str
+    ylabel: str
+    legend_at: str
+    title: str
+    diagonal: bool  # chance on the ROC plot
+    prevalence: bool  # chance on the PR plot: a classifier that guesses scores the prevalence
+
+
+ROC = _CurveKind(
+    "fpr", "tpr", "AUROC", "1 - specificity", "sensitivity", "lower right", "ROC curves",
+    diagonal=True, prevalence=False,
+)  # fmt: skip
+PR = _CurveKind(
+    "recall", "precision", "AUPRC", "recall", "precision", "best",
+    "Precision-recall curves (dotted: prevalence)", diagonal=False, prevalence=True,
+)  # fmt: skip
+
+
+def curve_figure(
+    evaluations: Sequence[Evaluation], names: Sequence[str], labels: Sequence[str], kind: _CurveKind
+) -> bytes:
+    def draw(ax: Axes, label: str) -> None:
+        if kind.diagonal:
+            ax.plot([0, 1], [0, 1], ls=":", color="#999999", lw=0.8)
+        for i, y_true, c in _curves(evaluations, label):
+            value = _metric(evaluations[i], label, kind.metric)
+            ax.plot(c[kind.x], c[kind.y], color=_colour(i), lw=1.3, label=value)
+            if kind.prevalence:
+                ax.axhline(float(np.mean(y_true)), color=_colour(i), ls=":", lw=0.8)
+        _finish(ax, kind.xlabel, kind.ylabel, kind.metric, kind.legend_at)
+
+    return _label_grid(labels, draw, kind.title, names)
+
+
 def roc_figure(
     evaluations: Sequence[Evaluation], names: Sequence[str], labels: Sequence[str]
 ) -> bytes:
-    def draw(ax: Axes, label: str) -> None:
-        ax.plot([0, 1], [0, 1], ls=":", color="#999999", lw=0.8)
-        for i, _, c in _curves(evaluations, label):
-            auroc = _metric(evaluations[i], label, "AUROC")
-            ax.plot(c["fpr"], c["tpr"], color=_colour(i), lw=1.3, label=auroc)
-        _finish(ax, "1 - specificity", "sensitivity", "AUROC", "lower right")
-
-    return _label_grid(labels, draw, "ROC curves", names)
+    return curve_figure(evaluations, names, labels, ROC)
 
 
 def pr_figure(
     evaluations: Sequence[Evaluation], names: Sequence[str], labels: Sequence[str]
 ) -> bytes:
-    def draw(ax: Axes, label: str) -> None:
-        for i, y_true, c in _curves(evaluations, label):
-            auprc = _metric(evaluations[i], label, "AUPRC")
-            ax.plot(c["recall"], c["precision"], color=_colour(i), lw=1.3, label=auprc)
-            # A classifier that guesses scores the prevalence: the floor to compare against.
-            ax.axhline(float(np.mean(y_true)), color=_colour(i), ls=":", lw=0.8)
-        _finish(ax, "recall", "precision", "AUPRC", "best")
-
-    return _label_grid(labels, draw, "Precision-recall curves (dotted: prevalence)", names)
+    return curve_figure(evaluations, names, labels, PR)
 
 
 def reliability_figure(

@@ -805,25 +805,16 @@ def serve(
     *,
     host: str = "127.0.0.1",
     port: int = 8000,
-    max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
-    token: str | None = None,
-    heatmap_cache: int = DEFAULT_HEATMAP_CACHE,
-    max_concurrent: int = DEFAULT_MAX_CONCURRENT,
-    max_queue: int = DEFAULT_MAX_QUEUE,
     log_level: str = "info",
+    **settings: Any,
 ) -> None:
-    """Serve `model` with uvicorn until interrupted (one process: the model is loaded once)."""
+    """Serve `model` with uvicorn until interrupted (one process: the model is loaded once).
+
+    `settings` are `create_app`'s keyword arguments (upload limit, token, heatmap cache,
+    concurrency and queue limits), passed on unchanged."""
     import uvicorn
 
-    app = create_app(
-        model,
-        max_upload_bytes=max_upload_bytes,
-        token=token,
-        heatmap_cache=heatmap_cache,
-        max_concurrent=max_concurrent,
-        max_queue=max_queue,
-    )
-    uvicorn.run(app, host=host, port=port, log_level=log_level)
+    uvicorn.run(create_app(model, **settings), host=host, port=port, log_level=log_level)
 
 
 @contextmanager
