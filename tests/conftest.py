@@ -36,6 +36,9 @@ def tiny_run(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory):
             "require_certain": False,
             "keep_best": 2,
             "seed": 1,
+            # The plan explicit: with "auto" the run would differ by CPU (bf16 on AMX) or GPU.
+            "device": "cpu",
+            "precision": "fp32",
             "runs_dir": str(tmp_path_factory.mktemp("tiny_runs")),
         },
     )

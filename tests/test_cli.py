@@ -135,6 +135,8 @@ def test_train_then_evaluate(tiny_dataset, tmp_path, capsys):
         "size=64",
         "epochs=1",
         "require_certain=false",
+        "device=cpu",
+        "precision=fp32",
     ]
     assert main(["train", "--preset", "tiny-cpu", "--run-dir", str(run), *overrides]) == 0
     assert "validation AUROC per label" in capsys.readouterr().out
@@ -142,7 +144,8 @@ def test_train_then_evaluate(tiny_dataset, tmp_path, capsys):
     capsys.readouterr()
     best = run / "checkpoints" / "best.safetensors"
     data = ["--data", str(tiny_dataset / "valid.csv"), "--data", str(tiny_dataset / "train.csv")]
-    assert main(["evaluate", "--model", str(best), *data, "--bootstrap", "20"]) == 0
+    evaluate = ["evaluate", "--model", str(best), *data, "--bootstrap", "20", "--device", "cpu"]
+    assert main(evaluate) == 0
     printed = capsys.readouterr().out
     assert "| Cardiomegaly |" in printed and "| Mean |" in printed
     assert "| validation | Tiny_1" in printed and "| test | Tiny_1" in printed
@@ -199,7 +202,8 @@ def test_thresholds_command_changes_later_evaluations(tiny_run, tiny_dataset, tm
     assert "thresholds fixed" in before
     assert set(_threshold_cells(before, "Pleural Effusion")) == {"0.500"}
 
-    assert main(["thresholds", str(run), *data, "--rule", "max_f1", "--band", "0.05"]) == 0
+    thresholds = ["thresholds", str(run), *data, "--rule", "max_f1", "--band", "0.05"]
+    assert main([*thresholds, "--device", "cpu"]) == 0
     printed = capsys.readouterr().out
     assert "stored max_f1 thresholds chosen on synthetic train.csv" in printed
     assert "uncertain in [" in printed

@@ -23,6 +23,8 @@ def test_method_preset_trains_evaluates_and_labels(preset, tiny_dataset: Path, t
         "weights=none",
         "epochs=1",
         "require_certain=false",
+        "device=cpu",
+        "precision=fp32",
     ]
     assert main(["train", "--preset", preset, "--run-dir", str(run), *overrides]) == 0
     saved = load_config(run / "config.yaml")
@@ -35,6 +37,6 @@ def test_method_preset_trains_evaluates_and_labels(preset, tiny_dataset: Path, t
     out = tmp_path / "labels"
     films = tiny_dataset / "valid"
     assert main(["label", str(films), "--model", str(run), "--out", str(out),
-                 "--no-progress"]) == 0  # fmt: skip
+                 "--device", "cpu", "--no-progress"]) == 0  # fmt: skip
     header = (out / "labels.csv").read_text().splitlines()[0].split(",")
     assert header[0] == "Path" and len(header) == 15
