@@ -22,7 +22,6 @@ from cxrlabel.models.predictor import (
     Predictor,
     default_backend,
     load_model,
-    resize_geometry,
     shared_resize,
 )
 from cxrlabel.models.thresholds import Thresholds
@@ -122,9 +121,9 @@ def test_shared_resize_ignores_normalisation_and_spans_backends(
     other_norm = Preprocessing(
         prep.size, (0.1,) * 3, (0.9,) * 3, prep.resize_mode, prep.interpolation
     )
-    assert resize_geometry(other_norm) == resize_geometry(prep)
+    assert other_norm.geometry == prep.geometry
     crop = Preprocessing(prep.size, prep.mean, prep.std, "crop", prep.interpolation)
-    assert resize_geometry(crop) != resize_geometry(prep)
+    assert crop.geometry != prep.geometry
 
 
 # --------------------------------------------------------------------------------------------

@@ -135,15 +135,10 @@ def load_model(
     return ensemble
 
 
-def resize_geometry(prep: Preprocessing) -> ResizeGeometry:
-    """What `resize` depends on (mean and std do not change the resized film)."""
-    return prep.geometry
-
-
 def shared_resize(models: Sequence[Predictor]) -> ResizeGeometry | None:
     """The one resize every model (every ensemble member) applies, or None when they differ.
     With one, a film can be resized once as soon as it is read (predict_images' own resize of
     an S x S film is then the identity) and the full-size film dropped."""
     preps = [prep for model in models for prep in model.member_preprocessings]
-    geometries = {resize_geometry(p) for p in preps}
+    geometries = {p.geometry for p in preps}  # mean and std do not change the resized film
     return geometries.pop() if len(geometries) == 1 else None
