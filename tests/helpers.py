@@ -66,3 +66,35 @@ def count_calls(monkeypatch: Any, owner: object, name: str) -> CallCount:
 
     monkeypatch.setattr(owner, name, counting)
     return count
+
+
+def copy_checkpoint(checkpoint: Path, folder: Path) -> Path:
+    """A checkpoint's files (weights, metadata, state) copied into `folder`; the copy's path."""
+    import shutil
+
+    from cxrlabel.models.checkpoint import checkpoint_paths
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for path in checkpoint_paths(checkpoint):
+        if path.is_file():
+            shutil.copy2(path, folder / path.name)
+    return folder / checkpoint.name
+
+
+def tearing_save(save: Any, *, epoch: int, on_torn: Any) -> Any:
+    """A stand-in for `save_checkpoint` that, for `last` at `epoch`, writes the new tensor files
+    but leaves the old metadata (a kill between the two), then calls `on_torn()`, which
+    raises to end the run there. Every other save goes through unchanged."""
+
+    def dying_save(path: Path, *args: Any, **kwargs: Any) -> Path:
+        progress = kwargs.get("extra", {}).get("progress", {})
+        if Path(path).name != "last.safetensors" or progress.get("epoch") != epoch:
+            return save(path, *args, **kwargs)
+        meta = Path(path).with_suffix(".json")
+        old = meta.read_bytes()
+        save(path, *args, **kwargs)
+        meta.write_bytes(old)
+        on_torn()
+        raise AssertionError("on_torn() must raise")
+
+    return dying_save

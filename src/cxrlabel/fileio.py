@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -32,9 +32,3 @@ def atomic_write_text(path: Path, text: str) -> None:
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
-
-
-def atomic_save(path: Path, save: Callable[[Path], None]) -> None:
-    """Call `save(tmp_path)` (e.g. an image or array writer), then move the result into place."""
-    with atomic_path(path) as tmp:
-        save(tmp)

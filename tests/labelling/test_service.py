@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import io
 import os
-import shutil
 import struct
 import threading
 import time
@@ -40,7 +39,7 @@ from cxrlabel.models.checkpoint import save_checkpoint
 from cxrlabel.models.ensemble import Ensemble, load_ensemble
 from cxrlabel.models.factory import create_model
 from cxrlabel.models.predictor import load_model
-from tests.helpers import SHARED_DATA, banded_checkpoint, count_calls
+from tests.helpers import SHARED_DATA, banded_checkpoint, copy_checkpoint, count_calls
 
 LIMIT = 200_000  # bytes: small, so the too-large tests stay fast
 
@@ -441,16 +440,6 @@ def test_heatmaps_find_the_target_layer_once(
     assert searches == []
 
 
-def _copy_checkpoint(checkpoint: Path, folder: Path) -> Path:
-    from cxrlabel.models.checkpoint import checkpoint_paths
-
-    folder.mkdir(parents=True, exist_ok=True)
-    for path in checkpoint_paths(checkpoint):
-        if path.is_file():
-            shutil.copy2(path, folder / path.name)
-    return folder / checkpoint.name
-
-
 def test_onnx_model_has_heatmaps_from_its_checkpoint(
     checkpoint: Path, ensemble: Ensemble, film: Path
 ) -> None:
@@ -475,7 +464,7 @@ def test_onnx_model_without_its_checkpoint_serves_without_heatmaps(
     from cxrlabel.models.checkpoint import checkpoint_paths
     from cxrlabel.models.onnx import export_onnx
 
-    copy = _copy_checkpoint(checkpoint, tmp_path / "gone")
+    copy = copy_checkpoint(checkpoint, tmp_path / "gone")
     onnx_path = export_onnx([copy], tmp_path / "model.onnx")
     for path in checkpoint_paths(copy):
         path.unlink(missing_ok=True)

@@ -3,7 +3,6 @@ backends, the shared resize, and the model Grad-CAM runs on (heatmap_model)."""
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +24,7 @@ from cxrlabel.models.predictor import (
     shared_resize,
 )
 from cxrlabel.models.thresholds import Thresholds
+from tests.helpers import copy_checkpoint
 
 LABELS = ("Atelectasis", "Cardiomegaly", "Edema")
 INFO_KEYS = {"name", "kind", "labels", "thresholds", "package", "members"}
@@ -171,14 +171,6 @@ def test_native_backend_keeps_each_file_on_its_own_runtime(
 # --------------------------------------------------------------------------------------------
 
 
-def _copy_checkpoint(checkpoint: Path, folder: Path) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    for path in checkpoint_paths(checkpoint):
-        if path.is_file():
-            shutil.copy2(path, folder / path.name)
-    return folder / checkpoint.name
-
-
 def test_heatmap_model_of_an_ensemble_is_its_first_member(checkpoints: dict[str, Path]) -> None:
     single = load_ensemble([checkpoints["a"]], device="cpu")
     cam = heatmap_model(single)
@@ -194,7 +186,7 @@ def test_heatmap_model_of_an_ensemble_is_its_first_member(checkpoints: dict[str,
 def test_heatmap_model_of_an_onnx_file_reloads_its_checkpoint(
     checkpoints: dict[str, Path], tmp_path: Path, tiny_dataset: Path
 ) -> None:
-    ckpt = _copy_checkpoint(checkpoints["a"], tmp_path / "run")
+    ckpt = copy_checkpoint(checkpoints["a"], tmp_path / "run")
     onnx_model = OnnxModel(export_onnx([ckpt], tmp_path / "m.onnx"))
     cam = heatmap_model(onnx_model)
     assert cam.available and cam.note == f"Grad-CAM from {ckpt}"
@@ -215,7 +207,7 @@ def test_heatmap_model_of_an_onnx_file_reloads_its_checkpoint(
 def test_heatmap_model_without_the_checkpoint(
     checkpoints: dict[str, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    ckpt = _copy_checkpoint(checkpoints["a"], tmp_path / "gone")
+    ckpt = copy_checkpoint(checkpoints["a"], tmp_path / "gone")
     onnx_model = OnnxModel(export_onnx([ckpt], tmp_path / "m.onnx"))
     for path in checkpoint_paths(ckpt):
         path.unlink(missing_ok=True)

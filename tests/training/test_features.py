@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 from safetensors.torch import save_file
 
 from cxrlabel.data.formats import load_table
@@ -22,15 +21,8 @@ from cxrlabel.training.features import (
     load_features,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy machine the threads'
-    spin-waits make them many times slower; restored afterwards."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+# Module-wide: see conftest.one_thread.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _prep(size: int):

@@ -20,6 +20,7 @@ from cxrlabel.training.finetune import (
     scheduled_lr,
     train,
 )
+from tests.helpers import tearing_save
 from tests.training.learning_check import (
     LEARN_LABELS,
     held_out_aurocs,
@@ -238,19 +239,12 @@ def _kill_at(point: str, monkeypatch: pytest.MonkeyPatch, fired: list[str]) -> N
 
         monkeypatch.setattr(Saver, "save_last", dying_save_last)
     elif point == "while_saving_last":  # `last`'s tensor files are new, its metadata old
-        save = saver_module.save_checkpoint
 
-        def dying_save(path: Path, *args: Any, **kwargs: Any) -> Path:
-            progress = kwargs.get("extra", {}).get("progress", {})
-            if Path(path).name != "last.safetensors" or progress.get("epoch") != 3:
-                return save(path, *args, **kwargs)
-            meta = Path(path).with_suffix(".json")
-            old = meta.read_bytes()
-            save(path, *args, **kwargs)
-            meta.write_bytes(old)
+        def die() -> None:
             fired.append(point)
             raise _Killed
 
+        dying_save = tearing_save(saver_module.save_checkpoint, epoch=3, on_torn=die)
         monkeypatch.setattr(saver_module, "save_checkpoint", dying_save)
     elif point == "after_ranking_saved":  # before kept.json and best.* are written
         write_kept = Saver.write_kept

@@ -40,15 +40,8 @@ from cxrlabel.training.heads import (
     train_head,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy machine the threads'
-    spin-waits make them many times slower; restored afterwards."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+# Module-wide: see conftest.one_thread.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _config(tiny_dataset: Path, runs: Path, **overrides) -> HeadConfig:

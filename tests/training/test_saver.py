@@ -24,6 +24,7 @@ from cxrlabel.training.saver import (
     rank_kept,
     ranking_value,
 )
+from tests.helpers import tearing_save
 
 LABELS = ("Cardiomegaly", "Edema")
 THRESHOLDS = Thresholds.fixed(LABELS)
@@ -188,18 +189,7 @@ def _kill_at(point: str, monkeypatch: pytest.MonkeyPatch, fired: list[str]) -> N
 
         monkeypatch.setattr(Saver, "save_last", dying_save_last)
     elif point == "torn_last":  # `last`'s tensor files are new, its metadata the old one's
-        save = saver_module.save_checkpoint
-
-        def dying_save(path: Path, *args: Any, **kwargs: Any) -> Path:
-            progress = kwargs.get("extra", {}).get("progress", {})
-            if Path(path).name != "last.safetensors" or progress.get("epoch") != 3:
-                return save(path, *args, **kwargs)
-            meta = Path(path).with_suffix(".json")
-            old = meta.read_bytes()
-            save(path, *args, **kwargs)
-            meta.write_bytes(old)
-            fire()
-
+        dying_save = tearing_save(saver_module.save_checkpoint, epoch=3, on_torn=fire)
         monkeypatch.setattr(saver_module, "save_checkpoint", dying_save)
     elif point == "before_kept":  # committed in `last`; kept.json and best.* are old
         write_kept = Saver.write_kept
