@@ -76,6 +76,7 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     real = sorted((SHARED_DATA / "fixtures" / "nih_320").glob("*.jpg"))
     also = [str(real[0].parent)] if real else []
     args = ["demo", "--out", str(out), "--patients", "24", "--size", "64", "--also-label", *also]
+    args += ["--real-data", ""]  # the real-film step has its own test
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert "SYNTHETIC" in printed
@@ -255,3 +256,23 @@ def test_evaluate_label_output_as_predictions_with_a_rule(tiny_run, tiny_dataset
             assert labelled_record[label]["AUROC"] == pytest.approx(row["AUROC"], abs=1e-5)
     assert records[0]["thresholds"]["rule"] == "youden" and "thresholds youden" in printed
     assert (out / "report.html").is_file()
+
+
+@pytest.mark.skipif(
+    not (SHARED_DATA / "kermany-pneumonia").is_dir(),
+    reason="needs ../shared/data/kermany-pneumonia",
+)
+def test_demo_real_film_step_trains_heads_on_real_films_and_labels_them(tmp_path):
+    from cxrlabel.demo import real_film_step
+
+    text = real_film_step(SHARED_DATA, tmp_path, seed=0, patients=24)
+    assert text.startswith("## REAL DATA")
+    for model in ("Xception_1", "Xception_3", "Xception_3_D"):
+        assert f"| {model} |" in text
+    valid = pd.read_csv(tmp_path / "valid_films.csv")
+    probs = pd.read_csv(tmp_path / "labels" / "probabilities.csv")
+    labels = pd.read_csv(tmp_path / "labels" / "labels.csv")
+    assert len(probs) == len(labels) == len(valid) > 0
+    assert list(probs.columns) == ["Path", "Pneumonia"]
+    assert probs["Pneumonia"].between(0, 1).all() and probs["Pneumonia"].nunique() > 1
+    assert set(labels["Pneumonia"]) <= {0.0, 1.0}

@@ -296,14 +296,29 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _has_real_films(shared: Path) -> bool:
+    return (shared / "kermany-pneumonia" / "labels.csv").is_file() and (
+        shared / "weights" / "legacy_xception_imagenet_keras.safetensors"
+    ).is_file()
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from cxrlabel.demo import run_demo
 
     also = [p for p in args.also_label if p.is_dir()]
     for missing in set(args.also_label) - set(also):
         log.info("not labelling %s: no such folder", missing)
+    real = args.real_data if args.real_data and _has_real_films(args.real_data) else None
+    if args.real_data and real is None:
+        log.info("no real-film step: %s lacks the Kermany films or the Xception weights",
+                 args.real_data)  # fmt: skip
     report = run_demo(
-        args.out, patients=args.patients, size=args.size, seed=args.seed, also_label=also
+        args.out,
+        patients=args.patients,
+        size=args.size,
+        seed=args.seed,
+        also_label=also,
+        real_data=real,
     )
     print(report)
     return 0
@@ -547,6 +562,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=[DEMO_REAL_FILMS],
         help="folders of films the trained model also labels (default: the real fixtures "
         "in ../shared/data/fixtures when that folder exists)",
+    )
+    p.add_argument(
+        "--real-data",
+        type=lambda s: Path(s) if s else None,
+        default=DEMO_REAL_FILMS.parent,
+        help="a shared data folder with the Kermany films and Xception weights: adds a short "
+        "real-film step (default ../shared/data when present; '' to skip)",
     )
     p.set_defaults(func=cmd_demo)
     return parser

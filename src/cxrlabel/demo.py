@@ -14,8 +14,11 @@ import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
+import pandas as pd
+
 from cxrlabel.config import HeadConfig, build_config
 from cxrlabel.data.formats import load_table
+from cxrlabel.data.splits import load_split
 from cxrlabel.data.stats import label_stats
 from cxrlabel.evaluation.report import write_report
 from cxrlabel.evaluation.scoring import predict_datasets, score_predictions
@@ -51,11 +54,14 @@ def run_demo(
     size: int = 128,
     seed: int = 0,
     also_label: Sequence[Path] = (),
+    real_data: Path | None = None,
 ) -> str:
     """Run the demo into `out` and return the report text.
 
     The trained model finally labels the synthetic validation films and every folder in
-    `also_label` (e.g. the real fixtures in ../shared/data/fixtures), with heatmaps.
+    `also_label` (e.g. the real fixtures in ../shared/data/fixtures), with heatmaps. With
+    `real_data` (a ../shared/data folder holding the Kermany films and the offline Xception
+    weights) a last, clearly marked step runs approach 1 on a few hundred real films.
     """
     out = Path(out)
     data = out / "data"
@@ -109,19 +115,69 @@ def run_demo(
     parts.append(f"run folder: {result.run_dir} (loss plot: plots/loss.png)\n")
     parts.append(evaluate_finetuned(result.run_dir, valid_csv, config.view, seed=seed, out=out))
     parts.append(label_films(result.run_dir, [data / "valid", *also_label], out / "labels"))
+    if real_data is not None:
+        parts.append(real_film_step(real_data, out / "real", seed=seed))
     report = "\n".join(parts)
     atomic_write_text(out / "report.txt", report)
     return report
 
 
-def label_films(run_dir: Path, inputs: Sequence[Path], out: Path) -> str:
+REAL_BANNER = (
+    "## REAL DATA: frozen ImageNet Xception + a head on real paediatric chest films\n"
+    "These are real patients' films (Kermany et al. 2018, CC BY 4.0; {films} films of {patients} "
+    "children, pneumonia vs normal), split by patient. The full-scale run is "
+    "benchmarks/real_kermany.py.\n"
+)
+REAL_PATIENTS = 200  # about 400 films: a minute of Xception features on two cores
+
+
+def real_film_step(shared: Path, out: Path, *, seed: int, patients: int = REAL_PATIENTS) -> str:
+    """Approach 1 on `patients` Kermany patients: frozen Xception (the offline Keras weights)
+    at the method's 220 px, the three heads, thresholds by Youden on a patient split; the best
+    head labels the validation films."""
+    kermany = shared / "kermany-pneumonia" / "labels.csv"
+    weights = shared / "weights" / "legacy_xception_imagenet_keras.safetensors"
+    frame = pd.read_csv(kermany)
+    chosen = frame["Patient ID"].drop_duplicates().sample(patients, random_state=seed)
+    subset = frame[frame["Patient ID"].isin(chosen)].copy()
+    subset["Path"] = [str((kermany.parent / p).resolve()) for p in subset["Path"]]
+    out.mkdir(parents=True, exist_ok=True)
+    subset_csv = out / "kermany_subset.csv"
+    atomic_write_text(subset_csv, subset.to_csv(index=False))
+    config = HeadConfig.build(
+        None,
+        {
+            "name": "real-heads", "train_csv": str(subset_csv), "labels": "Pneumonia",
+            "view": "all", "backbones": ["xception"], "weights": str(weights), "size": 220,
+            "keras_compat": True, "threshold_rule": "youden", "valid_fraction": 0.25,
+            "epochs": 30, "seed": seed,
+        },
+    )  # fmt: skip
+    run_dir = out / "runs" / config.name
+    shutil.rmtree(run_dir, ignore_errors=True)
+    sweep = run_sweep(config, run_dir, progress=False)
+    best = sweep.loc[sweep["AUROC"].idxmax()]
+    _, valid = load_split(RunFolder(run_dir).split).apply(load_table(subset_csv))
+    films = out / "valid_films.csv"
+    atomic_write_text(films, pd.DataFrame({"Path": valid.frame["Path"]}).to_csv(index=False))
+    labelled = label_films(run_dir / best["Checkpoint"], [films], out / "labels")
+    return (
+        REAL_BANNER.format(films=len(subset), patients=patients)
+        + "validation split, thresholds chosen on it (Youden):\n\n"
+        + format_sweep_table(sweep)
+        + f"\nbest: {best['Model']}\n"
+        + labelled
+    )
+
+
+def label_films(model_path: Path, inputs: Sequence[Path], out: Path) -> str:
     """What users come for: label folders of films with the trained model, with heatmaps."""
     # The demo owns its output folder: a rerun labels afresh rather than resuming.
     shutil.rmtree(out, ignore_errors=True)
-    model = load_model([run_dir])
+    model = load_model([model_path])
     summary = label_inputs(inputs, model, out, heatmaps=True, progress=False)
     names = ", ".join(str(p) for p in inputs)
-    return f"## Labelling films with the fine-tuned model\ninputs: {names}\n{summary.to_text()}\n"
+    return f"## Labelling films with the trained model\ninputs: {names}\n{summary.to_text()}\n"
 
 
 def evaluate_finetuned(run_dir: Path, valid_csv: Path, view: str, *, seed: int, out: Path) -> str:

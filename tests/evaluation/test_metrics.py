@@ -442,3 +442,23 @@ def test_evaluate_predictions(band: bool) -> None:
         assert ev.band["In band"].iloc[-1] > 0
     else:
         assert ev.band is None
+
+
+def test_bootstrap_rates_brackets_the_point_values_and_follows_the_threshold():
+    from cxrlabel.evaluation.metrics import bootstrap_rates
+
+    rng = np.random.default_rng(0)
+    truth = rng.random(400) < 0.3
+    score = np.clip(truth * 0.3 + rng.random(400) * 0.7, 0, 1)
+    groups = np.arange(400) // 2  # two rows per patient
+    table = bootstrap_rates(truth, score, 0.5, groups, n_resamples=300).set_index("Metric")
+    pred = score >= 0.5
+    assert table.loc["Accuracy", "Value"] == pytest.approx(np.mean(pred == truth))
+    assert table.loc["Sensitivity", "Value"] == pytest.approx(pred[truth].mean())
+    assert table.loc["Specificity", "Value"] == pytest.approx((~pred[~truth]).mean())
+    for _, row in table.iterrows():
+        assert row["Low"] < row["Value"] < row["High"]
+    # A lower threshold raises sensitivity and lowers specificity.
+    low = bootstrap_rates(truth, score, 0.2, groups, n_resamples=50).set_index("Metric")
+    assert low.loc["Sensitivity", "Value"] > table.loc["Sensitivity", "Value"]
+    assert low.loc["Specificity", "Value"] < table.loc["Specificity", "Value"]

@@ -440,6 +440,55 @@ def bootstrap_auroc(
     return table
 
 
+RATE_NAMES = ("Accuracy", "Sensitivity", "Specificity")
+
+
+def bootstrap_rates(
+    y_true: np.ndarray,
+    y_score: np.ndarray,
+    threshold: float,
+    groups: Sequence[Hashable] | np.ndarray,
+    *,
+    n_resamples: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> pd.DataFrame:
+    """Percentile bootstrap CIs of one label's accuracy, sensitivity and specificity at a
+    threshold, resampling groups (patients or studies) as `bootstrap_auroc` does.
+
+    Rows are already the label's counted ones. Columns: Metric, Value (on the full data), Low,
+    High. A resample without positives (negatives) has no sensitivity (specificity) and is left
+    out of that metric's interval.
+    """
+    truth, score = _as_1d(y_true, y_score)
+    codes, uniques = pd.factorize(pd.Series(np.asarray(groups, dtype=object)), sort=False)
+    if codes.shape != truth.shape:
+        raise ValueError(f"one group id per row is needed: {len(codes)} for {len(truth)}")
+    pred = score >= float(threshold)
+    # Per group: counts of true positives, positives, true negatives, negatives.
+    per_group = np.stack(
+        [np.bincount(codes, weights=w, minlength=len(uniques))
+         for w in (pred & truth, truth, ~pred & ~truth, ~truth)],
+        axis=1,
+    )  # fmt: skip
+    counts = _group_counts(np.random.default_rng(seed), len(uniques), n_resamples, np.int64)
+    tp, pos, tn, neg = (counts[:, 1:] @ per_group).T
+    with np.errstate(invalid="ignore", divide="ignore"):
+        draws = {
+            "Accuracy": (tp + tn) / (pos + neg),
+            "Sensitivity": np.where(pos > 0, tp / pos, math.nan),
+            "Specificity": np.where(neg > 0, tn / neg, math.nan),
+        }
+    point = _metrics_1d(truth, score, float(threshold))
+    values = {"Accuracy": point["Accuracy"], "Sensitivity": point["Recall"],
+              "Specificity": point["Specificity"]}  # fmt: skip
+    rows = []
+    for name in RATE_NAMES:
+        low, high, _ = _percentiles(draws[name], level)
+        rows.append({"Metric": name, "Value": values[name], "Low": low, "High": high})
+    return pd.DataFrame(rows, columns=["Metric", "Value", "Low", "High"])
+
+
 # --------------------------------------------------------------------------- calibration
 
 
