@@ -135,7 +135,10 @@ class HealthBody(BaseModel):
 class ModelRef(BaseModel):
     id: str = Field(description="sha256 over the weights of every checkpoint (first 16 hex)")
     name: str
-    kind: str = Field(description='"single model" or "ensemble of N checkpoints"')
+    kind: str = Field(
+        description='"single model" or "ensemble of N checkpoints" (", TTA xN" with --tta N)'
+    )
+    tta: int = Field(1, description="test-time augmentation transforms averaged (1: none)")
     version: str = Field(description="cxrlabel package version")
 
 
@@ -442,6 +445,7 @@ class _Service:
             id=model_id(self.info),
             name=model.name,
             kind=model.kind,
+            tta=int(self.info.get("tta", 1)),
             version=cxrlabel.__version__,
         )
         # Heatmaps are optional here: without them the service still labels, and says why.
@@ -673,9 +677,14 @@ def _add_routes(app: FastAPI, service: _Service) -> None:
     async def model_info() -> dict[str, Any]:
         return {
             **service.info,
+            "tta": service.ref.tta,
             "id": service.ref.id,
             "version": service.ref.version,
-            "heatmaps": {"available": service.cam.available, "reason": service.cam.reason},
+            "heatmaps": {
+                "available": service.cam.available,
+                "reason": service.cam.reason,
+                "note": service.cam.note,  # which checkpoint; that they are drawn without TTA
+            },
             "max_upload_bytes": service.max_upload_bytes,
             "max_concurrent": service.max_concurrent,
             "max_queue": service.max_queue,
