@@ -9,7 +9,9 @@ threshold_rule`), or chosen here on the first dataset by a named rule.
 
 Each evaluation's `Predictions` say which model and kind ("single model", "ensemble of N
 checkpoints"), which data (and whether they are cxrlabel's synthetic films, recognised by the
-marker file the generator leaves beside its CSVs, read by `data.formats`), and which unit.
+marker file the generator leaves beside its CSVs, read by `data.formats`), which unit, and
+over how many test-time augmentation transforms the probabilities were averaged (`tta`, see
+`models.tta`; 1 = none).
 
 External predictions files are read by `external`; tables and JSON records are in `tables`.
 """

@@ -4,7 +4,8 @@ Endpoints (all errors are JSON ``{"error": code, "detail": message}``):
 
 * ``POST /predict[?heatmaps=true]`` — one image (multipart field ``file``, or the raw bytes as
   the body) -> per-label probabilities, three-valued labels (1 positive, 0 negative,
-  -1 uncertain) from the model's stored thresholds, the thresholds, model id and version and,
+  -1 uncertain) from the model's stored thresholds, the thresholds, model id, version and
+  test-time augmentation (``tta``, see :mod:`cxrlabel.models.tta`; 1 = none) and,
   when asked, links to the film as the model saw it and to a Grad-CAM heatmap per label.
 * ``GET /heatmaps/{result_id}/{label}.png``, ``GET /results/{result_id}/film.png`` — computed
   lazily from a bounded cache of recent results.
