@@ -276,3 +276,45 @@ def test_demo_real_film_step_trains_heads_on_real_films_and_labels_them(tmp_path
     assert list(probs.columns) == ["Path", "Pneumonia"]
     assert probs["Pneumonia"].between(0, 1).all() and probs["Pneumonia"].nunique() > 1
     assert set(labels["Pneumonia"]) <= {0.0, 1.0}
+
+
+def test_label_and_evaluate_with_tta_record_it(tiny_run, tiny_dataset, tmp_path, capsys, caplog):
+    """--tta 2 averages two transforms of each film; label's run.json and evaluate's
+    evaluation.json say so, and label's probabilities score like evaluate's own."""
+    csv = tiny_dataset / "valid.csv"
+    model = str(tiny_run.run_dir)
+    labelled = tmp_path / "labelled"
+    assert main(["label", str(csv), "--model", model, "--out", str(labelled), "--tta", "2",
+                 "--backend", "torch", "--device", "cpu", "--no-progress"]) == 0  # fmt: skip
+    assert "TTA x2" in capsys.readouterr().out
+    run = json.loads((labelled / "run.json").read_text())
+    assert run["model"]["tta"] == 2 and run["model"]["tta_transforms"] == ["identity", "zoom 1.05"]
+    assert run["summary"]["kind"] == "single model, TTA x2"
+
+    out = tmp_path / "report"
+    args = ["evaluate", "--model", model, "--data", str(csv), "--view", "all", "--bootstrap",
+            "10", "--out", str(out), "--device", "cpu"]  # fmt: skip
+    assert (
+        main([*args, "--tta", "2", "--predictions", f"labelled={labelled / 'probabilities.csv'}"])
+        == 0
+    )
+    printed = capsys.readouterr().out
+    assert "| single model, TTA x2 |" in printed
+    tta_record, from_label = json.loads((out / "evaluation.json").read_text())["evaluations"]
+    assert tta_record["tta"] == 2 and tta_record["kind"] == "single model, TTA x2"
+    assert from_label["tta"] == 1  # a predictions file: nothing known about its TTA
+    by_label = {r["Label"]: r for r in from_label["labels"]}
+    scored = [row for row in tta_record["labels"] if row["AUROC"] is not None]
+    assert scored
+    for row in scored:
+        assert by_label[row["Label"]]["AUROC"] == pytest.approx(row["AUROC"], abs=1e-5)
+
+    assert main(args) == 0  # without --tta: no TTA
+    capsys.readouterr()
+    plain = json.loads((out / "evaluation.json").read_text())["evaluations"][0]
+    assert plain["tta"] == 1 and plain["kind"] == "single model"
+    assert main([*args, "--tta", "0"]) == 2 and "--tta must be between 1 (off)" in caplog.text
+    assert (
+        main(["label", str(csv), "--model", model, "--out", str(tmp_path / "x"), "--tta", "50"])
+        == 2
+    )

@@ -65,6 +65,17 @@ def _add_eval_model_args(
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
 
 
+def _add_tta_arg(parser: argparse.ArgumentParser) -> None:
+    """--tta N: average over N fixed mild transforms of each film (cxrlabel.models.tta; not
+    imported here, so that building the parser does not import torch)."""
+    parser.add_argument(
+        "--tta", type=int, default=1, metavar="N",
+        help="test-time augmentation: average probabilities over the first N of a fixed list "
+        "of mild transforms of each film (identity, zooms, +/-5 deg rotations, +/-3%% shifts; "
+        "never flips); 1 = off; heatmaps stay without TTA",
+    )  # fmt: skip
+
+
 def _add_eval_table_args(parser: argparse.ArgumentParser) -> None:
     """Label-file and scoring options shared by evaluate and thresholds."""
     _add_format_args(parser)
@@ -241,7 +252,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.model:
         evaluations += evaluate(
             args.model, list(zip(names, tables, strict=True)), policy=args.policy,
-            view=args.view, device=args.device, batch_size=args.batch_size, **scoring,
+            view=args.view, device=args.device, batch_size=args.batch_size, tta=args.tta,
+            **scoring,
         )  # fmt: skip
         rows += names
     # Predictions files (another model's output, out-of-fold scores) on the first data.
@@ -327,11 +339,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from cxrlabel.labelling.service import serve, token_from_env
     from cxrlabel.models.predictor import load_model
+    from cxrlabel.models.tta import check_tta, with_tta
 
     token = token_from_env(args.token_env)
+    check_tta(args.tta)  # before the slow load
     # Checkpoints stay PyTorch (not exported on the fly), so heatmaps come from the model
-    # that labels; an .onnx file runs with ONNX Runtime.
-    model = load_model(args.model, backend="native", device=args.device)
+    # that labels (without TTA); an .onnx file runs with ONNX Runtime.
+    model = with_tta(load_model(args.model, backend="native", device=args.device), args.tta)
     print(f"serving {model.name} ({model.kind}) at http://{args.host}:{args.port}/")
     print("auth: bearer token required" if token else "auth: none (set CXRLABEL_TOKEN to add it)")
     serve(
@@ -346,11 +360,15 @@ def cmd_label(args: argparse.Namespace) -> int:
     from cxrlabel.data.labels import resolve_labels
     from cxrlabel.labelling.batch import label_inputs
     from cxrlabel.models.predictor import load_model
+    from cxrlabel.models.tta import check_tta, with_tta
 
-    model = load_model(args.model, backend=args.backend, device=args.device)
+    check_tta(args.tta)  # before the slow load
+    model = with_tta(load_model(args.model, backend=args.backend, device=args.device), args.tta)
     lateral = None
-    if args.lateral_model:
-        lateral = load_model(args.lateral_model, backend=args.backend, device=args.device)
+    if args.lateral_model:  # the same TTA for lateral films
+        lateral = with_tta(
+            load_model(args.lateral_model, backend=args.backend, device=args.device), args.tta
+        )
     chosen = resolve_labels(args.heatmap_labels) if args.heatmap_labels else None
     summary = label_inputs(
         args.inputs, model, args.out, batch_size=args.batch_size,
@@ -471,6 +489,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bootstrap", type=int, default=1000, help="resamples for AUROC CIs")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     p.add_argument("--batch-size", type=int, default=32)
+    _add_tta_arg(p)
     p.add_argument("--out", type=Path, help="report folder (default: <first run>/report)")
     p.add_argument(
         "--chexpert-valid", action="store_true",
@@ -517,6 +536,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="require 'Authorization: Bearer <token>' with the token read from environment "
         "variable NAME (default: CXRLABEL_TOKEN when set; never pass a token as an argument)",
     )
+    _add_tta_arg(p)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("label", help="label films (files, folders, a CSV) with a model")
@@ -538,6 +558,7 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument("--heatmaps", action="store_true", help="Grad-CAM PNGs of positive labels")
     p.add_argument("--heatmap-labels", help="draw heatmaps for these labels (comma list or set)")
+    _add_tta_arg(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_label)
 

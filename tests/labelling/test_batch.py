@@ -406,3 +406,27 @@ def test_label_decodes_and_resizes_each_film_once_for_members_normalising_differ
     expected = np.mean([m.predict_images(images) for m in singles], axis=0)
     got = np.array([[float(rows[str(f)][k]) for k in LABELS] for f in films])
     np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+def test_tta_probabilities_run_json_and_resume_fingerprint(
+    tiny_dataset: Path, model, tmp_path: Path
+) -> None:
+    import json
+
+    from cxrlabel.models.tta import TTAPredictor
+
+    tta = TTAPredictor(model, 2)
+    folder = tiny_dataset / "valid"
+    summary = label_inputs([folder], tta, tmp_path, progress=False, heatmaps=True)
+    probs = read_rows(tmp_path / "probabilities.csv")
+    films = [read_image(Path(r["Path"])) for r in probs]
+    expected, plain = tta.predict_images(films), model.predict_images(films)
+    got = np.array([[float(r[k]) for k in LABELS] for r in probs])
+    np.testing.assert_allclose(got, expected, atol=1e-6)
+    assert not np.allclose(got, plain, atol=1e-6)  # TTA changed the probabilities
+    run = json.loads((tmp_path / "run.json").read_text())
+    assert run["model"]["tta"] == 2 and run["model"]["kind"] == "single model, TTA x2"
+    assert run["arguments"]["model"]["tta"] == 2 and summary.kind == "single model, TTA x2"
+    assert "without the labels' 2-transform TTA" in run["heatmaps"]["model"]
+    # Without TTA the fingerprint has no tta key (runs interrupted before --tta still resume).
+    assert "tta" not in predict._model_fingerprint(model)

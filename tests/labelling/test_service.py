@@ -115,6 +115,7 @@ def test_predict_returns_probabilities_labels_thresholds_and_model(
         "id": body["model"]["id"],
         "name": ensemble.name,
         "kind": "single model",
+        "tta": 1,
         "version": cxrlabel.__version__,
     }
     assert len(body["model"]["id"]) == 16
@@ -184,13 +185,38 @@ def test_health_model_and_openapi(client: TestClient, ensemble: Ensemble) -> Non
     assert info["labels"] == list(OBSERVATIONS) and info["kind"] == "single model"
     assert info["members"][0]["backbone"] == "tiny"
     assert info["max_upload_bytes"] == LIMIT and info["auth"] is False
-    assert info["heatmaps"] == {"available": True, "reason": None}
+    assert info["heatmaps"]["available"] is True and info["heatmaps"]["reason"] is None
+    assert "Grad-CAM from" in info["heatmaps"]["note"] and "TTA" not in info["heatmaps"]["note"]
+    assert info["tta"] == 1
     schema = client.get("/openapi.json").json()
     predict = schema["paths"]["/predict"]["post"]
     assert "multipart/form-data" in predict["requestBody"]["content"]
     assert {"200", "401", "413", "415", "422"} <= set(predict["responses"])
     assert "PredictBody" in schema["components"]["schemas"]
     assert schema["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
+
+
+def test_service_with_tta_reports_it_and_scores_with_it(ensemble: Ensemble, film: Path) -> None:
+    from cxrlabel.models.tta import TTAPredictor
+
+    tta = TTAPredictor(ensemble, 3)
+    client = TestClient(create_app(tta, max_upload_bytes=LIMIT))
+    info = client.get("/model").json()
+    assert info["tta"] == 3 and info["kind"] == "single model, TTA x3"
+    assert info["tta_transforms"][0] == "identity" and len(info["tta_transforms"]) == 3
+    assert info["heatmaps"]["available"] is True
+    assert "without the labels' 3-transform TTA" in info["heatmaps"]["note"]
+    body = _post(client, film.read_bytes()).json()
+    assert body["model"]["tta"] == 3 and body["model"]["kind"] == "single model, TTA x3"
+    expected = tta.predict_images([read_image(film)])[0]
+    got = np.array([body["probabilities"][k] for k in OBSERVATIONS])
+    np.testing.assert_allclose(got, expected, atol=1e-6)
+    plain = ensemble.predict_images([read_image(film)])[0]
+    assert not np.allclose(got, plain, atol=1e-6)
+    # The heatmap is drawn without TTA, from the inner model.
+    heat = _post(client, film.read_bytes(), heatmaps="true").json()
+    link = heat["heatmaps"]["links"]["Edema"]
+    assert client.get(link).status_code == 200
 
 
 def test_page_and_static_files_are_served(client: TestClient) -> None:
@@ -455,7 +481,8 @@ def test_onnx_model_has_heatmaps_from_its_checkpoint(
     )
     png = client.get(body["heatmaps"]["links"]["Edema"])
     assert png.status_code == 200 and Image.open(io.BytesIO(png.content)).size == (64, 64)
-    assert client.get("/model").json()["heatmaps"] == {"available": True, "reason": None}
+    heatmaps = client.get("/model").json()["heatmaps"]
+    assert heatmaps["available"] is True and heatmaps["reason"] is None
 
 
 def test_onnx_model_without_its_checkpoint_serves_without_heatmaps(
@@ -685,6 +712,21 @@ def test_serve_command_reads_token_from_env(
     assert ok.status_code == 200
     monkeypatch.setenv(TOKEN_ENV, "default-variable")
     assert main(argv) == 0 and calls[-1]["token"] == "default-variable"
+
+
+def test_serve_command_tta(checkpoint: Path, monkeypatch: pytest.MonkeyPatch, caplog) -> None:
+    import cxrlabel.labelling.service
+    from cxrlabel.cli import main
+
+    calls: list[Any] = []
+    monkeypatch.setattr(cxrlabel.labelling.service, "serve", lambda model, **_: calls.append(model))
+    argv = ["serve", "--model", str(checkpoint), "--device", "cpu"]
+    assert main([*argv, "--tta", "2"]) == 0
+    info = TestClient(create_app(calls[0])).get("/model").json()
+    assert info["tta"] == 2 and info["kind"] == "single model, TTA x2"
+    assert main(argv) == 0 and calls[1].model_info().get("tta", 1) == 1  # off by default
+    assert main([*argv, "--tta", "99"]) == 2 and len(calls) == 2
+    assert "--tta must be between 1 (off) and" in caplog.text
 
 
 def test_serve_command_refuses_unset_token_env(checkpoint: Path) -> None:

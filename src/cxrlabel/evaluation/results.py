@@ -38,6 +38,7 @@ class Predictions:
     unit: str = "image"
     aggregate: str = ""  # how studies were formed from images ("max" or "mean"); "" for images
     notes: tuple[str, ...] = field(default=())
+    tta: int = 1  # fixed transforms the probabilities average over (1: no TTA, see models.tta)
 
     def __post_init__(self) -> None:
         n, k = len(self.paths), len(self.labels)

@@ -9,7 +9,9 @@ threshold_rule`), or chosen here on the first dataset by a named rule.
 
 Each evaluation's `Predictions` say which model and kind ("single model", "ensemble of N
 checkpoints"), which data (and whether they are cxrlabel's synthetic films, recognised by the
-marker file the generator leaves beside its CSVs, read by `data.formats`), and which unit.
+marker file the generator leaves beside its CSVs, read by `data.formats`), which unit, and
+over how many test-time augmentation transforms the probabilities were averaged (`tta`, see
+`models.tta`; 1 = none).
 
 External predictions files are read by `external`; tables and JSON records are in `tables`.
 """
@@ -19,7 +21,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
@@ -30,9 +32,7 @@ from cxrlabel.evaluation.metrics import Evaluation, evaluate_predictions
 from cxrlabel.evaluation.results import STUDY_AGGREGATES, UNITS, Predictions
 from cxrlabel.models.predictor import Predictor, shared_resize
 from cxrlabel.models.thresholds import Thresholds, choose_thresholds
-
-if TYPE_CHECKING:
-    from cxrlabel.models.ensemble import Ensemble
+from cxrlabel.models.tta import check_tta, tta_of, with_tta
 
 log = logging.getLogger(__name__)
 
@@ -67,29 +67,30 @@ def describe_data(table: LabelTable, view: str) -> str:
 
 
 def predict_datasets(
-    ensemble: Ensemble,
+    model: Predictor,
     data: Sequence[tuple[str, LabelTable]],
     *,
     policy: str = "U-Ignore",
     view: str = "frontal",
     batch_size: int = 32,
 ) -> list[Predictions]:
-    """Image-level predictions of `ensemble` on each (name, table), described and marked."""
+    """Image-level predictions of `model` (an Ensemble, or one with TTA) on each (name, table),
+    described and marked."""
     out = []
     for name, table in data:
         table = filter_view(table, view)
         if not len(table):
             raise ValueError(f"{table.source}: no {view} images to evaluate ({name})")
-        pred = predict_table(ensemble, table, policy=policy, batch_size=batch_size)
+        pred = predict_table(model, table, policy=policy, batch_size=batch_size)
         out.append(
             pred.replace(
-                model=ensemble.name,
-                kind=ensemble.kind,
+                model=model.name,
+                kind=model.kind,
                 data=describe_data(table, view),
                 synthetic=is_synthetic(table),
             )
         )
-        log.info("%s: scored %d images with %s (%s)", name, len(pred), ensemble.name, pred.kind)
+        log.info("%s: scored %d images with %s (%s)", name, len(pred), model.name, pred.kind)
     return out
 
 
@@ -143,6 +144,7 @@ def predict_table(
         model=model.name,
         kind=model.kind,
         data=table.source,
+        tta=tta_of(model),
     )
 
 
@@ -207,20 +209,24 @@ def evaluate(
     band: float = 0.0,
     device: str = "auto",
     batch_size: int = 32,
+    tta: int = 1,
 ) -> list[Evaluation]:
     """Evaluate one model or an ensemble (several specs) on each (name, table) in `data`.
 
     thresholds_rule None uses the thresholds stored with the model(s); a rule (fixed, youden,
     max_f1) chooses them on the first dataset at `unit` instead (in memory only; `band` adds a
-    +/- uncertainty band). Returns one Evaluation per dataset, in order.
+    +/- uncertainty band). tta > 1 averages the probabilities over that many fixed transforms
+    of each film (`cxrlabel.models.tta`); the stored thresholds were chosen without TTA.
+    Returns one Evaluation per dataset, in order.
     """
     from cxrlabel.models.ensemble import load_ensemble
 
     if not data:
         raise ValueError("no data to evaluate on")
     check_unit(unit, aggregate)  # argument errors before loading any model
-    ensemble = load_ensemble(model_specs, device=device)
-    preds = predict_datasets(ensemble, data, policy=policy, view=view, batch_size=batch_size)
+    check_tta(tta)
+    model = with_tta(load_ensemble(model_specs, device=device), tta)
+    preds = predict_datasets(model, data, policy=policy, view=view, batch_size=batch_size)
     return score_predictions(
         preds,
         unit=unit,

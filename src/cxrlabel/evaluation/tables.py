@@ -186,6 +186,7 @@ def evaluation_record(evaluation: Evaluation, name: str) -> dict[str, Any]:
         "synthetic": pred.synthetic,
         "model": pred.model,
         "kind": pred.kind,
+        "tta": pred.tta,
         "unit": pred.unit,
         "aggregate": pred.aggregate,
         "n": len(pred),

@@ -96,7 +96,7 @@ def _model_fingerprint(model: Predictor | None) -> dict[str, Any] | None:
     if model is None:
         return None
     info = model.model_info()
-    return {
+    fingerprint = {
         "name": model.name,
         "kind": model.kind,
         "labels": list(model.labels),
@@ -104,6 +104,10 @@ def _model_fingerprint(model: Predictor | None) -> dict[str, Any] | None:
         "weights": [m.get("sha256") for m in info.get("members", [])],
         "backend": info.get("backend", "torch"),
     }
+    # Only with TTA on, so a run interrupted before --tta existed still resumes.
+    if info.get("tta", 1) != 1:
+        fingerprint["tta"] = info["tta"]
+    return fingerprint
 
 
 # --------------------------------------------------------------------------------------------

@@ -99,10 +99,15 @@ def heatmap_model(model: Predictor, *, required: bool = True) -> HeatmapModel:
         reason = f"heatmaps unavailable: {exc}"
         log.warning("%s", reason)
         return HeatmapModel(None, None, reason=reason)
-    n = len(model.model_info().get("members", [])) or 1
+    info = model.model_info()
+    n = len(info.get("members", [])) or 1
     note = f"Grad-CAM from {path}"
     if n > 1:
         note += f" (the first of the {n} ensemble members; the labels are the ensemble's)"
+    tta = info.get("tta", 1)
+    if tta != 1:
+        # Grad-CAM explains one forward pass; an average over transformed films has no map.
+        note += f"; drawn on the untransformed film, without the labels' {tta}-transform TTA"
     return HeatmapModel(torch_model, layer, note)
 
 

@@ -4,7 +4,8 @@ Endpoints (all errors are JSON ``{"error": code, "detail": message}``):
 
 * ``POST /predict[?heatmaps=true]`` — one image (multipart field ``file``, or the raw bytes as
   the body) -> per-label probabilities, three-valued labels (1 positive, 0 negative,
-  -1 uncertain) from the model's stored thresholds, the thresholds, model id and version and,
+  -1 uncertain) from the model's stored thresholds, the thresholds, model id, version and
+  test-time augmentation (``tta``, see :mod:`cxrlabel.models.tta`; 1 = none) and,
   when asked, links to the film as the model saw it and to a Grad-CAM heatmap per label.
 * ``GET /heatmaps/{result_id}/{label}.png``, ``GET /results/{result_id}/film.png`` — computed
   lazily from a bounded cache of recent results.
@@ -135,7 +136,10 @@ class HealthBody(BaseModel):
 class ModelRef(BaseModel):
     id: str = Field(description="sha256 over the weights of every checkpoint (first 16 hex)")
     name: str
-    kind: str = Field(description='"single model" or "ensemble of N checkpoints"')
+    kind: str = Field(
+        description='"single model" or "ensemble of N checkpoints" (", TTA xN" with --tta N)'
+    )
+    tta: int = Field(1, description="test-time augmentation transforms averaged (1: none)")
     version: str = Field(description="cxrlabel package version")
 
 
@@ -442,6 +446,7 @@ class _Service:
             id=model_id(self.info),
             name=model.name,
             kind=model.kind,
+            tta=int(self.info.get("tta", 1)),
             version=cxrlabel.__version__,
         )
         # Heatmaps are optional here: without them the service still labels, and says why.
@@ -673,9 +678,14 @@ def _add_routes(app: FastAPI, service: _Service) -> None:
     async def model_info() -> dict[str, Any]:
         return {
             **service.info,
+            "tta": service.ref.tta,
             "id": service.ref.id,
             "version": service.ref.version,
-            "heatmaps": {"available": service.cam.available, "reason": service.cam.reason},
+            "heatmaps": {
+                "available": service.cam.available,
+                "reason": service.cam.reason,
+                "note": service.cam.note,  # which checkpoint; that they are drawn without TTA
+            },
             "max_upload_bytes": service.max_upload_bytes,
             "max_concurrent": service.max_concurrent,
             "max_queue": service.max_queue,

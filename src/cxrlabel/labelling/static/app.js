@@ -74,7 +74,8 @@ async function loadModel() {
   $("model-name").textContent = info.name;
   $("model-kind").textContent = info.kind;
   $("model-kind").hidden = false;
-  $("model-meta").textContent = `model ${info.id} · cxrlabel ${info.version}`;
+  const tta = info.tta > 1 ? ` · test-time augmentation over ${info.tta} transforms` : "";
+  $("model-meta").textContent = `model ${info.id} · cxrlabel ${info.version}${tta}`;
   $("max-upload").textContent = formatBytes(info.max_upload_bytes);
   document.body.dataset.state = "ready";
 }
@@ -245,8 +246,10 @@ async function chooseHeatmap(label) {
     return;
   }
   setObjectUrl("heatmap", $("heatmap"), await response.blob());
+  // Grad-CAM explains one forward pass: with TTA it is the untransformed film's.
+  const noTta = state.model && state.model.tta > 1 ? " (without test-time augmentation)" : "";
   $("heatmap-caption").textContent = `${label}: Grad-CAM of the first checkpoint, on the ` +
-    "film as the model sees it.";
+    `film as the model sees it${noTta}.`;
   document.body.dataset.heatmap = label;
 }
 
