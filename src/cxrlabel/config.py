@@ -14,6 +14,7 @@ unchanged).
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
@@ -22,6 +23,7 @@ from typing import Any, ClassVar, TypeVar
 
 import yaml
 
+from cxrlabel.data.labels import resolve_labels
 from cxrlabel.fileio import atomic_write_text
 from cxrlabel.models.thresholds import RULES
 
@@ -39,6 +41,29 @@ def _check_thresholds(threshold_rule: str, uncertainty_band: float) -> None:
         raise ConfigError(f"threshold_rule must be one of {RULES}, not {threshold_rule!r}")
     if not 0.0 <= uncertainty_band < 0.5:
         raise ConfigError(f"uncertainty_band must be in [0, 0.5), not {uncertainty_band}")
+
+
+POS_WEIGHT_MODES = ("none", "balanced")
+
+
+def parse_pos_weight(spec: str) -> str | dict[str, float]:
+    """RunConfig.pos_weight: "none", "balanced", or {label: weight} from "Label=w,Label=w"."""
+    if spec in POS_WEIGHT_MODES:
+        return spec
+    weights: dict[str, float] = {}
+    for item in spec.split(","):
+        name, sep, raw = item.partition("=")
+        try:
+            value = float(raw)
+        except ValueError:
+            value = math.nan
+        if not sep or not name.strip() or not value > 0 or not math.isfinite(value):
+            raise ConfigError(
+                f"pos_weight must be one of {POS_WEIGHT_MODES} or 'Label=w,Label=w' with "
+                f"weights > 0, not {spec!r}"
+            )
+        weights[name.strip()] = value
+    return weights
 
 
 class _Config:
@@ -107,6 +132,15 @@ class RunConfig(_Config):
     # chosen per label on the validation predictions by youden or max_f1.
     threshold_rule: str = "fixed"
     uncertainty_band: float = 0.0  # >0: probabilities within +/- this of a threshold -> -1
+    # Recipe: optimisation (every default keeps the method's plain Adam + BCE run)
+    freeze_stages: int = 0  # freeze the backbone's first N stages (timm feature_info), BN in eval
+    backbone_lr_scale: float = 1.0  # the backbone's lr is lr * this; the head's is lr
+    warmup_epochs: float = 0.0  # linear warm-up from ~0 to lr over this many epochs
+    ema_decay: float = 0.0  # >0 (e.g. 0.999): validate and keep an EMA of the weights (timm)
+    pos_weight: str = "none"  # none | balanced (neg/pos per label) | "Label=w,Label=w"
+    aucm_epochs: int = 0  # >0: this many more epochs of LibAUC AUC-margin loss from the best
+    aucm_lr: float = 0.1  # PESG's learning rate in the AUC-margin stage
+    aucm_margin: float = 1.0  # the AUC-margin loss's margin
     # Augmentation (off by default; never a horizontal flip unless asked for)
     rotation_deg: float = 0.0
     translate: float = 0.0
@@ -127,6 +161,34 @@ class RunConfig(_Config):
         _check_thresholds(self.threshold_rule, self.uncertainty_band)
         if self.keep_best < 1:
             raise ConfigError(f"keep_best must be at least 1, not {self.keep_best}")
+        self._check_recipe_optimisation()
+
+    def _check_recipe_optimisation(self) -> None:
+        if self.freeze_stages < 0:
+            raise ConfigError(f"freeze_stages must be >= 0, not {self.freeze_stages}")
+        if self.backbone_lr_scale < 0:
+            raise ConfigError(f"backbone_lr_scale must be >= 0, not {self.backbone_lr_scale}")
+        if not 0.0 <= self.warmup_epochs <= self.epochs:
+            raise ConfigError(
+                f"warmup_epochs must be in [0, epochs={self.epochs}], not {self.warmup_epochs}"
+            )
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError(f"ema_decay must be in [0, 1), not {self.ema_decay}")
+        weights = parse_pos_weight(self.pos_weight)
+        if isinstance(weights, dict):
+            try:
+                labels = resolve_labels(self.labels)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from exc
+            unknown = sorted(set(weights) - set(labels))
+            if unknown:
+                raise ConfigError(f"pos_weight names label(s) {unknown} not among {list(labels)}")
+        if self.aucm_epochs < 0:
+            raise ConfigError(f"aucm_epochs must be >= 0, not {self.aucm_epochs}")
+        if self.aucm_lr <= 0 or self.aucm_margin <= 0:
+            raise ConfigError(
+                f"aucm_lr and aucm_margin must be > 0, not {self.aucm_lr}, {self.aucm_margin}"
+            )
 
 
 @dataclass(frozen=True)

@@ -3,8 +3,9 @@
 A checkpoint named ``<dir>/<stem>`` is up to three files::
 
     <stem>.safetensors         model weights (the state dict, loaded strictly)
-    <stem>.state.safetensors   optional, for resuming: optimizer tensors (``state.{i}.{name}``)
-                               and RNG state (``rng.torch``, ``rng.cuda.{i}``) as uint8 tensors
+    <stem>.state.safetensors   optional, for resuming: optimizer tensors (``state.{i}.{name}``),
+                               RNG state (``rng.torch``, ``rng.cuda.{i}``) as uint8 tensors and,
+                               with an EMA of the weights, its state dict (``ema.{name}``)
     <stem>.json                metadata: config, ModelSpec, preprocessing, epoch/step, versions,
                                optimizer scalars (param_groups, non-tensor state) and progress
 
@@ -48,6 +49,7 @@ PROTECTED_KEYS = frozenset(
     {"format", "files", "sha256", "model", "preprocessing", "optimizer", FROZEN_BACKBONE_KEY}
 )
 THRESHOLDS_KEY = "thresholds"
+EMA_PREFIX = "ema."  # the EMA model's tensors in a training-state file
 
 
 class CheckpointError(ValueError):
@@ -172,9 +174,11 @@ def save_checkpoint(
     extra: Mapping[str, Any] | None = None,
     thresholds: Thresholds | None = None,
     frozen_backbone: Mapping[str, Any] | None = None,
+    ema: torch.nn.Module | None = None,
 ) -> Path:
     """Write weights (and, with `optimizer`, resumable training state); return the JSON path.
 
+    `ema` (with `optimizer` only): a moving average of the weights, saved in the state file.
     `extra` is stored as-is under "extra" (it must be JSON-serialisable), e.g. training
     progress or validation metrics. `thresholds` (for the model's labels) are stored under
     "thresholds"; without them readers use the method's fixed 0.5. `frozen_backbone` (an
@@ -200,6 +204,8 @@ def save_checkpoint(
     if optimizer is not None:
         tensors, scalars = flatten_optimizer_state(optimizer.state_dict())
         tensors.update(rng_tensors())
+        if ema is not None:
+            tensors.update({EMA_PREFIX + k: v for k, v in ema.state_dict().items()})
         meta["files"]["state"] = state_path.name
         meta["sha256"]["state"] = _save_tensors(state_path, tensors)
         meta["optimizer"] = {"class": type(optimizer).__name__, **scalars}
@@ -342,10 +348,25 @@ def load_checkpoint(path: Path) -> tuple[CXRModel, dict[str, Any]]:
     return model, meta
 
 
+def load_weights_into(path: Path, model: torch.nn.Module) -> dict[str, Any]:
+    """Load a checkpoint's weights (hashes checked) into an existing model; return its metadata.
+
+    For continuing from a run's own checkpoint, e.g. its best epoch, without rebuilding it.
+    """
+    meta = read_metadata(path)
+    model.load_state_dict(load_file(str(checkpoint_paths(path)[0])), strict=True)
+    return meta
+
+
 def load_training_state(
-    path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer
+    path: Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    *,
+    ema: torch.nn.Module | None = None,
 ) -> dict[str, Any]:
-    """Load weights, optimizer state and the global RNG state into a run; return the metadata."""
+    """Load weights, optimizer state and the global RNG state into a run (and, with `ema`, the
+    saved moving average of the weights into it); return the metadata."""
     meta = read_metadata(path)
     weights_path, state_path, _ = checkpoint_paths(path)
     if "state" not in meta["files"]:
@@ -353,5 +374,10 @@ def load_training_state(
     model.load_state_dict(load_file(str(weights_path)), strict=True)
     tensors = load_file(str(state_path))
     optimizer.load_state_dict(unflatten_optimizer_state(tensors, meta["optimizer"]))
+    if ema is not None:
+        saved = {k[len(EMA_PREFIX) :]: v for k, v in tensors.items() if k.startswith(EMA_PREFIX)}
+        if not saved:
+            raise CheckpointError(f"{path}: checkpoint has no EMA weights to resume from")
+        ema.load_state_dict(saved, strict=True)
     restore_rng(tensors)
     return meta

@@ -70,6 +70,12 @@ class TinyCNN(nn.Module):
         self.features = nn.Sequential(*layers)
         self.num_features = channels
         self.pool = nn.AdaptiveAvgPool2d(1)
+        # timm's layout, so `backbone_stages` treats it like any timm backbone: each block's
+        # max-pool ends a reduction stage.
+        self.feature_info = [
+            {"num_chs": width * 2**i, "reduction": 2 ** (i + 1), "module": f"features.{4 * i + 3}"}
+            for i in range(4)
+        ]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.pool(self.features(x)).flatten(1)
@@ -214,9 +220,18 @@ class CXRModel(nn.Module):
         self.head = head
         self.spec = spec
         self.preprocessing = preprocessing
+        # Normalisation layers of frozen stages (`freeze_stages`): a plain list, not
+        # submodules, so the state dict is unchanged; they stay in eval mode in train().
+        self.frozen_norms: list[nn.Module] = []
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(x))
+
+    def train(self, mode: bool = True) -> CXRModel:
+        super().train(mode)
+        for module in self.frozen_norms:
+            module.eval()  # running statistics of a frozen stage must not move
+        return self
 
 
 def resolve_device(device: str) -> torch.device:
@@ -253,14 +268,86 @@ def create_model(
     return CXRModel(net, create_head(head, dim, len(spec.labels), hidden), spec, prep)
 
 
+# --------------------------------------------------------------------------------------------
+# Backbone stages (for freezing the first ones)
+# --------------------------------------------------------------------------------------------
+
+
+BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
+
+def backbone_stages(backbone: nn.Module) -> list[str]:
+    """The module name that ends each reduction stage, from timm's `feature_info`.
+
+    Stage k is its module (with everything inside it) and whatever comes between stage k-1's
+    module and it in module order; what comes after the last stage's module (a neck, VGG's
+    pre-logits) belongs to no stage.
+    """
+    info = getattr(backbone, "feature_info", None)
+    if not info:
+        raise ValueError(f"{type(backbone).__name__} has no feature_info: stages are undefined")
+    names = [entry["module"] if isinstance(entry, Mapping) else entry.module for entry in info]
+    known = {name for name, _ in backbone.named_modules()}
+    missing = [name for name in names if name not in known]
+    if missing:
+        raise ValueError(f"feature_info names modules the backbone lacks: {missing}")
+    return names
+
+
+def module_stages(backbone: nn.Module) -> dict[str, int]:
+    """Each module's stage (see `backbone_stages`); len(stages) for what follows the last."""
+    stages = backbone_stages(backbone)
+    order = [name for name, _ in backbone.named_modules()]
+    ends = [order.index(name) for name in stages]
+    out: dict[str, int] = {}
+    for position, name in enumerate(order):
+        inside = [k for k, end in enumerate(stages) if name.startswith(end + ".")]
+        if inside:  # inside a stage's module: that stage, however late in the order
+            out[name] = inside[-1]
+        else:  # the first stage whose module is here or later
+            out[name] = next((k for k, end in enumerate(ends) if end >= position), len(stages))
+    return out
+
+
+def freeze_stages(model: CXRModel, n: int) -> int:
+    """Freeze the backbone's first `n` stages: no gradients, normalisation layers kept in eval
+    mode (see CXRModel.train). Returns how many parameters were frozen."""
+    if n == 0:
+        return 0
+    stages = module_stages(model.backbone)
+    count = len(backbone_stages(model.backbone))
+    if not 0 <= n <= count:
+        raise ValueError(
+            f"freeze_stages={n}, but backbone {model.spec.backbone!r} has {count} stages"
+        )
+    frozen = 0
+    for name, module in model.backbone.named_modules():
+        if stages[name] >= n:
+            continue
+        for param in module.parameters(recurse=False):
+            param.requires_grad_(False)
+            frozen += param.numel()
+        if isinstance(module, BATCH_NORMS):
+            model.frozen_norms.append(module)
+    model.train(model.training)
+    log.info("froze %d parameters in the first %d of %d stages", frozen, n, count)
+    return frozen
+
+
 def masked_bce_loss(
-    logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    mask: torch.Tensor,
+    pos_weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Binary cross-entropy summed over each image's certain labels, averaged over the batch.
 
     This is the method's equation (1): masked (uncertain or unknown) labels contribute nothing.
+    pos_weight (one per label) multiplies the positive term, as in BCEWithLogitsLoss.
     """
+    if pos_weight is not None:
+        pos_weight = pos_weight.to(device=logits.device, dtype=logits.dtype)
     per_label = nn.functional.binary_cross_entropy_with_logits(
-        logits, targets.to(logits.dtype), reduction="none"
+        logits, targets.to(logits.dtype), reduction="none", pos_weight=pos_weight
     )
     return (per_label * mask.to(per_label.dtype)).sum(dim=1).mean()

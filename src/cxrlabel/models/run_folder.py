@@ -55,6 +55,8 @@ METRIC_COLUMNS = (
     "lr",
     "images_per_s",
     "loader_images_per_s",
+    # Which loss the epoch trained with: "bce" (the method), "aucm" (the AUC-margin stage).
+    "stage",
 )
 # What a reader of metrics.csv needs (older runs may lack the speed columns).
 REQUIRED_METRIC_COLUMNS = ("kind", "epoch", "step", "train_loss", "val_loss")

@@ -18,7 +18,13 @@ the same images at the same resize settings share one.
 Resuming is exact: each epoch's order comes from a generator seeded by (seed, epoch), the
 batches an interrupted epoch already did are skipped, and weights, optimizer state and the
 global RNG come back from `last`. With ``config.deterministic`` a resumed run ends with the
-same weights, bit for bit, as one that was never interrupted.
+same weights, bit for bit, as one that was never interrupted (with ema_decay, the EMA is saved
+in `last` too). Inside the AUC-margin stage (aucm_epochs) a resume restarts that stage's PESG
+optimizer and loss state, so it is not exact there.
+
+The optimisation recipe (frozen stages, per-group learning rates, warm-up, EMA, pos_weight,
+the AUC-margin stage) is built from RunConfig's "Recipe: optimisation" keys by
+cxrlabel.training.recipe; every default leaves the method's plain Adam + masked BCE run.
 """
 
 from __future__ import annotations
@@ -28,8 +34,9 @@ import hashlib
 import logging
 import math
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -48,8 +55,8 @@ from cxrlabel.data.transforms import AugmentConfig
 from cxrlabel.evaluation.figures import loss_plot_png
 from cxrlabel.evaluation.metrics import METRIC_NAMES, metrics_table
 from cxrlabel.fileio import atomic_write_bytes
-from cxrlabel.models.checkpoint import checkpoint_paths
-from cxrlabel.models.factory import CXRModel, create_model, masked_bce_loss
+from cxrlabel.models.checkpoint import checkpoint_paths, load_weights_into
+from cxrlabel.models.factory import CXRModel, create_model, freeze_stages, masked_bce_loss
 from cxrlabel.models.run_folder import (
     RunFolder,
     json_value,
@@ -59,6 +66,15 @@ from cxrlabel.models.run_folder import (
 )
 from cxrlabel.models.thresholds import Thresholds, choose_thresholds
 from cxrlabel.training.execution import ExecutionPlan, autocast, choose_execution, to_device
+from cxrlabel.training.recipe import (
+    LR_SCHEDULES,
+    AucmObjective,
+    param_groups,
+    pos_weights,
+    positive_fractions,
+    scheduled_lr,
+    set_lr,
+)
 from cxrlabel.training.saver import CheckpointSaver
 
 log = logging.getLogger(__name__)
@@ -79,19 +95,26 @@ class TrainResult:
     completed: bool = True  # False when `stop_after_steps` ended the run early
 
 
+LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
 def train_step(
     model: torch.nn.Module,
     batch: Mapping[str, torch.Tensor],
     optimizer: torch.optim.Optimizer,
     plan: ExecutionPlan,
+    loss_fn: LossFn = masked_bce_loss,
 ) -> float:
-    """One optimisation step on a batch already on the device; returns the loss."""
+    """One optimisation step on a batch already on the device; returns the loss.
+
+    loss_fn(logits, targets, mask): the method's masked BCE unless a recipe says otherwise.
+    """
     model.train()
     optimizer.zero_grad(set_to_none=True)
     with autocast(plan):
         logits = model(batch["image"])
     # The loss in fp32: bf16 logits would round the small per-label terms away.
-    loss = masked_bce_loss(logits.float(), batch["target"], batch["mask"])
+    loss = loss_fn(logits.float(), batch["target"], batch["mask"])
     loss.backward()
     optimizer.step()
     return float(loss.detach())
@@ -260,23 +283,6 @@ def label_aurocs(table: pd.DataFrame) -> dict[str, float | None]:
 # --------------------------------------------------------------------------------------------
 
 
-LR_SCHEDULES = ("constant", "cosine")
-
-
-def scheduled_lr(base_lr: float, schedule: str, step: int, total_steps: int) -> float:
-    """Learning rate for optimisation step `step` (0-based) of `total_steps`.
-
-    A pure function of the step, so a resumed run needs no scheduler state. "constant" is the
-    method's setup; "cosine" decays to zero over the run, which steadies short CPU runs whose
-    BatchNorm statistics otherwise keep jumping at a high constant rate.
-    """
-    if schedule == "constant":
-        return base_lr
-    if schedule == "cosine":
-        return base_lr * 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / total_steps))
-    raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, not {schedule!r}")
-
-
 @dataclass
 class Progress:
     """Where training stands; saved in `last.json` (beside the saver's ranking) so a resumed
@@ -348,6 +354,7 @@ class _Run:
         ).to(self.plan.device)
         if self.plan.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
+        freeze_stages(self.model, config.freeze_stages)
         cache_root = self.folder.cache_root
         self.train_set = make_dataset(
             train_table, self.model, config, cache_root, augmentation=augmentation_from(config)
@@ -356,9 +363,29 @@ class _Run:
             valid_table, self.model, config, cache_root, augmentation=None
         )
         self.optimizer = torch.optim.Adam(
-            self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay
+            param_groups(self.model, config.backbone_lr_scale),
+            lr=config.lr,
+            weight_decay=config.weight_decay,
         )
-        self.total_steps = config.epochs * math.ceil(len(self.train_set) / config.batch_size)
+        steps_per_epoch = math.ceil(len(self.train_set) / config.batch_size)
+        self.total_steps = config.epochs * steps_per_epoch
+        self.warmup_steps = (
+            max(1, round(config.warmup_epochs * steps_per_epoch)) if config.warmup_epochs else 0
+        )
+        rows = self.train_set.rows  # the images the loss sees (unreadable ones left out)
+        self.train_targets = self.train_set.targets[rows], self.train_set.mask[rows]
+        self.pos_weight = pos_weights(
+            config.pos_weight, self.model.spec.labels, *self.train_targets
+        )
+        self.loss_fn: LossFn = masked_bce_loss
+        if self.pos_weight is not None:
+            log.info("BCE pos_weight: %s", self.pos_weight)
+            weights = torch.tensor(list(self.pos_weight.values()), device=self.plan.device)
+            self.loss_fn = partial(masked_bce_loss, pos_weight=weights)
+        self.ema = self.make_ema()
+        # What validation and inference checkpoints use: the EMA weights when there are any.
+        self.eval_model: CXRModel = self.ema.module if self.ema is not None else self.model
+        self.aucm: AucmObjective | None = None  # built when the AUC-margin stage starts
         self.progress = Progress()
         self.valid_source = validation_source(config)
         self.rows: list[dict[str, Any]] = []
@@ -367,6 +394,39 @@ class _Run:
             self.folder, self.model, self.optimizer, select_best=config.select_best,
             keep_best=config.keep_best, config=config.to_dict(),
             extra={"execution": self.plan.to_dict()},
+            ema=self.ema.module if self.ema is not None else None,
+        )  # fmt: skip
+
+    def make_ema(self) -> Any:
+        """timm's ModelEmaV3 of the weights when config.ema_decay > 0, else None."""
+        if not self.config.ema_decay:
+            return None
+        from timm.utils import ModelEmaV3
+
+        return ModelEmaV3(self.model, decay=self.config.ema_decay)
+
+    def stage(self, epoch: int) -> str:
+        """ "bce" for the first config.epochs epochs, "aucm" for the AUC-margin ones after."""
+        return "aucm" if epoch >= self.config.epochs else "bce"
+
+    def start_aucm(self) -> None:
+        """Begin (or, after a resume, re-enter) the AUC-margin stage.
+
+        At its very start the weights become the best BCE epoch's (best.*: the EMA weights
+        when ema_decay is on). A run resumed inside the stage keeps `last`'s weights but starts
+        PESG and the loss's a, b, alpha afresh: their state is not saved.
+        """
+        p, config = self.progress, self.config
+        if (p.epoch, p.batch) == (config.epochs, 0):
+            load_weights_into(self.folder.best, self.model)
+            if self.ema is not None:
+                self.ema.module.load_state_dict(self.model.state_dict())
+            log.info("AUC-margin stage: from best epoch %s", self.saver.ranking.best_epoch)
+        else:
+            log.warning("resumed inside the AUC-margin stage: PESG state starts afresh")
+        self.aucm = AucmObjective(
+            self.model, positive_fractions(*self.train_targets), lr=config.aucm_lr,
+            margin=config.aucm_margin, device=self.plan.device,
         )  # fmt: skip
 
     def resume(self) -> None:
@@ -408,22 +468,34 @@ class _Run:
                 waited = time.perf_counter()
                 continue
             batch = to_device(raw, self.plan)
-            lr = scheduled_lr(config.lr, config.lr_schedule, p.step, self.total_steps)
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
-            loss = train_step(self.model, batch, self.optimizer, self.plan)
+            if self.aucm is not None:
+                lr = config.aucm_lr
+                loss = train_step(
+                    self.model, batch, self.aucm.optimizer, self.plan, loss_fn=self.aucm
+                )
+            else:
+                lr = scheduled_lr(
+                    config.lr, config.lr_schedule, p.step, self.total_steps,
+                    warmup_steps=self.warmup_steps,
+                )  # fmt: skip
+                set_lr(self.optimizer, lr)
+                loss = train_step(self.model, batch, self.optimizer, self.plan, self.loss_fn)
             done = time.perf_counter()
             n = int(raw["image"].shape[0])
             p.batch += 1
             p.step += 1
+            if self.ema is not None:
+                # By the global step, so a resumed run's EMA follows the same decay.
+                self.ema.update(self.model, step=p.step)
             self.images_per_s.append(n / max(done - loaded, 1e-9))
             self.rows.append(
                 {
                     "kind": "step",
+                    "stage": self.stage(p.epoch),
                     "epoch": p.epoch,
                     "step": p.step,
                     "train_loss": loss,
-                    "lr": self.optimizer.param_groups[0]["lr"],
+                    "lr": lr,
                     "images_per_s": self.images_per_s[-1],
                     "loader_images_per_s": n / max(loaded - waited, 1e-9),
                 }
@@ -442,7 +514,7 @@ class _Run:
         """Validate, record, keep the best, and move `last` to the next epoch's start."""
         p, config = self.progress, self.config
         scores, targets, masks, val_loss = predict(
-            self.model, make_loader(self.valid_set, None, config, self.plan), self.plan
+            self.eval_model, make_loader(self.valid_set, None, config, self.plan), self.plan
         )
         labels = self.model.spec.labels
         thresholds = self.choose_thresholds(scores, targets, masks)
@@ -452,15 +524,17 @@ class _Run:
         losses = [
             r["train_loss"] for r in self.rows if r["kind"] == "step" and r["epoch"] == p.epoch
         ]
+        last_lr = next((r["lr"] for r in reversed(self.rows) if r["kind"] == "step"), None)
         self.rows.append(
             {
                 "kind": "epoch",
+                "stage": self.stage(p.epoch),
                 "epoch": p.epoch,
                 "step": p.step,
                 "train_loss": float(np.mean(losses)) if losses else None,
                 "val_loss": val_loss,
                 "val_auroc": mean_auroc,
-                "lr": self.optimizer.param_groups[0]["lr"],
+                "lr": last_lr,
             }
         )
         log.info(
@@ -481,6 +555,8 @@ class _Run:
         ended = p.epoch
         p.epoch += 1
         p.batch = 0
+        if self.aucm is not None:
+            self.aucm.end_epoch()
         # metrics.csv before the saver commits the epoch in `last` (see save_last).
         write_metrics(self.folder.metrics, self.rows)
         self.saver.end_epoch(ended, metrics, thresholds, p.to_dict())
@@ -509,6 +585,8 @@ class _Run:
             "steps": p.step,
             "select_best": self.config.select_best,
             "best_epoch": ranking.best_epoch,
+            "best_stage": None if ranking.best_epoch is None else self.stage(ranking.best_epoch),
+            "pos_weight": self.pos_weight,
             "val_loss": best.get("val_loss"),
             "val_auroc_mean": best.get("val_auroc_mean"),
             "val_auroc": best.get("val_auroc"),
@@ -541,7 +619,9 @@ def train(
         saved `last` (simulates a kill; the result has ``completed=False``).
     checkpoint_every_steps: also save `last` every this many steps (None: only at epoch ends).
     The learning-rate schedule is config.lr_schedule: "constant" (the method: Adam at config.lr
-    throughout) or "cosine" (decay to 0 over the run; see :func:`scheduled_lr`).
+    throughout) or "cosine" (decay to 0 over the run), after config.warmup_epochs of linear
+    warm-up (see :func:`cxrlabel.training.recipe.scheduled_lr`). With config.aucm_epochs, that
+    many AUC-margin epochs follow the BCE ones, from the best BCE epoch's weights.
     """
     if config.lr_schedule not in LR_SCHEDULES:
         raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, not {config.lr_schedule!r}")
@@ -570,10 +650,13 @@ def train(
 
 
 def _train_epochs(run: _Run, stop_after_steps: int | None) -> bool:
-    while run.progress.epoch < run.config.epochs:
+    config = run.config
+    while run.progress.epoch < config.epochs + config.aucm_epochs:
         if stop_after_steps is not None and run.progress.step >= stop_after_steps:
             run.save_last()
             return False
+        if run.aucm is None and run.stage(run.progress.epoch) == "aucm":
+            run.start_aucm()
         if not run.run_epoch(stop_after_steps):
             return False
         run.end_epoch()

@@ -113,6 +113,8 @@ class CheckpointSaver:
 
     config: stored in every checkpoint (the run's RunConfig as a dict).
     extra: stored under each checkpoint's "extra" too (e.g. the execution plan).
+    ema: a moving average of `model`'s weights (a CXRModel, e.g. timm ModelEmaV3's module):
+        best and kept checkpoints then hold it, and `last` holds both for resuming.
     """
 
     def __init__(
@@ -125,6 +127,7 @@ class CheckpointSaver:
         keep_best: int,
         config: Mapping[str, Any],
         extra: Mapping[str, Any] | None = None,
+        ema: CXRModel | None = None,
     ) -> None:
         if select_best not in SELECT_BEST:
             raise ValueError(f"select_best must be one of {SELECT_BEST}, not {select_best!r}")
@@ -137,6 +140,9 @@ class CheckpointSaver:
         self.keep_best = keep_best
         self.config = dict(config)
         self.extra = dict(extra or {})
+        self.ema = ema
+        # What inference checkpoints hold: the EMA weights when there are any.
+        self.inference_model = ema if ema is not None else model
         self.ranking = Ranking()
         # The progress `last` holds (None before the first save or resume).
         self.committed: dict[str, Any] | None = None
@@ -158,6 +164,7 @@ class CheckpointSaver:
             step=progress["step"],
             optimizer=self.optimizer,
             extra={"progress": {**progress, **self.ranking.to_dict()}, **self.extra},
+            ema=self.ema,
         )
         self.committed = dict(progress)
         self.last_whole = True
@@ -225,10 +232,11 @@ class CheckpointSaver:
         epoch: int,
         step: int,
     ) -> None:
-        """Save the model as epoch `epoch`'s inference checkpoint (no optimizer state)."""
+        """Save the model (its EMA, if any) as epoch `epoch`'s inference checkpoint (no optimizer
+        state)."""
         save_checkpoint(
             path,
-            self.model,
+            self.inference_model,
             config=self.config,
             epoch=epoch,
             step=step,
@@ -278,7 +286,7 @@ class CheckpointSaver:
         A `last` torn by a kill while it was rewritten falls back to last.prev.
         """
         try:
-            meta = load_training_state(self.folder.last, self.model, self.optimizer)
+            meta = load_training_state(self.folder.last, self.model, self.optimizer, ema=self.ema)
             self.last_whole = True
             remove_checkpoint(self.folder.last_prev)  # not needed: what a kill left of it goes
         except CheckpointError as exc:
@@ -286,7 +294,9 @@ class CheckpointSaver:
             if not checkpoint_paths(self.folder.last_prev)[2].is_file():
                 raise
             log.warning("%s; resuming from the previous one, %s", exc, self.folder.last_prev.name)
-            meta = load_training_state(self.folder.last_prev, self.model, self.optimizer)
+            meta = load_training_state(
+                self.folder.last_prev, self.model, self.optimizer, ema=self.ema
+            )
         self.ranking, progress = Ranking.split(meta["extra"]["progress"])
         self.committed = dict(progress)
         self.settle(progress)
