@@ -133,3 +133,13 @@ def test_data_recipe_defaults_keep_todays_behaviour_and_validate():
     # A policy naming a label outside the run's labels is a mistake too.
     with pytest.raises(ConfigError, match="Fracture"):
         build_config(None, {"policy": "Fracture=U-Ones"})
+
+
+def test_head_config_checks_its_policy_with_the_same_parser():
+    from cxrlabel.config import HeadConfig
+
+    assert HeadConfig.build(None, {"policy": "Edema=U-Ones-LSR,*=U-Zeros"}).policy.startswith(
+        "Edema"
+    )
+    with pytest.raises(ConfigError, match="Edemaa"):
+        HeadConfig.build(None, {"policy": "Edemaa=U-Ones"})
