@@ -99,3 +99,47 @@ def test_head_config_errors_name_key_kind_and_file(tmp_path):
     (tmp_path / "odd.yaml").write_text("kind: bananas\n")
     with pytest.raises(ConfigError, match="unknown config kind 'bananas'"):
         HeadConfig.load(tmp_path / "odd.yaml")
+
+
+def test_data_recipe_defaults_keep_todays_behaviour_and_validate():
+    cfg = build_config()
+    assert (cfg.sampler, cfg.sampler_label, cfg.pos_fraction) == ("shuffle", "", 0.5)
+    assert (cfg.augment, cfg.scale, cfg.equalize, cfg.policy) == ("none", 0.0, "none", "U-Ignore")
+    cfg = build_config(
+        "tiny-cpu",
+        [
+            "policy=Atelectasis=U-Ones-LSR,*=U-Zeros",
+            "sampler=oversample",
+            "sampler_label=Edema",
+            "pos_fraction=0.3",
+            "augment=cxr-mild",
+            "scale=0.1",
+            "equalize=hist",
+        ],
+    )
+    assert cfg.policy == "Atelectasis=U-Ones-LSR,*=U-Zeros" and cfg.sampler_label == "Edema"
+    bad = {
+        "policy": ("Edemaa=U-Ones", "Edemaa"),
+        "sampler": ("dual", "sampler"),
+        "sampler_label": ("Fracture", "sampler_label"),
+        "pos_fraction": (1.0, "pos_fraction"),
+        "augment": ("cxr-wild", "augment"),
+        "scale": (1.5, "scale"),
+        "equalize": ("gamma", "equalize"),
+    }
+    for key, (value, message) in bad.items():
+        with pytest.raises(ConfigError, match=message):
+            build_config(None, {key: value})
+    # A policy naming a label outside the run's labels is a mistake too.
+    with pytest.raises(ConfigError, match="Fracture"):
+        build_config(None, {"policy": "Fracture=U-Ones"})
+
+
+def test_head_config_checks_its_policy_with_the_same_parser():
+    from cxrlabel.config import HeadConfig
+
+    assert HeadConfig.build(None, {"policy": "Edema=U-Ones-LSR,*=U-Zeros"}).policy.startswith(
+        "Edema"
+    )
+    with pytest.raises(ConfigError, match="Edemaa"):
+        HeadConfig.build(None, {"policy": "Edemaa=U-Ones"})

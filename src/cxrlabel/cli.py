@@ -85,7 +85,12 @@ def _add_eval_table_args(parser: argparse.ArgumentParser) -> None:
         help="a study's probability from its views (with --unit study)",
     )  # fmt: skip
     parser.add_argument("--view", default="frontal", choices=["frontal", "lateral", "all"])
-    parser.add_argument("--policy", default="U-Ignore", help="U-Ignore, U-Zeros or U-Ones")
+    parser.add_argument(
+        "--policy",
+        default="U-Ignore",
+        help="U-Ignore, U-Zeros or U-Ones (LSR policies score as U-Ones / U-Zeros), or per "
+        "label: 'Edema=U-Ones,*=U-Zeros'",
+    )
 
 
 def cmd_stats(args: argparse.Namespace) -> int:

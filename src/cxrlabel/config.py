@@ -23,7 +23,8 @@ from typing import Any, ClassVar, TypeVar
 
 import yaml
 
-from cxrlabel.data.labels import resolve_labels
+from cxrlabel.data.labels import LabelPolicy, resolve_labels
+from cxrlabel.data.transforms import AUGMENT_PRESETS, EQUALIZE_METHODS
 from cxrlabel.fileio import atomic_write_text
 from cxrlabel.models.thresholds import RULES
 
@@ -97,6 +98,47 @@ class _Config:
         atomic_write_text(Path(path), yaml.safe_dump(data, sort_keys=False))
 
 
+SAMPLERS = ("shuffle", "oversample")
+
+
+def _check_policy(policy: str, labels: str) -> None:
+    """The policy parses, and every label it names is one of the run's labels."""
+    try:
+        names = LabelPolicy.parse(policy).names
+    except ValueError as exc:
+        raise ConfigError(f"policy: {exc}") from None
+    if names:
+        outside = [n for n in names if n not in _run_labels(labels)]
+        if outside:
+            raise ConfigError(f"policy names {outside}, which are not among labels {labels!r}")
+
+
+def _run_labels(labels: str) -> tuple[str, ...]:
+    try:
+        return resolve_labels(labels)
+    except ValueError as exc:
+        raise ConfigError(f"labels: {exc}") from None
+
+
+def _check_data_recipe(config: RunConfig) -> None:
+    """The `# Recipe: data` settings of a RunConfig (and its policy)."""
+    _check_policy(config.policy, config.labels)
+    if config.sampler not in SAMPLERS:
+        raise ConfigError(f"sampler must be one of {SAMPLERS}, not {config.sampler!r}")
+    if config.sampler_label and config.sampler_label not in _run_labels(config.labels):
+        raise ConfigError(
+            f"sampler_label {config.sampler_label!r} is not among labels {config.labels!r}"
+        )
+    if not 0.0 < config.pos_fraction < 1.0:
+        raise ConfigError(f"pos_fraction must be in (0, 1), not {config.pos_fraction}")
+    if config.augment not in AUGMENT_PRESETS:
+        raise ConfigError(f"augment must be one of {list(AUGMENT_PRESETS)}, not {config.augment!r}")
+    if not 0.0 <= config.scale < 1.0:
+        raise ConfigError(f"scale must be in [0, 1), not {config.scale}")
+    if config.equalize not in EQUALIZE_METHODS:
+        raise ConfigError(f"equalize must be one of {EQUALIZE_METHODS}, not {config.equalize!r}")
+
+
 @dataclass(frozen=True)
 class RunConfig(_Config):
     """Everything that defines a training run. Defaults are the method's fine-tuning setup."""
@@ -147,6 +189,27 @@ class RunConfig(_Config):
     brightness: float = 0.0
     contrast: float = 0.0
     hflip: bool = False
+    # Recipe: data
+    # `policy` (above) is one policy for every label or a per-label mapping by name,
+    # "Atelectasis=U-Ones,Edema=U-Ones,*=U-Zeros" (`*`: every other label; a label neither
+    # named nor covered by `*` is U-Ignore). Policies: U-Ignore, U-Zeros, U-Ones, U-Ones-LSR
+    # (uncertain -> a soft target in [0.55, 0.85]), U-Zeros-LSR ([0, 0.3]); LSR targets are
+    # drawn once per (image, label) from `seed` and only for training (validation scores LSR
+    # labels as U-Ones / U-Zeros).
+    sampler: str = "shuffle"  # shuffle: each epoch a permutation | oversample (see pos_fraction)
+    sampler_label: str = ""  # the label oversample balances; empty: the first of `labels`
+    # oversample: epochs keep the training set's length, positives of sampler_label make up
+    # this fraction (repeated when scarce), the rest are its negatives/uncertain/blank
+    pos_fraction: float = 0.5
+    # Augmentation preset: none | cxr-mild (10 deg, zoom 0.9-1.1, shift 0.05, brightness and
+    # contrast 0.1) | cxr-strong (15 deg, 0.85-1.15, 0.08, 0.2, 0.2); never a flip. Precedence:
+    # an augmentation field above (or `scale`) set to a non-zero value overrides the preset's;
+    # zero leaves the preset's value.
+    augment: str = "none"
+    scale: float = 0.0  # zoom by a factor in [1 - scale, 1 + scale]; 0: off
+    # none | hist | clahe: grey-level equalisation of the resized film, recorded in the model's
+    # preprocessing so evaluation and labelling apply it too (ONNX export refuses it)
+    equalize: str = "none"
     # Execution
     seed: int = 0
     workers: int = 0
@@ -161,6 +224,7 @@ class RunConfig(_Config):
         _check_thresholds(self.threshold_rule, self.uncertainty_band)
         if self.keep_best < 1:
             raise ConfigError(f"keep_best must be at least 1, not {self.keep_best}")
+        _check_data_recipe(self)
         self._check_recipe_optimisation()
 
     def _check_recipe_optimisation(self) -> None:
@@ -233,6 +297,7 @@ class HeadConfig(_Config):
 
     def __post_init__(self) -> None:
         _check_thresholds(self.threshold_rule, self.uncertainty_band)
+        _check_policy(self.policy, self.labels)
         # Head names are checked by training.heads before any extraction (the list of heads
         # lives with models.factory, which this module does not import).
         if not self.backbones or not self.heads:

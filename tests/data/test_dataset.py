@@ -93,3 +93,31 @@ def test_augmentation_is_seeded(table):
     plain = CXRDataset(table, "competition", PREP)
     torch.testing.assert_close(a[0]["image"], b[0]["image"])
     assert not torch.equal(a[0]["image"], plain[0]["image"])
+
+
+def test_lsr_targets_are_fixed_at_construction_and_only_when_smoothing(table):
+    labels = ["Cardiomegaly", "Edema"]
+    ds = CXRDataset(table, labels, PREP, policy="Cardiomegaly=U-Ones-LSR,*=U-Zeros", seed=5)
+    first = [ds[i]["target"].clone() for i in range(len(ds))]
+    ds.seed = 99  # what a run does each epoch (for augmentation): the soft targets stay
+    assert all(torch.equal(ds[i]["target"], first[i]) for i in range(len(ds)))
+    soft = float(first[5][0])  # row 5: Cardiomegaly is -1
+    assert 0.55 <= soft <= 0.85
+    assert float(first[2][1]) == 0.0 and bool(ds[2]["mask"][1])  # Edema -1 under U-Zeros
+    hard = CXRDataset(table, labels, PREP, policy="Cardiomegaly=U-Ones-LSR", smooth_labels=False)
+    assert float(hard[5]["target"][0]) == 1.0
+    assert ds.values[2].tolist() == [1.0, -1.0]  # the raw values are kept for samplers
+
+
+def test_equalisation_is_applied_to_items(table):
+    from dataclasses import replace
+
+    from cxrlabel.data.cache import load_resized
+    from cxrlabel.data.transforms import equalize, from_uint8, to_model_input
+
+    prep = replace(PREP, equalize="hist")
+    ds = CXRDataset(table, ["Edema"], prep)
+    film = from_uint8(load_resized(table.image_paths()[0], prep.geometry))
+    want = to_model_input(equalize(film, "hist"), prep)
+    assert torch.equal(ds[0]["image"], want)
+    assert not torch.equal(ds[0]["image"], CXRDataset(table, ["Edema"], PREP)[0]["image"])

@@ -128,3 +128,91 @@ def test_targets_follow_names_not_positions():
     table = _table([{"Path": "a", "Edema": 1.0, "Cardiomegaly": 0.0}])
     targets, _ = table.targets(["Cardiomegaly", "Edema"])
     assert targets.tolist() == [[0.0, 1.0]]
+
+
+# --------------------------------------------------------------------------------------------
+# Per-label and label-smoothing policies
+
+
+def test_label_policy_parses_one_name_or_a_mapping():
+    from cxrlabel.data.labels import LabelPolicy
+
+    one = LabelPolicy.parse("u_ones")
+    assert one.rules == () and one.default is UncertaintyPolicy.ONES
+    mapped = LabelPolicy.parse("Atelectasis=U-Ones, Edema=ones-lsr, *=U-Zeros")
+    assert mapped.for_labels(["Atelectasis", "Edema", "Cardiomegaly"]) == (
+        UncertaintyPolicy.ONES,
+        UncertaintyPolicy.ONES_LSR,
+        UncertaintyPolicy.ZEROS,
+    )
+    assert LabelPolicy.parse(str(mapped)) == mapped
+    # No `*`: a label without a policy is U-Ignore.
+    assert LabelPolicy.parse("Edema=U-Ones").for_label("Cardiomegaly") is UncertaintyPolicy.IGNORE
+    with pytest.raises(ValueError, match="Edemaa"):
+        LabelPolicy.parse("Edemaa=U-Ones")
+    with pytest.raises(ValueError, match="two policies"):
+        LabelPolicy.parse("Edema=U-Ones,Edema=U-Zeros")
+    with pytest.raises(ValueError, match="unknown uncertainty policy"):
+        LabelPolicy.parse("Edema=U-Twos")
+    with pytest.raises(ValueError, match="Label=Policy"):
+        LabelPolicy.parse("Edema=U-Ones,U-Zeros")
+
+
+def test_apply_policy_per_label_mapping():
+    values = np.array([[-1.0, -1.0, -1.0], [1.0, 0.0, np.nan]])
+    labels = ["Atelectasis", "Edema", "Cardiomegaly"]
+    targets, mask = apply_policy(values, "Atelectasis=U-Ones,Edema=U-Zeros", "negative", labels)
+    assert targets[0].tolist() == [1.0, 0.0, 0.0]
+    assert mask[0].tolist() == [True, True, False]  # Cardiomegaly: no policy, no `*` -> ignored
+    assert targets[1].tolist() == [1.0, 0.0, 0.0] and mask[1].all()
+    targets, mask = apply_policy(values, "Edema=U-Zeros,*=U-Ones", "negative", labels)
+    assert targets[0].tolist() == [1.0, 0.0, 1.0] and mask[0].all()
+    with pytest.raises(ValueError, match="names labels"):
+        apply_policy(values, "Edema=U-Zeros")
+
+
+def _uncertain_table(n: int = 200) -> tuple[np.ndarray, list[str]]:
+    rng = np.random.default_rng(0)
+    values = rng.choice([1.0, 0.0, -1.0, np.nan], size=(n, 2))
+    values[:3] = -1.0  # enough uncertain entries in both columns
+    return values, ["Edema", "Atelectasis"]
+
+
+@pytest.mark.parametrize(
+    "policy, low, high", [("U-Ones-LSR", 0.55, 0.85), ("U-Zeros-LSR", 0.0, 0.3)]
+)
+def test_lsr_draws_reproducible_soft_targets_in_range(policy, low, high):
+    values, labels = _uncertain_table()
+    targets, mask = apply_policy(values, policy, "negative", labels, seed=7)
+    uncertain = values == -1.0
+    soft = targets[uncertain]
+    assert np.all((soft >= low) & (soft <= high)) and len(np.unique(soft)) > 10
+    assert mask[uncertain].all()
+    # Certain labels keep their 0/1 targets.
+    assert np.array_equal(targets[values == 1.0], np.ones((values == 1.0).sum()))
+    assert np.array_equal(targets[values == 0.0], np.zeros((values == 0.0).sum()))
+    again, _ = apply_policy(values, policy, "negative", labels, seed=7)
+    assert np.array_equal(again, targets)
+    # A function of (seed, row, label): a table's first rows get the same values alone.
+    head, _ = apply_policy(values[:50], policy, "negative", labels, seed=7)
+    assert np.array_equal(head, targets[:50])
+    other, _ = apply_policy(values, policy, "negative", labels, seed=8)
+    assert not np.array_equal(other[uncertain], soft)
+    # The two labels draw from different streams.
+    assert targets[0, 0] != targets[0, 1]
+
+
+def test_lsr_without_a_seed_scores_as_the_hard_policy():
+    values, labels = _uncertain_table()
+    for lsr, hard in (("U-Ones-LSR", "U-Ones"), ("U-Zeros-LSR", "U-Zeros")):
+        got = apply_policy(values, lsr, "negative", labels)
+        want = apply_policy(values, hard, "negative", labels)
+        assert np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1])
+
+
+def test_lsr_in_a_mapping_smooths_only_its_label():
+    values, labels = _uncertain_table()
+    targets, _ = apply_policy(values, "Edema=U-Ones-LSR,*=U-Ones", "negative", labels, seed=1)
+    uncertain = values == -1.0
+    assert np.all((targets[uncertain[:, 0], 0] >= 0.55) & (targets[uncertain[:, 0], 0] <= 0.85))
+    assert np.all(targets[uncertain[:, 1], 1] == 1.0)

@@ -331,3 +331,99 @@ def test_real_images_through_the_pipeline() -> None:
     for path in paths:
         x = preprocess(read_image(path), prep)
         assert x.shape == (3, 320, 320) and torch.isfinite(x).all()
+
+
+# --------------------------------------------------------------------------------------------
+# augmentation presets and zoom
+# --------------------------------------------------------------------------------------------
+
+
+def test_augmentation_presets_values() -> None:
+    from cxrlabel.data.transforms import AUGMENT_PRESETS
+
+    mild, strong = AUGMENT_PRESETS["cxr-mild"], AUGMENT_PRESETS["cxr-strong"]
+    assert (mild.rotation_deg, mild.scale, mild.translate, mild.brightness, mild.contrast) == (
+        10.0, (0.9, 1.1), 0.05, 0.1, 0.1,
+    )  # fmt: skip
+    assert (
+        strong.rotation_deg, strong.scale, strong.translate, strong.brightness, strong.contrast
+    ) == (15.0, (0.85, 1.15), 0.08, 0.2, 0.2)  # fmt: skip
+    assert not mild.hflip and not strong.hflip
+    assert not AUGMENT_PRESETS["none"].enabled
+
+
+def test_augment_config_set_fields_override_the_preset() -> None:
+    from cxrlabel.data.transforms import augment_config, zoom_range
+
+    assert zoom_range(0.0) == (1.0, 1.0) and zoom_range(0.2) == (0.8, 1.2)
+    cfg = augment_config(
+        "cxr-mild", rotation_deg=5.0, scale=zoom_range(0.0), translate=0.0, hflip=False
+    )
+    # rotation set explicitly wins; the zero/identity values leave the preset's.
+    assert (cfg.rotation_deg, cfg.scale, cfg.translate, cfg.brightness) == (
+        5.0,
+        (0.9, 1.1),
+        0.05,
+        0.1,
+    )
+    cfg = augment_config("none", scale=zoom_range(0.2), contrast=0.3)
+    assert cfg.scale == (0.8, 1.2) and cfg.contrast == 0.3 and cfg.rotation_deg == 0.0
+    with pytest.raises(ValueError, match="unknown augmentation preset"):
+        augment_config("cxr-wild")
+
+
+def test_scale_zooms_the_image() -> None:
+    img = torch.zeros(1, 64, 64)
+    img[:, 24:40, 24:40] = 1.0  # a centred bright square
+    seen = set()
+    for seed in range(8):
+        out = augment(img, AugmentConfig(scale=(0.5, 1.5)), torch.Generator().manual_seed(seed))
+        assert not torch.equal(out, img)
+        seen.add(round(float(out.sum()), 1))
+    # Zooming changes the square's area (in and out), not only its position.
+    assert max(seen) > float(img.sum()) * 1.2 and min(seen) < float(img.sum()) * 0.8
+
+
+@pytest.mark.parametrize("preset", ["cxr-mild", "cxr-strong"])
+def test_presets_never_flip(preset: str) -> None:
+    from cxrlabel.data.transforms import AUGMENT_PRESETS
+
+    img = _left_bright(64, 64)
+    for seed in range(40):
+        out = augment(img, AUGMENT_PRESETS[preset], torch.Generator().manual_seed(seed))
+        assert out[:, :32].mean() > out[:, 32:].mean() + 0.3, f"flipped with seed {seed}"
+
+
+# --------------------------------------------------------------------------------------------
+# equalisation
+# --------------------------------------------------------------------------------------------
+
+
+def test_hist_equalisation_spreads_a_low_contrast_film() -> None:
+    from cxrlabel.data.transforms import equalize
+
+    rng = np.random.default_rng(0)
+    film = (0.4 + 0.1 * rng.random((64, 64))).astype(np.float32)  # values in [0.4, 0.5]
+    out = equalize(film, "hist")
+    assert out.dtype == np.float32 and out.shape == film.shape
+    assert out.min() < 0.05 and out.max() > 0.95
+    # Order-preserving: a brighter pixel stays at least as bright.
+    order = np.argsort(film, axis=None)
+    assert np.all(np.diff(out.ravel()[order]) >= 0)
+    clahe = equalize(film, "clahe")
+    assert clahe.std() > film.std() and not np.array_equal(clahe, out)
+    assert equalize(film, "none") is film
+    with pytest.raises(ValueError, match="equalize"):
+        equalize(film, "gamma")
+
+
+def test_preprocessing_records_equalisation_and_reads_old_dicts() -> None:
+    old = _prep().to_dict()
+    assert "equalize" not in old  # unchanged metadata for models without equalisation
+    assert Preprocessing.from_dict(old).equalize == "none"
+    prep = _prep(equalize="clahe")
+    assert prep.to_dict()["equalize"] == "clahe" and Preprocessing.from_dict(prep.to_dict()) == prep
+    with pytest.raises(ValueError, match="equalize"):
+        _prep(equalize="gamma")
+    film = np.linspace(0.4, 0.5, 40 * 40, dtype=np.float32).reshape(40, 40)
+    assert not torch.equal(preprocess(film, _prep(equalize="hist")), preprocess(film, _prep()))

@@ -183,3 +183,21 @@ def test_combine_thresholds_averages_members_or_takes_the_first_per_label() -> N
         combine_thresholds([Thresholds.fixed(["Cardiomegaly"])], ["Edema"])
     with pytest.raises(ValueError, match="how"):
         combine_thresholds([t1], LABELS, how="max")
+
+
+def test_ensemble_equalises_as_the_training_dataset_does(
+    tmp_path: Path, tiny_dataset: Path
+) -> None:
+    from cxrlabel.data.transforms import equalize, to_model_input
+
+    torch.manual_seed(0)
+    model = create_model("tiny", "linear", LABELS, weights="none", size=64, equalize="clahe")
+    save_checkpoint(tmp_path / "a.safetensors", model, config={}, epoch=1, step=1)
+    ensemble = load_ensemble([tmp_path / "a.safetensors"], device="cpu")
+    film = read_image(sorted(tiny_dataset.rglob("*.jpg"))[0])
+    prep = ensemble.preprocessing
+    assert prep.equalize == "clahe"
+    x = to_model_input(equalize(prep.geometry.apply(film), "clahe"), prep)[None]
+    with torch.no_grad():
+        want = torch.sigmoid(ensemble.members[0].model(x)).numpy()
+    np.testing.assert_allclose(ensemble.predict_images([film]), want, rtol=1e-5, atol=1e-6)

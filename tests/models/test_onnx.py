@@ -248,3 +248,28 @@ def test_auto_backend_falls_back_to_torch_when_the_export_fails(
     assert error.__name__ in caplog.text and "labelling with PyTorch" in caplog.text
     with pytest.raises(error):
         load_model([ckpt], backend="onnx", device="cpu")
+
+
+def test_equalising_models_are_not_exported_and_auto_labels_with_torch(
+    tiny_dataset: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The graph cannot equalise, so export refuses; --backend auto falls back to PyTorch,
+    which equalises (checkpoint round trip of the setting included)."""
+    torch.manual_seed(0)
+    model = create_model("tiny", "linear", LABELS, weights="none", size=64, equalize="hist")
+    ckpt = tmp_path / "eq" / "best.safetensors"
+    save_checkpoint(ckpt, model, config={}, epoch=1, step=1)
+    with pytest.raises(ValueError, match=r"equalize=.hist.*--backend torch"):
+        export_onnx([ckpt], tmp_path / "model.onnx")
+    with caplog.at_level(logging.WARNING):
+        labeller = load_model([ckpt], backend="auto", device="cpu")
+    assert not isinstance(labeller, OnnxModel)
+    assert "ONNX Runtime not used" in caplog.text
+    assert labeller.preprocessing.equalize == "hist"
+    images = films(tiny_dataset, 3)
+    plain = create_model("tiny", "linear", LABELS, weights="none", size=64)
+    plain.load_state_dict(model.state_dict())
+    plain_ckpt = tmp_path / "plain" / "best.safetensors"
+    save_checkpoint(plain_ckpt, plain, config={}, epoch=1, step=1)
+    plain_probs = load_ensemble([plain_ckpt], device="cpu").predict_images(images)
+    assert not np.allclose(labeller.predict_images(images), plain_probs)

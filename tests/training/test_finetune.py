@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -16,9 +17,11 @@ from cxrlabel.models.run_folder import METRIC_COLUMNS, resolve_model_paths
 from cxrlabel.models.thresholds import Thresholds
 from cxrlabel.training.finetune import (
     TrainResult,
+    augmentation_from,
     epoch_order,
     scheduled_lr,
     train,
+    train_order,
 )
 from tests.helpers import tearing_save
 from tests.training.learning_check import (
@@ -328,6 +331,75 @@ def test_epoch_order_depends_on_seed_and_epoch_only() -> None:
     assert sorted(epoch_order(20, 0, 1)) == list(range(20))
     assert epoch_order(20, 0, 1) != epoch_order(20, 0, 2)
     assert epoch_order(20, 0, 1) != epoch_order(20, 1, 1)
+
+
+@pytest.mark.parametrize("pos_fraction", [0.5, 0.3])
+def test_oversample_order_balances_positives(pos_fraction: float) -> None:
+    positives = np.zeros(200, dtype=bool)
+    positives[::10] = True  # 10% positives
+    order = epoch_order(200, 4, 2, positives=positives, pos_fraction=pos_fraction)
+    assert len(order) == 200
+    picked = positives[order]
+    assert picked.mean() == pytest.approx(pos_fraction, abs=0.01)
+    # Scarce positives repeat (each one appears); the other images are drawn without replacement.
+    assert set(np.array(order)[picked]) == set(np.flatnonzero(positives))
+    others = np.array(order)[~picked]
+    assert len(set(others)) == len(others)
+    assert order == epoch_order(200, 4, 2, positives=positives, pos_fraction=pos_fraction)
+    assert order != epoch_order(200, 4, 3, positives=positives, pos_fraction=pos_fraction)
+    with pytest.raises(ValueError, match="positives"):
+        epoch_order(200, 4, 2, positives=np.zeros(200, dtype=bool))
+
+
+def test_train_order_oversamples_the_sampler_label(tmp_path: Path) -> None:
+    from cxrlabel.data.dataset import CXRDataset
+    from cxrlabel.data.labels import BlankMeaning, table_from_columns
+    from cxrlabel.models.factory import TINY_PREPROCESSING
+
+    edema = np.where(np.arange(100) % 20 == 0, 1.0, 0.0)  # 5% positive
+    edema[1::20] = -1.0  # uncertain counts with the negatives
+    frame = pd.DataFrame({"Path": [f"{i}.png" for i in range(100)]})
+    table = table_from_columns(
+        frame, root=tmp_path, source="t", blank=BlankMeaning.NEGATIVE,
+        label_values={"Cardiomegaly": np.ones(100), "Edema": edema},
+    )  # fmt: skip
+    dataset = CXRDataset(table, ["Cardiomegaly", "Edema"], TINY_PREPROCESSING)
+    config = build_config(
+        None, {"labels": "Cardiomegaly,Edema", "sampler": "oversample", "sampler_label": "Edema"}
+    )
+    order = train_order(dataset, config, 0)
+    assert (edema[order] == 1.0).mean() == pytest.approx(0.5)
+    assert order == train_order(dataset, config, 0)
+    shuffled = train_order(dataset, build_config(None, {"labels": "Cardiomegaly,Edema"}), 0)
+    assert shuffled == epoch_order(100, 0, 0)  # "shuffle" is today's order
+
+
+def test_augmentation_from_preset_and_overrides() -> None:
+    assert augmentation_from(build_config()) is None
+    aug = augmentation_from(build_config(None, {"augment": "cxr-mild", "rotation_deg": 5}))
+    assert aug is not None and (aug.rotation_deg, aug.scale, aug.translate) == (
+        5.0,
+        (0.9, 1.1),
+        0.05,
+    )
+    assert not aug.hflip
+    aug = augmentation_from(build_config(None, {"scale": 0.2}))
+    assert aug is not None and aug.scale == (0.8, 1.2) and aug.rotation_deg == 0.0
+
+
+def test_data_recipe_run(tiny_dataset: Path, tmp_path: Path, one_thread: None) -> None:
+    """A run with every data-recipe setting trains, validates on 0/1 targets and records its
+    equalisation in the checkpoint."""
+    config = _config(
+        tiny_dataset, runs_dir=str(tmp_path), epochs=1, keep_best=1, require_certain=False,
+        policy="Edema=U-Ones-LSR,*=U-Zeros-LSR", sampler="oversample", pos_fraction=0.4,
+        augment="cxr-mild", scale=0.05, equalize="hist",
+    )  # fmt: skip
+    result = train(config)
+    assert result.completed and result.metrics["val_loss"] is not None
+    model, meta = load_checkpoint(result.best_checkpoint)
+    assert model.preprocessing.equalize == "hist"
+    assert meta["preprocessing"]["equalize"] == "hist"
 
 
 def test_scheduled_lr() -> None:

@@ -14,11 +14,12 @@ from torch.utils.data import Dataset, default_collate
 
 from cxrlabel.data.cache import ImageCache, Skipped, load_resized
 from cxrlabel.data.images import ImageError
-from cxrlabel.data.labels import LabelTable, UncertaintyPolicy, resolve_labels
+from cxrlabel.data.labels import LabelPolicy, LabelTable, UncertaintyPolicy, resolve_labels
 from cxrlabel.data.transforms import (
     AugmentConfig,
     Preprocessing,
     augment,
+    equalize,
     from_uint8,
     to_model_input,
 )
@@ -32,6 +33,11 @@ class CXRDataset(Dataset):
     on_error='skip' turns an unreadable image into None (dropped by `collate_skipping`) and
     records it in `skipped`; 'raise' lets the ImageError through. With a cache, images that
     failed while preparing it are left out up front and listed in `skipped`.
+
+    `policy` is one policy or a per-label mapping (`LabelPolicy`). With `smooth_labels`, LSR
+    policies give soft targets drawn once, here, from `seed` (so they stay the same however
+    `seed` is changed later for augmentation); without it (validation) LSR labels get their
+    hard policy's 0/1 targets.
     """
 
     def __init__(
@@ -40,18 +46,23 @@ class CXRDataset(Dataset):
         labels: Sequence[str] | str,
         preprocessing: Preprocessing,
         *,
-        policy: UncertaintyPolicy | str = UncertaintyPolicy.IGNORE,
+        policy: LabelPolicy | UncertaintyPolicy | str = UncertaintyPolicy.IGNORE,
         cache: ImageCache | None = None,
         augmentation: AugmentConfig | None = None,
         on_error: str = "raise",
         seed: int = 0,
+        smooth_labels: bool = True,
     ) -> None:
         if on_error not in ("skip", "raise"):
             raise ValueError(f"on_error must be 'skip' or 'raise', not {on_error!r}")
         self.labels = resolve_labels(labels)
         self.preprocessing = preprocessing
         self.paths = table.image_paths()
-        self.targets, self.mask = table.targets(self.labels, policy)
+        self.targets, self.mask = table.targets(
+            self.labels, policy, seed=seed if smooth_labels else None
+        )
+        # Raw 1/0/-1/NaN values [N, K], for samplers that pick by the label itself.
+        self.values = table.values(self.labels)
         self.augmentation = augmentation
         self.on_error = on_error
         self.seed = seed
@@ -91,7 +102,9 @@ class CXRDataset(Dataset):
             log.warning("skipping: %s", exc)
             self.skipped.append(Skipped(str(exc.path), exc.reason))
             return None
-        image = torch.from_numpy(from_uint8(pixels))
+        # Equalised before augmentation: it is part of the model's preprocessing, which
+        # evaluation and labelling apply to the unaugmented film.
+        image = torch.from_numpy(equalize(from_uint8(pixels), self.preprocessing.equalize))
         if self.augmentation is not None and self.augmentation.enabled:
             # Seeded per (seed, row) so an epoch's augmentations do not depend on worker order.
             generator = torch.Generator().manual_seed(self.seed * 1_000_003 + row)

@@ -96,15 +96,20 @@ class BlankMeaning(enum.StrEnum):
 
 
 class UncertaintyPolicy(enum.StrEnum):
-    """How uncertain (-1) labels enter the loss (CheXpert paper, section 4)."""
+    """How uncertain (-1) labels enter the loss (CheXpert paper, section 4; LSR: Pham et al.
+    2020, "Interpreting chest X-rays via CNNs that exploit hierarchical disease dependencies
+    and uncertainty labels")."""
 
     IGNORE = "U-Ignore"  # mask them out of the loss (the default and the method's choice)
     ZEROS = "U-Zeros"  # treat as negative
     ONES = "U-Ones"  # treat as positive
+    # Label-smoothing regularisation: a soft target drawn once per (image, label) from a range.
+    ONES_LSR = "U-Ones-LSR"  # uniform in [0.55, 0.85]
+    ZEROS_LSR = "U-Zeros-LSR"  # uniform in [0, 0.3]
 
     @classmethod
     def parse(cls, name: str | UncertaintyPolicy) -> UncertaintyPolicy:
-        """Accept 'U-Ignore', 'u_ignore', 'ignore', 'zeros', ... ."""
+        """Accept 'U-Ignore', 'u_ignore', 'ignore', 'zeros', 'ones-lsr', ... ."""
         if isinstance(name, cls):
             return name
         key = str(name).strip().lower().replace("_", "-").removeprefix("u-")
@@ -113,6 +118,93 @@ class UncertaintyPolicy(enum.StrEnum):
                 return policy
         choices = ", ".join(p.value for p in cls)
         raise ValueError(f"unknown uncertainty policy {name!r}; choose one of {choices}")
+
+    @property
+    def smoothing(self) -> tuple[float, float] | None:
+        """The (low, high) range LSR targets are drawn from; None for the hard policies."""
+        return _LSR_RANGES.get(self)
+
+    @property
+    def hard(self) -> UncertaintyPolicy:
+        """The policy with 0/1 targets that this one smooths (itself when it is hard)."""
+        return _LSR_BASE.get(self, self)
+
+
+_LSR_RANGES: dict[UncertaintyPolicy, tuple[float, float]] = {
+    UncertaintyPolicy.ONES_LSR: (0.55, 0.85),
+    UncertaintyPolicy.ZEROS_LSR: (0.0, 0.3),
+}
+_LSR_BASE: dict[UncertaintyPolicy, UncertaintyPolicy] = {
+    UncertaintyPolicy.ONES_LSR: UncertaintyPolicy.ONES,
+    UncertaintyPolicy.ZEROS_LSR: UncertaintyPolicy.ZEROS,
+}
+WILDCARD = "*"
+
+
+@dataclass(frozen=True)
+class LabelPolicy:
+    """An uncertainty policy per label: the one parser for every `policy` setting.
+
+    Spelled as one policy name ("U-Ones": every label) or a mapping by label name,
+    "Atelectasis=U-Ones,Edema=U-Ones,*=U-Zeros", where `*` stands for every label not named.
+    Without `*`, a label not named gets U-Ignore. Names are checked against the 14
+    observations, so a typo fails when the config is read.
+    """
+
+    rules: tuple[tuple[str, UncertaintyPolicy], ...] = ()
+    default: UncertaintyPolicy = UncertaintyPolicy.IGNORE
+
+    @classmethod
+    def parse(cls, spec: str | UncertaintyPolicy | LabelPolicy) -> LabelPolicy:
+        if isinstance(spec, LabelPolicy):
+            return spec
+        if isinstance(spec, UncertaintyPolicy) or "=" not in str(spec):
+            return cls(default=UncertaintyPolicy.parse(spec))
+        rules: dict[str, UncertaintyPolicy] = {}
+        default = UncertaintyPolicy.IGNORE
+        for item in (part.strip() for part in str(spec).split(",")):
+            name, sep, value = (x.strip() for x in item.partition("="))
+            if not sep or not name:
+                raise ValueError(f"policy item {item!r} in {spec!r} must look like Label=Policy")
+            if name in rules or (name == WILDCARD and WILDCARD in rules):
+                raise ValueError(f"label {name!r} has two policies in {spec!r}")
+            if name != WILDCARD and name not in OBSERVATIONS:
+                raise ValueError(
+                    f"unknown label {name!r} in policy {spec!r}; use names from "
+                    f"{list(OBSERVATIONS)} or {WILDCARD!r} for every other label"
+                )
+            rules[name] = UncertaintyPolicy.parse(value)
+        if WILDCARD in rules:
+            default = rules.pop(WILDCARD)
+        return cls(tuple(rules.items()), default)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The labels given a policy by name (not through `*`)."""
+        return tuple(name for name, _ in self.rules)
+
+    def for_label(self, name: str) -> UncertaintyPolicy:
+        return dict(self.rules).get(name, self.default)
+
+    def for_labels(self, labels: Sequence[str]) -> tuple[UncertaintyPolicy, ...]:
+        return tuple(self.for_label(name) for name in labels)
+
+    def __str__(self) -> str:
+        if not self.rules:
+            return self.default.value
+        items = [f"{name}={policy.value}" for name, policy in self.rules]
+        return ",".join([*items, f"{WILDCARD}={self.default.value}"])
+
+
+def smoothed_targets(n: int, label: str, low: float, high: float, seed: int) -> np.ndarray:
+    """[n] LSR targets for one label: row r's value depends only on (seed, label, r).
+
+    Each label has its own stream (keyed by its place among the 14 observations), so the
+    values do not change with the table's length, the other labels or the epoch.
+    """
+    key = OBSERVATIONS.index(label) if label in OBSERVATIONS else len(OBSERVATIONS)
+    rng = np.random.default_rng([seed % 2**63, key])
+    return low + (high - low) * rng.random(n)
 
 
 def resolve_labels(spec: str | Sequence[str]) -> tuple[str, ...]:
@@ -156,17 +248,29 @@ def parse_label_column(cells: pd.Series, column: str, *, source: str = "<table>"
 
 def apply_policy(
     values: np.ndarray,
-    policy: UncertaintyPolicy | str = UncertaintyPolicy.IGNORE,
+    policy: LabelPolicy | UncertaintyPolicy | str = UncertaintyPolicy.IGNORE,
     blank: BlankMeaning | str = BlankMeaning.NEGATIVE,
+    labels: Sequence[str] | None = None,
+    *,
+    seed: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Map raw label values [N, K] (1, 0, -1, NaN) to training targets and a loss mask.
 
     Returns (targets float32 [N, K], mask bool [N, K]); masked entries have target 0 and must
-    not contribute to the loss or to metrics.
+    not contribute to the loss or to metrics. `labels` names the K columns; a policy that
+    names labels needs it. LSR policies draw their soft targets from `seed` (see
+    `smoothed_targets`); with no seed (evaluation, thresholds: metrics need 0/1 targets) an
+    LSR label is scored as its hard policy, U-Ones-LSR as U-Ones and U-Zeros-LSR as U-Zeros.
     """
-    policy = UncertaintyPolicy.parse(policy)
+    label_policy = LabelPolicy.parse(policy)
     blank = BlankMeaning(blank)
     values = np.asarray(values, dtype=np.float64)
+    if labels is None:
+        if label_policy.rules:
+            raise ValueError(f"policy {label_policy} names labels: pass the columns' labels")
+        labels = [f"column {k}" for k in range(values.shape[1])]
+    if len(labels) != values.shape[1]:
+        raise ValueError(f"{len(labels)} label names for {values.shape[1]} columns")
     is_blank = np.isnan(values)
     is_uncertain = values == UNCERTAIN
     is_certain = (values == POSITIVE) | (values == NEGATIVE)
@@ -177,11 +281,19 @@ def apply_policy(
     mask = is_certain.copy()
     if blank is BlankMeaning.NEGATIVE:
         mask |= is_blank
-    if policy is UncertaintyPolicy.ONES:
-        targets[is_uncertain] = 1.0
-        mask |= is_uncertain
-    elif policy is UncertaintyPolicy.ZEROS:
-        mask |= is_uncertain
+    for k, (name, column_policy) in enumerate(
+        zip(labels, label_policy.for_labels(labels), strict=True)
+    ):
+        uncertain = is_uncertain[:, k]
+        if column_policy is UncertaintyPolicy.IGNORE:
+            continue
+        mask[:, k] |= uncertain
+        smoothing = column_policy.smoothing
+        if smoothing is not None and seed is not None:
+            drawn = smoothed_targets(len(values), name, *smoothing, seed)
+            targets[uncertain, k] = drawn[uncertain]
+        elif column_policy.hard is UncertaintyPolicy.ONES:
+            targets[uncertain, k] = 1.0
     return targets.astype(np.float32), mask
 
 
@@ -223,10 +335,14 @@ class LabelTable:
     def targets(
         self,
         labels: Sequence[str] = OBSERVATIONS,
-        policy: UncertaintyPolicy | str = UncertaintyPolicy.IGNORE,
+        policy: LabelPolicy | UncertaintyPolicy | str = UncertaintyPolicy.IGNORE,
+        *,
+        seed: int | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Training targets and mask for the named observations under a policy."""
-        return apply_policy(self.values(labels), policy, self.blank)
+        """Targets and mask for the named observations under a policy (`apply_policy`; `seed`
+        draws LSR targets, none scores LSR labels as their hard policy)."""
+        names = resolve_labels(labels)
+        return apply_policy(self.values(names), policy, self.blank, names, seed=seed)
 
     def image_paths(self) -> list[Path]:
         return [self.root / p for p in self.frame["Path"]]

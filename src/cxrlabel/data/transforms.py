@@ -26,6 +26,7 @@ models were evaluated with. A 1024 -> 320 resize takes about 5 ms on one core, f
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
@@ -40,6 +41,11 @@ IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
 RESIZE_MODES: tuple[str, ...] = ("pad", "crop")
 INTERPOLATIONS: tuple[str, ...] = ("bilinear", "bicubic")
+# Grey-level equalisation of the resized film (see :func:`equalize`); "none" is the method's.
+EQUALIZE_METHODS: tuple[str, ...] = ("none", "hist", "clahe")
+# CLAHE's settings (OpenCV's usual ones): contrast limit and an 8 x 8 grid of tiles.
+CLAHE_CLIP_LIMIT = 2.0
+CLAHE_TILES = (8, 8)
 
 _PIL_RESAMPLE = {
     "bilinear": Image.Resampling.BILINEAR,
@@ -97,8 +103,15 @@ class Preprocessing:
             to ``size``, centre-cropped), losing the edges of non-square images. ``"pad"`` is
             the safer choice for radiographs: costophrenic angles and apices sit at the edges.
         interpolation: ``"bilinear"`` or ``"bicubic"``.
+        equalize: ``"none"``, ``"hist"`` or ``"clahe"``: grey-level equalisation of the
+            resized film before normalisation (:func:`equalize`). Part of the model's recorded
+            preprocessing so every path (training, evaluation, labelling, heatmaps) applies it;
+            left out of :meth:`to_dict` when ``"none"``, so older checkpoints (which lack the
+            key) read as ``"none"`` and their metadata and feature-cache fingerprints stay
+            unchanged.
 
-    No field has a default: normalisation must come from the model that will consume the input.
+    No field but ``equalize`` has a default: normalisation must come from the model that will
+    consume the input.
     """
 
     size: int
@@ -106,6 +119,7 @@ class Preprocessing:
     std: tuple[float, float, float]
     resize_mode: str
     interpolation: str
+    equalize: str = "none"
 
     def __post_init__(self) -> None:
         # The geometry checks size, resize_mode and interpolation (one set of rules for both).
@@ -116,6 +130,8 @@ class Preprocessing:
         if any(not s > 0 for s in std):
             raise ValueError(f"std values must all be > 0, got {std}")
         object.__setattr__(self, "std", std)
+        if self.equalize not in EQUALIZE_METHODS:
+            raise ValueError(f"equalize must be one of {EQUALIZE_METHODS}, got {self.equalize!r}")
 
     @property
     def geometry(self) -> ResizeGeometry:
@@ -126,6 +142,8 @@ class Preprocessing:
         """Plain JSON/YAML-friendly dict (tuples become lists); inverse of :meth:`from_dict`."""
         d = asdict(self)
         d["mean"], d["std"] = list(self.mean), list(self.std)
+        if self.equalize == "none":
+            del d["equalize"]  # the default; see the class doc
         return d
 
     @classmethod
@@ -303,8 +321,40 @@ def to_model_input_batch(batch: torch.Tensor, prep: Preprocessing) -> torch.Tens
 
 
 def preprocess(img: np.ndarray, prep: Preprocessing) -> torch.Tensor:
-    """:func:`resize` then :func:`to_model_input`: ``(H, W)`` in [0, 1] -> ``(3, S, S)``."""
-    return to_model_input(prep.geometry.apply(img), prep)
+    """:func:`resize`, :func:`equalize`, :func:`to_model_input`: ``(H, W)`` in [0, 1] ->
+    ``(3, S, S)``."""
+    return to_model_input(equalize(prep.geometry.apply(img), prep.equalize), prep)
+
+
+def equalize(img: np.ndarray, method: str) -> np.ndarray:
+    """Equalise a resized grey film's histogram: ``(H, W)`` in [0, 1] -> float32 in [0, 1].
+
+    ``"hist"``: global histogram equalisation; ``"clahe"``: contrast-limited adaptive
+    equalisation (:data:`CLAHE_CLIP_LIMIT`, :data:`CLAHE_TILES`); ``"none"`` returns the input
+    as it is. Works on the uint8 levels the preprocessing cache stores (:func:`to_uint8`), so a
+    cached film and one resized on the fly give the same result. Uses OpenCV.
+    """
+    if method == "none":
+        return img
+    if method not in EQUALIZE_METHODS:
+        raise ValueError(f"equalize must be one of {EQUALIZE_METHODS}, got {method!r}")
+    import cv2  # imported here: only models trained with equalisation need it
+
+    grey = to_uint8(img)
+    if grey.ndim != 2:
+        raise ValueError(f"expected a (H, W) image, got shape {grey.shape}")
+    if method == "hist":
+        out = cv2.equalizeHist(grey)
+    else:
+        out = cv2.createCLAHE(clipLimit=CLAHE_CLIP_LIMIT, tileGridSize=CLAHE_TILES).apply(grey)
+    return from_uint8(out)
+
+
+def equalize_batch(batch: np.ndarray, method: str) -> np.ndarray:
+    """:func:`equalize` of each ``(H, W)`` film of a ``(B, H, W)`` stack."""
+    if method == "none":
+        return batch
+    return np.stack([equalize(img, method) for img in batch])
 
 
 # --------------------------------------------------------------------------------------------
@@ -385,6 +435,47 @@ class AugmentConfig:
         if "scale" in kwargs:
             kwargs["scale"] = tuple(kwargs["scale"])
         return cls(**kwargs)
+
+
+# Augmentation presets for chest films: small rotations, zooms and shifts, mild intensity
+# changes, and never a flip (see AugmentConfig.hflip).
+AUGMENT_PRESETS: dict[str, AugmentConfig] = {
+    "none": AugmentConfig(),
+    "cxr-mild": AugmentConfig(
+        rotation_deg=10.0, scale=(0.9, 1.1), translate=0.05, brightness=0.1, contrast=0.1
+    ),
+    "cxr-strong": AugmentConfig(
+        rotation_deg=15.0, scale=(0.85, 1.15), translate=0.08, brightness=0.2, contrast=0.2
+    ),
+}
+
+
+def zoom_range(scale: float) -> tuple[float, float]:
+    """A ``scale`` setting ``s`` as AugmentConfig's zoom range ``(1 - s, 1 + s)``; 0 = off."""
+    if not 0 <= scale < 1:
+        raise ValueError(f"scale must be in [0, 1), got {scale}")
+    return (1.0 - scale, 1.0 + scale)
+
+
+def augment_config(preset: str = "none", **fields_set: Any) -> AugmentConfig:
+    """A preset's AugmentConfig with individual fields put over it.
+
+    Precedence: a field given here with a value other than AugmentConfig's default (0, a
+    ``(1, 1)`` scale, no flip) wins over the preset's; a default value means "not set" and
+    leaves the preset's. So ``augment=cxr-mild rotation_deg=5`` rotates by up to 5 degrees with
+    the rest of cxr-mild; to switch one transform off, use preset "none" and set the others.
+    """
+    if preset not in AUGMENT_PRESETS:
+        names = list(AUGMENT_PRESETS)
+        raise ValueError(f"unknown augmentation preset {preset!r}; presets: {names}")
+    identity = AugmentConfig()
+    chosen = {}
+    for name, value in fields_set.items():
+        if name == "scale":
+            value = tuple(float(v) for v in value)
+        if value != getattr(identity, name):
+            chosen[name] = value
+    return dataclasses.replace(AUGMENT_PRESETS[preset], **chosen)
 
 
 def augment(img: torch.Tensor, cfg: AugmentConfig, generator: torch.Generator) -> torch.Tensor:

@@ -18,7 +18,12 @@ import numpy as np
 import torch
 
 import cxrlabel
-from cxrlabel.data.transforms import Preprocessing, ResizeGeometry, to_model_input_batch
+from cxrlabel.data.transforms import (
+    Preprocessing,
+    ResizeGeometry,
+    equalize_batch,
+    to_model_input_batch,
+)
 from cxrlabel.models.checkpoint import load_checkpoint, thresholds_from_metadata
 from cxrlabel.models.factory import CXRModel, model_display_name, resolve_device
 from cxrlabel.models.run_folder import resolve_model_paths
@@ -103,9 +108,10 @@ class Ensemble:
             return np.zeros((0, len(self.labels)), dtype=np.float32)
         total = np.zeros((len(images), len(self.labels)), dtype=np.float64)
         for geometry, by_prep in self._by_preprocessing().items():
-            resized = torch.from_numpy(np.stack([geometry.apply(img) for img in images]))
+            resized = np.stack([geometry.apply(img) for img in images])
             for prep, group in by_prep.items():
-                batch = to_model_input_batch(resized, prep)
+                films = torch.from_numpy(equalize_batch(resized, prep.equalize))
+                batch = to_model_input_batch(films, prep)
                 for member in group:
                     total += self._member_probs(member, batch)
         return (total / len(self.members)).astype(np.float32)

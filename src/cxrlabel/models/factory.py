@@ -9,6 +9,7 @@ comes from its pretrained config and travels with the model.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -254,15 +255,19 @@ def create_model(
     hidden: int = 256,
     size: int | None = None,
     resize_mode: str = "pad",
+    equalize: str = "none",
 ) -> CXRModel:
     """The factory: backbone (with weights) + head for `labels`, and its preprocessing.
 
     `size` overrides the backbone's native input size (e.g. 220 or 320 as in the method);
-    mean, std and interpolation still come from the backbone's config.
+    mean, std and interpolation still come from the backbone's config. `equalize` is recorded
+    in the preprocessing (see `Preprocessing.equalize`).
     """
     net, prep = create_backbone(backbone, weights, resize_mode=resize_mode)
     if size is not None and size != prep.size:
         prep = Preprocessing(size, prep.mean, prep.std, prep.resize_mode, prep.interpolation)
+    if equalize != prep.equalize:
+        prep = dataclasses.replace(prep, equalize=equalize)
     spec = ModelSpec(backbone=backbone, head=head, labels=tuple(labels), hidden=hidden)
     dim = feature_dim(net, prep.size)
     return CXRModel(net, create_head(head, dim, len(spec.labels), hidden), spec, prep)

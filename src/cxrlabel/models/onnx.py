@@ -85,6 +85,16 @@ def shared_preprocessing(models: Sequence[CXRModel], names: Sequence[str]) -> Pr
     return first
 
 
+def _check_no_equalization(prep: Preprocessing, name: str) -> None:
+    """Refuse a model whose preprocessing equalises the film: the graph takes the resized film
+    and has no histogram-equalisation operator, so it would label unequalised films."""
+    if prep.equalize != "none":
+        raise ValueError(
+            f"{name} equalises its films (equalize={prep.equalize!r}), which the ONNX graph "
+            "cannot do; label it with PyTorch (--backend torch)"
+        )
+
+
 def _torchscript_exporter_available() -> bool:
     """Whether torch.onnx.export still has the TorchScript exporter (its `dynamo=False` mode).
 
@@ -133,6 +143,7 @@ def onnx_bytes(ensemble: Ensemble, *, opset: int = OPSET) -> bytes:
     models = [m.model for m in ensemble.members]
     names = [str(m.path) for m in ensemble.members]
     prep = shared_preprocessing(models, names)
+    _check_no_equalization(prep, names[0])
     graph = ProbabilityGraph([m.to("cpu") for m in models], prep).eval()
     example = torch.rand(2, 1, prep.size, prep.size)
     proto = onnx.load_from_string(_export_bytes(graph, example, opset))
@@ -224,6 +235,7 @@ class OnnxModel:
         try:
             self.labels: tuple[str, ...] = tuple(json.loads(meta["labels"]))
             self.preprocessing = Preprocessing.from_dict(json.loads(meta["preprocessing"]))
+            _check_no_equalization(self.preprocessing, self.source)
             self.thresholds: Thresholds = Thresholds.from_dict(
                 json.loads(meta["thresholds"])
             ).subset(self.labels)

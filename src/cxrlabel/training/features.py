@@ -42,7 +42,13 @@ from tqdm.auto import tqdm
 from cxrlabel.data.cache import ImageCache, Skipped
 from cxrlabel.data.cache import fingerprint as files_fingerprint
 from cxrlabel.data.dataset import CXRDataset, collate_skipping
-from cxrlabel.data.labels import OBSERVATIONS, LabelTable, UncertaintyPolicy, resolve_labels
+from cxrlabel.data.labels import (
+    OBSERVATIONS,
+    LabelPolicy,
+    LabelTable,
+    UncertaintyPolicy,
+    resolve_labels,
+)
 from cxrlabel.data.transforms import Preprocessing
 from cxrlabel.fileio import atomic_path, atomic_write_text
 from cxrlabel.models.factory import TINY_PREPROCESSING, create_backbone, make_keras_compatible
@@ -85,10 +91,13 @@ class FeatureSet:
         self,
         table: LabelTable,
         labels: Sequence[str] | str,
-        policy: UncertaintyPolicy | str = UncertaintyPolicy.IGNORE,
+        policy: LabelPolicy | UncertaintyPolicy | str = UncertaintyPolicy.IGNORE,
+        *,
+        seed: int | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Targets and mask [M, K] aligned with `features` (the table the set was built from)."""
-        targets, mask = table.targets(resolve_labels(labels), policy)
+        """Targets and mask [M, K] aligned with `features` (the table the set was built from);
+        `seed` draws LSR soft targets (`LabelTable.targets`), none gives 0/1 ones."""
+        targets, mask = table.targets(resolve_labels(labels), policy, seed=seed)
         return targets[self.rows], mask[self.rows]
 
 

@@ -49,9 +49,15 @@ from cxrlabel.config import RunConfig, load_config
 from cxrlabel.data.cache import ImageCache, prepare_cache
 from cxrlabel.data.dataset import CXRDataset, collate_skipping
 from cxrlabel.data.formats import load_table
-from cxrlabel.data.labels import LabelTable, filter_certain, filter_view, resolve_labels
+from cxrlabel.data.labels import (
+    POSITIVE,
+    LabelTable,
+    filter_certain,
+    filter_view,
+    resolve_labels,
+)
 from cxrlabel.data.splits import patient_split, save_split
-from cxrlabel.data.transforms import AugmentConfig
+from cxrlabel.data.transforms import AugmentConfig, augment_config, zoom_range
 from cxrlabel.evaluation.figures import loss_plot_png
 from cxrlabel.evaluation.metrics import METRIC_NAMES, metrics_table
 from cxrlabel.fileio import atomic_write_bytes
@@ -196,7 +202,9 @@ def make_dataset(
     cache_root: Path,
     *,
     augmentation: AugmentConfig | None,
+    train: bool = True,
 ) -> CXRDataset:
+    """The dataset of a run's table; `train` draws LSR soft targets (validation: 0/1)."""
     cache: ImageCache | None = None
     if config.use_cache:
         paths = table.image_paths()
@@ -215,12 +223,16 @@ def make_dataset(
         augmentation=augmentation,
         on_error="skip",
         seed=config.seed,
+        smooth_labels=train,
     )
 
 
 def augmentation_from(config: RunConfig) -> AugmentConfig | None:
-    aug = AugmentConfig(
+    """config.augment's preset with the config's non-zero augmentation fields over it."""
+    aug = augment_config(
+        config.augment,
         rotation_deg=config.rotation_deg,
+        scale=zoom_range(config.scale),
         translate=config.translate,
         brightness=config.brightness,
         contrast=config.contrast,
@@ -234,9 +246,60 @@ def epoch_seed(seed: int, epoch: int) -> int:
     return (seed * 1_000_003 + epoch * 7_919 + 1) % (2**63)
 
 
-def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+def epoch_order(
+    n: int,
+    seed: int,
+    epoch: int,
+    *,
+    positives: np.ndarray | None = None,
+    pos_fraction: float = 0.5,
+) -> list[int]:
+    """One epoch's order of dataset indices: a pure function of its arguments, so a resumed
+    run sees the very same order.
+
+    Without `positives`: a permutation of range(n). With a bool [n] `positives` (the
+    "oversample" sampler, LibAUC's DualSampler idea): n indices of which round(pos_fraction *
+    n) are positives and the rest the other images, shuffled together. A group too small for
+    its share is repeated (every member once per round, rounds drawn anew); a large enough
+    one is drawn without replacement. LibAUC's DualSampler itself is not used: it draws from
+    numpy's global RNG, so an epoch's order would not be a function of (seed, epoch).
+    """
     generator = torch.Generator().manual_seed(epoch_seed(seed, epoch))
-    return torch.randperm(n, generator=generator).tolist()
+    if positives is None:
+        return torch.randperm(n, generator=generator).tolist()
+    positives = np.asarray(positives, dtype=bool)
+    if len(positives) != n:
+        raise ValueError(f"positives has {len(positives)} entries for {n} images")
+    n_pos = round(pos_fraction * n)
+    pos, rest = np.flatnonzero(positives), np.flatnonzero(~positives)
+    if (n_pos and not len(pos)) or (n - n_pos and not len(rest)):
+        raise ValueError(
+            f"oversample needs positives and other images; the training set has {len(pos)} "
+            f"positives and {len(rest)} others"
+        )
+    picked = np.concatenate([_draw(pos, n_pos, generator), _draw(rest, n - n_pos, generator)])
+    return picked[torch.randperm(n, generator=generator).numpy()].tolist()
+
+
+def _draw(pool: np.ndarray, k: int, generator: torch.Generator) -> np.ndarray:
+    """k indices from pool: whole shuffled rounds of it, the last one cut short."""
+    if k == 0:
+        return np.zeros(0, dtype=np.int64)
+    rounds = -(-k // len(pool))
+    perms = [pool[torch.randperm(len(pool), generator=generator).numpy()] for _ in range(rounds)]
+    return np.concatenate(perms)[:k]
+
+
+def train_order(dataset: CXRDataset, config: RunConfig, epoch: int) -> list[int]:
+    """`epoch_order` for a training set under config.sampler."""
+    if config.sampler == "shuffle":
+        return epoch_order(len(dataset), config.seed, epoch)
+    label = config.sampler_label or dataset.labels[0]
+    column = dataset.values[dataset.rows, dataset.labels.index(label)]
+    positives = column == POSITIVE
+    return epoch_order(
+        len(dataset), config.seed, epoch, positives=positives, pos_fraction=config.pos_fraction
+    )
 
 
 def make_loader(
@@ -351,6 +414,7 @@ class _Run:
             hidden=config.hidden,
             size=config.size or None,
             resize_mode=config.resize_mode,
+            equalize=config.equalize,
         ).to(self.plan.device)
         if self.plan.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -360,7 +424,7 @@ class _Run:
             train_table, self.model, config, cache_root, augmentation=augmentation_from(config)
         )
         self.valid_set = make_dataset(
-            valid_table, self.model, config, cache_root, augmentation=None
+            valid_table, self.model, config, cache_root, augmentation=None, train=False
         )
         self.optimizer = torch.optim.Adam(
             param_groups(self.model, config.backbone_lr_scale),
@@ -450,7 +514,7 @@ class _Run:
     def run_epoch(self, stop_after_steps: int | None) -> bool:
         """Train the rest of the current epoch; False if `stop_after_steps` cut it short."""
         p, config = self.progress, self.config
-        order = epoch_order(len(self.train_set), config.seed, p.epoch)
+        order = train_order(self.train_set, config, p.epoch)
         # Augmentation is seeded per (dataset seed, row): a per-epoch seed varies it by epoch.
         self.train_set.seed = epoch_seed(config.seed, p.epoch)
         loader = make_loader(

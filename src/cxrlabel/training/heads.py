@@ -266,7 +266,8 @@ def train_model(run: HeadRun, data: BackboneData, head_kind: str) -> dict[str, A
     """Train `head_kind` on `data`, save `<run_dir>/<Model>/checkpoints/best.*`; its sweep row."""
     config = run.config
     labels = resolve_labels(config.labels)
-    y_train, m_train = data.train.targets(run.train, labels, config.policy)
+    # LSR policies give soft targets for training only; thresholds need validation's 0/1.
+    y_train, m_train = data.train.targets(run.train, labels, config.policy, seed=config.seed)
     y_valid, m_valid = data.valid.targets(run.valid, labels, config.policy)
     head = train_head(
         data.train.features, y_train, m_train, head_kind,
