@@ -348,7 +348,10 @@ def metric_rows(
     return rows
 
 
-def _oof_frame(pred: Predictions, preds: Sequence[Predictions], folds: Sequence[Fold]):
+def _oof_frame(
+    pred: Predictions, preds: Sequence[Predictions], folds: Sequence[Fold]
+) -> pd.DataFrame:
+    """The OOF CSV's rows: Path, fold (1-based), ids, one probability column per label."""
     frame = pred.frame()
     numbers = np.concatenate([np.full(len(p), f.number) for p, f in zip(preds, folds, strict=True)])
     frame.insert(1, "fold", numbers)
