@@ -1,9 +1,11 @@
 """The real-film check: frozen-Xception heads and a reference DenseNet on 497 NIH films, one report.
 
 Xception_1 / Xception_3 / Xception_3_D are the frozen-feature heads of the method's first
-approach, scored by patient-level 5-fold cross-validation (the folds and features of
-benchmarks/nih_xception_cv.py); their out-of-fold predictions are pooled into one prediction per
-film. The reference is `reference_chexnet_repro_preds.csv`: an independent CheXNet reproduction
+approach, scored by patient-level 5-fold cross-validation (splits.patient_folds, in this
+script's own fold loop: it predates `cxrlabel cv` / training.cv.run_cv and trains each fold on
+all the other folds' patients, without an inner validation split); their out-of-fold
+predictions are pooled into one prediction per film. The reference is
+`reference_chexnet_repro_preds.csv`: an independent CheXNet reproduction
 (DenseNet121 trained on NIH ChestX-ray14, these films in its held-out test fold). All of them are
 evaluated by the same command (`cxrlabel evaluate --predictions`, which this script runs after
 writing the heads' out-of-fold probabilities as CSVs) on the same films and the same labels:
@@ -30,12 +32,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # the CV benchmark beside this file
-
-from nih_xception_cv import LABELS_CSV, WEIGHTS, fold_masks, labelled_observations
-
 from cxrlabel import cli
 from cxrlabel.data.formats import load_table
+from cxrlabel.data.labels import OBSERVATIONS, LabelTable
+from cxrlabel.data.splits import patient_folds
 from cxrlabel.data.transforms import Preprocessing
 from cxrlabel.evaluation.external import prediction_columns
 from cxrlabel.fileio import atomic_write_text
@@ -43,9 +43,25 @@ from cxrlabel.models.factory import HEADS, create_backbone, model_display_name
 from cxrlabel.training.features import FeatureSet, extract_features
 from cxrlabel.training.heads import predict_head, train_head
 
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+WEIGHTS = SHARED / "weights" / "legacy_xception_imagenet_keras.safetensors"
+LABELS_CSV = SHARED / "nih-cxr14" / "labels.csv"
 REFERENCE_CSV = LABELS_CSV.parent / "reference_chexnet_repro_preds.csv"
 REFERENCE_NAME = "CheXNet repro (DenseNet121)"
 TITLE = "Real-film check: frozen Xception heads vs a CheXNet reproduction on 497 NIH films"
+
+
+def labelled_observations(table: LabelTable) -> tuple[str, ...]:
+    """Observations this dataset labels (some non-blank value), in CheXpert order."""
+    values = table.values(OBSERVATIONS)
+    return tuple(o for k, o in enumerate(OBSERVATIONS) if np.any(~np.isnan(values[:, k])))
+
+
+def fold_masks(table: LabelTable, feats: FeatureSet, k: int, seed: int) -> list[np.ndarray]:
+    """For each fold, a boolean over feature rows: True = held-out patient."""
+    patients = table.frame["patient_id"].astype(str).to_numpy()[feats.rows]
+    return [np.isin(patients, sorted(split.valid)) for split in patient_folds(table, k, seed)]
 
 
 def reference_observations() -> list[str]:
@@ -112,7 +128,9 @@ def main() -> int:
     print(f"features {feats.features.shape} ({'reused' if feats.reused else 'extracted'}) "
           f"in {time.perf_counter() - start:.1f} s")  # fmt: skip
 
-    torch.set_num_threads(1)  # tiny matrix products: see nih_xception_cv.py
+    # Tiny matrix products: one thread avoids the intra-op spin-waits that make them 10-50x
+    # slower on a busy 2-core machine.
+    torch.set_num_threads(1)
     folds = fold_masks(table, feats, args.folds, args.seed)
     y_all, m_all = feats.targets(table, trained_on)
     keep = [trained_on.index(label) for label in labels]

@@ -143,3 +143,17 @@ def test_head_config_checks_its_policy_with_the_same_parser():
     )
     with pytest.raises(ConfigError, match="Edemaa"):
         HeadConfig.build(None, {"policy": "Edemaa=U-Ones"})
+
+
+def test_config_class_follows_the_kind_of_a_preset_or_saved_config(tmp_path) -> None:
+    from cxrlabel.config import HeadConfig, config_class
+
+    assert config_class("tiny-heads") is HeadConfig
+    assert config_class("tiny-cpu") is RunConfig
+    assert config_class() is RunConfig
+    saved = tmp_path / "config.yaml"
+    HeadConfig.build("tiny-heads").save(saved)
+    assert config_class("tiny-cpu", saved) is HeadConfig  # the saved config decides
+    (tmp_path / "odd.yaml").write_text("kind: other\n")
+    with pytest.raises(ConfigError, match="unknown config kind 'other'"):
+        config_class(None, tmp_path / "odd.yaml")

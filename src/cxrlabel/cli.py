@@ -216,6 +216,25 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cv(args: argparse.Namespace) -> int:
+    from cxrlabel.config import config_class, parse_overrides
+    from cxrlabel.training.cv import default_run_dir, format_cv_table, run_cv
+
+    # The kind (fine-tuning or heads) is the preset's / saved config's own `kind`.
+    cls = config_class(args.preset, args.config)
+    if args.config is not None:
+        config = cls.build(None, cls.load(args.config).to_dict() | parse_overrides(args.overrides))
+    else:
+        config = cls.build(args.preset, args.overrides)
+    run_dir = args.run_dir or default_run_dir(config)
+    result = run_cv(config, args.folds, run_dir, n_resamples=args.bootstrap, resume=args.resume)
+    print(format_cv_table(result))
+    for model, spec in result.model_specs.items():
+        print(f"{model}: out-of-fold {result.oof_paths[model]}; fold ensemble {spec}")
+    print(f"report: {result.report}\nmetrics: {run_dir / 'cv_metrics.csv'}")
+    return 0
+
+
 def _named_csvs(items: Sequence[str]) -> list[tuple[str | None, Path]]:
     """`--data` values: CSV or NAME=CSV (a path containing '=' needs the NAME= form)."""
     out: list[tuple[str | None, Path]] = []
@@ -400,8 +419,11 @@ def _default_onnx_path(spec: str | Path) -> Path:
     the run, no colon in the name), RUN/model.onnx for a run folder, and beside a checkpoint
     file (its name + .onnx)."""
     from cxrlabel.models.checkpoint import WEIGHTS_SUFFIX, checkpoint_paths
-    from cxrlabel.models.run_folder import split_best_k  # the same parse as loading: they agree
+    from cxrlabel.models.run_folder import split_best_k, split_folds  # as loading parses
 
+    root, is_folds = split_folds(spec)
+    if is_folds:
+        return root / "model-folds.onnx"
     path, k = split_best_k(spec)
     if k is not None:
         return path / f"model-best{k}.onnx"
@@ -469,6 +491,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", type=Path, help="default: <runs_dir>/<name>")
     p.add_argument("--resume", action="store_true", help="continue from checkpoints/last")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("cv", help="patient-level k-fold cross-validation (either approach)")
+    p.add_argument("overrides", nargs="*", help="config overrides, key=value (e.g. epochs=5)")
+    p.add_argument(
+        "--preset", help="a fine-tuning or heads preset (its `kind` says which) or a YAML"
+    )
+    p.add_argument("--config", type=Path, help="re-run from a saved config.yaml")
+    p.add_argument("--folds", type=int, default=5, help="K (patients dealt by config seed)")
+    p.add_argument("--run-dir", type=Path, help="default: <runs_dir>/<name>-cv")
+    p.add_argument("--bootstrap", type=int, default=1000, help="resamples for AUROC CIs")
+    p.add_argument("--resume", action="store_true", help="fine-tuning: continue fold runs")
+    p.set_defaults(func=cmd_cv)
 
     p = sub.add_parser(
         "evaluate", help="metrics with CIs of a model or ensemble; writes report.md/.html"

@@ -423,6 +423,20 @@ def load_any(cls: type[ConfigT], path: Path) -> ConfigT:
     return cls(**_layer(read_yaml(path), str(path), cls, RunConfig.KIND))
 
 
+def config_class(
+    preset: str | None = None, config: Path | None = None
+) -> type[RunConfig] | type[HeadConfig]:
+    """The kind a saved config.yaml (`config`, first) or a preset declares by its `kind` key;
+    neither, or no key: fine-tuning. For commands that take both kinds (`cxrlabel cv`)."""
+    if config is None and not preset:
+        return RunConfig
+    path = Path(config) if config is not None else preset_path(str(preset))
+    kind = read_yaml(path).get(KIND_KEY, RunConfig.KIND)
+    if kind not in KINDS:
+        raise ConfigError(f"{path}: unknown config kind {kind!r}; kinds: {sorted(KINDS)}")
+    return KINDS[kind]
+
+
 def build_config(
     preset: str | None = None, overrides: Mapping[str, Any] | Sequence[str] = ()
 ) -> RunConfig:

@@ -164,6 +164,7 @@ def test_default_onnx_path_stays_inside_the_run(tmp_path: Path) -> None:
     (run / "checkpoints").mkdir(parents=True)
     assert _default_onnx_path(f"{run}:best3") == run / "model-best3.onnx"
     assert _default_onnx_path(run) == run / "model.onnx"
+    assert _default_onnx_path(f"{run}:folds") == run / "model-folds.onnx"
     ckpts = run / "checkpoints"
     for given in ("best-2.safetensors", "best-2.json", "best-2.state.safetensors"):
         assert _default_onnx_path(ckpts / given) == ckpts / "best-2.onnx"

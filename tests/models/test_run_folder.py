@@ -23,6 +23,7 @@ from cxrlabel.models.run_folder import (
     resolve_model_paths,
     run_dir_of,
     split_best_k,
+    split_folds,
     write_kept,
     write_metrics,
     write_summary,
@@ -191,6 +192,39 @@ def test_resolve_run_folder_best_k_and_files(tmp_path: Path) -> None:
         resolve_model_paths([tmp_path / "nothing.safetensors"])
     with pytest.raises(ValueError, match="no model given"):
         resolve_model_paths([])
+
+
+def test_split_folds() -> None:
+    assert split_folds("runs/a:folds") == (Path("runs/a"), True)
+    assert split_folds("runs/a/Tiny_1:folds") == (Path("runs/a/Tiny_1"), True)
+    assert split_folds("runs/a") == (Path("runs/a"), False)
+    assert split_folds(":folds") == (Path(":folds"), False)
+
+
+def test_resolve_folds_in_fold_order_and_errors(tmp_path: Path) -> None:
+    cv = tmp_path / "cv"
+    # Numeric order: fold-10 after fold-2 (a name sort would put it first).
+    for k in (2, 10, 1):
+        _checkpoint(cv / f"fold-{k}" / "checkpoints" / "best.safetensors", seed=k)
+    (cv / "fold-x").mkdir()  # not a fold folder
+    expected = [cv / f"fold-{k}" / "checkpoints" / "best.safetensors" for k in (1, 2, 10)]
+    assert resolve_model_paths([f"{cv}:folds"]) == expected
+    with pytest.raises(FileNotFoundError, match=r"use .*cv:folds"):
+        resolve_model_paths([cv])
+    (cv / "fold-3").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"fold-3 has no checkpoints/best"):
+        resolve_model_paths([f"{cv}:folds"])
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    with pytest.raises(FileNotFoundError, match=r"no fold-\* folders.*cxrlabel cv"):
+        resolve_model_paths([f"{plain}:folds"])
+    heads = tmp_path / "heads"
+    _checkpoint(heads / "Tiny_1" / "fold-1" / "checkpoints" / "best.safetensors", seed=0)
+    with pytest.raises(FileNotFoundError, match=r"name a model, e\.g\. .*Tiny_1:folds"):
+        resolve_model_paths([f"{heads}:folds"])
+    assert resolve_model_paths([f"{heads / 'Tiny_1'}:folds"]) == [
+        heads / "Tiny_1" / "fold-1" / "checkpoints" / "best.safetensors"
+    ]
 
 
 def test_run_dir_of(tiny_run: TrainResult, tmp_path: Path):

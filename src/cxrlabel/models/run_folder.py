@@ -18,6 +18,10 @@ A training run (cxrlabel.training.finetune) writes, under ``<runs_dir>/<name>``:
                                   checkpoints, speed
     report/                       `cxrlabel evaluate`'s report and evaluation.json
 
+A cross-validation (`cxrlabel cv`, training.cv) holds one such run folder per fold,
+``RUN/fold-1`` ... ``RUN/fold-K`` (heads: ``RUN/<Model>/fold-K/checkpoints/best.*``), and
+`RUN:folds` (`RUN/<Model>:folds`) names every fold's best checkpoint: the fold ensemble.
+
 Readers (loading `RUN` or `RUN:bestK`, evaluate's report folder, compare, the report's loss
 curves) go through this module rather than re-parsing the files. It sits in the models layer
 because resolving a model spec needs it; it imports nothing from training or evaluation.
@@ -65,6 +69,10 @@ REQUIRED_METRIC_COLUMNS = ("kind", "epoch", "step", "train_loss", "val_loss")
 # epoch it holds whatever point a kill interrupted, and the ranking lives in `last`/kept.json.
 _EPOCH_FILE = re.compile(r"^epoch-(?P<epoch>\d+)\.")
 _BEST_K = re.compile(r"^(?P<run>.+):best(?P<k>\d+)$")
+# Cross-validation (training.cv): one run or checkpoint folder per fold, fold-1 ... fold-K.
+FOLDS_SUFFIX = ":folds"
+FOLD_PREFIX = "fold-"
+_FOLD_DIR = re.compile(r"^fold-(?P<k>\d+)$")
 
 
 class _Inside:
@@ -259,21 +267,84 @@ def split_best_k(spec: str | Path) -> tuple[Path, int | None]:
     return Path(match["run"]), int(match["k"])
 
 
+def split_folds(spec: str | Path) -> tuple[Path, bool]:
+    """`RUN:folds` -> (RUN, True); anything else -> (the path, False)."""
+    text = str(spec)
+    if text.endswith(FOLDS_SUFFIX) and len(text) > len(FOLDS_SUFFIX):
+        return Path(text[: -len(FOLDS_SUFFIX)]), True
+    return Path(spec), False
+
+
+def fold_dir(root: Path, fold: int) -> Path:
+    """The folder of cross-validation fold `fold` (1-based) under `root`."""
+    return Path(root) / f"{FOLD_PREFIX}{fold}"
+
+
+def fold_dirs(root: Path) -> list[Path]:
+    """The fold-K folders under `root`, in fold order (fold-2 before fold-10)."""
+    root = Path(root)
+    found = []
+    if root.is_dir():
+        for child in root.iterdir():
+            match = _FOLD_DIR.match(child.name)
+            if match is not None and child.is_dir():
+                found.append((int(match["k"]), child))
+    return [path for _, path in sorted(found)]
+
+
+def fold_checkpoints(root: Path) -> list[Path]:
+    """`RUN:folds`: the best checkpoint of every fold folder under RUN, in fold order.
+
+    A fine-tuning cross-validation names its folder (RUN/fold-K/ are run folders); a heads one
+    names a model's folder (RUN/<Model>/fold-K/).
+    """
+    root = Path(root)
+    folds = fold_dirs(root)
+    if not folds:
+        models = sorted(p.name for p in root.iterdir() if fold_dirs(p)) if root.is_dir() else []
+        hint = (
+            f"; it is a heads cross-validation: name a model, e.g. {root / models[0]}{FOLDS_SUFFIX}"
+            f" (models: {models})"
+            if models
+            else " (folds come from `cxrlabel cv`)"
+        )
+        raise FileNotFoundError(f"{root}{FOLDS_SUFFIX}: no {FOLD_PREFIX}* folders in {root}{hint}")
+    paths = []
+    for folder in folds:
+        best = RunFolder(folder).best
+        if not best.is_file():
+            raise FileNotFoundError(
+                f"{root}{FOLDS_SUFFIX}: {folder} has no {best.relative_to(folder).as_posix()} "
+                "(an unfinished fold?)"
+            )
+        paths.append(best)
+    return paths
+
+
 def resolve_model_paths(specs: Sequence[str | Path]) -> list[Path]:
-    """Run folders (their best checkpoint), `RUN:bestK` and checkpoint files -> checkpoint
-    weight files, in order."""
+    """Run folders (their best checkpoint), `RUN:bestK`, `RUN:folds` (every cross-validation
+    fold's best checkpoint) and checkpoint files -> checkpoint weight files, in order."""
     if not specs:
         raise ValueError("no model given: name a run folder or a checkpoint")
     paths: list[Path] = []
     for spec in specs:
+        folds_root, is_folds = split_folds(spec)
+        if is_folds:
+            paths.extend(fold_checkpoints(folds_root))
+            continue
         path, k = split_best_k(spec)
         if k is not None:
             paths.extend(best_k(RunFolder(path), k))
         elif path.is_dir():
             best = RunFolder(path).best
             if not best.is_file():
+                hint = (
+                    f" (cross-validation folds: use {path}{FOLDS_SUFFIX})"
+                    if fold_dirs(path)
+                    else ""
+                )
                 raise FileNotFoundError(
-                    f"{path}: run folder has no {best.relative_to(path).as_posix()}"
+                    f"{path}: run folder has no {best.relative_to(path).as_posix()}{hint}"
                 )
             paths.append(best)
         else:

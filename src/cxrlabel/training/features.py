@@ -100,6 +100,21 @@ class FeatureSet:
         targets, mask = table.targets(resolve_labels(labels), policy, seed=seed)
         return targets[self.rows], mask[self.rows]
 
+    def subset(self, positions: np.ndarray | Sequence[int]) -> FeatureSet:
+        """The features of table rows `positions`, re-indexed to `table.subset(positions)`.
+
+        `positions` are increasing positions in the table this set was built from (what
+        `np.flatnonzero` of a row mask gives); images of them that were skipped stay absent.
+        So features extracted once for a whole table serve each part of it (cross-validation
+        folds) without re-running the backbone.
+        """
+        positions = np.asarray(positions, dtype=np.int64)
+        if positions.size and np.any(np.diff(positions) <= 0):
+            raise ValueError("positions must be strictly increasing table positions")
+        keep = np.isin(self.rows, positions)
+        rows = np.searchsorted(positions, self.rows[keep]).astype(np.int64)
+        return FeatureSet(self.features[keep], rows, self.meta, self.cache_dir, [], self.reused)
+
 
 # ---------------------------------------------------------------------------------------------
 # Fingerprint

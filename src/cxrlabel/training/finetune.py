@@ -166,14 +166,20 @@ def _filtered(table: LabelTable, config: RunConfig, labels: Sequence[str]) -> La
     return filter_certain(table, labels) if config.require_certain else table
 
 
+def filtered_table(config: RunConfig, csv: str | Path) -> LabelTable:
+    """`csv` read in config.format and filtered as training filters it (view, and
+    require_certain among config.labels). A HeadConfig has the same keys and works too."""
+    table = load_table(Path(csv), config.format)
+    return _filtered(table, config, resolve_labels(config.labels))
+
+
 def load_tables(config: RunConfig, run_dir: Path) -> tuple[LabelTable, LabelTable]:
     """Training and validation tables, filtered; a split of train is saved under splits/."""
     if not config.train_csv:
         raise ValueError("config.train_csv is empty: nothing to train on")
-    labels = resolve_labels(config.labels)
-    train_table = _filtered(load_table(Path(config.train_csv), config.format), config, labels)
+    train_table = filtered_table(config, config.train_csv)
     if config.valid_csv:
-        valid_table = _filtered(load_table(Path(config.valid_csv), config.format), config, labels)
+        valid_table = filtered_table(config, config.valid_csv)
     else:
         split = patient_split(train_table, config.valid_fraction, config.seed)
         save_split(split, RunFolder(run_dir).split)
@@ -385,6 +391,17 @@ def validation_source(config: RunConfig) -> str:
     return f"{config.valid_fraction:.0%} patient split of {Path(config.train_csv).name}"
 
 
+def _checked_tables(tables: tuple[LabelTable, LabelTable]) -> tuple[LabelTable, LabelTable]:
+    train_table, valid_table = tables
+    if not len(train_table) or not len(valid_table):
+        raise ValueError(
+            f"given tables: {len(train_table)} training and {len(valid_table)} validation "
+            "images; both must be non-empty"
+        )
+    log.info("%d training and %d validation images (given)", len(train_table), len(valid_table))
+    return train_table, valid_table
+
+
 def _check_resumable(config: RunConfig, run_dir: Path) -> None:
     saved = RunFolder(run_dir).config
     if not saved.is_file():
@@ -398,14 +415,25 @@ def _check_resumable(config: RunConfig, run_dir: Path) -> None:
 class _Run:
     """State shared by the steps of one `train` call."""
 
-    def __init__(self, config: RunConfig, run_dir: Path, every: int | None) -> None:
+    def __init__(
+        self,
+        config: RunConfig,
+        run_dir: Path,
+        every: int | None,
+        tables: tuple[LabelTable, LabelTable] | None = None,
+    ) -> None:
         self.config = config
         self.run_dir = run_dir
         self.folder = RunFolder(run_dir)
         self.every = every
         self.plan = choose_execution(config.device, config.precision)
         log.info("execution: %s", self.plan.to_dict())
-        train_table, valid_table = load_tables(config, run_dir)
+        if tables is None:
+            train_table, valid_table = load_tables(config, run_dir)
+            self.valid_source = validation_source(config)
+        else:
+            train_table, valid_table = _checked_tables(tables)
+            self.valid_source = valid_table.source
         self.model = create_model(
             config.backbone,
             config.head,
@@ -451,7 +479,6 @@ class _Run:
         self.eval_model: CXRModel = self.ema.module if self.ema is not None else self.model
         self.aucm: AucmObjective | None = None  # built when the AUC-margin stage starts
         self.progress = Progress()
-        self.valid_source = validation_source(config)
         self.rows: list[dict[str, Any]] = []
         self.images_per_s: list[float] = []
         self.saver = CheckpointSaver(
@@ -673,6 +700,7 @@ def train(
     resume: bool = False,
     stop_after_steps: int | None = None,
     checkpoint_every_steps: int | None = DEFAULT_CHECKPOINT_EVERY_STEPS,
+    tables: tuple[LabelTable, LabelTable] | None = None,
 ) -> TrainResult:
     """Fine-tune `config`'s model end to end and write its run folder (see the module doc).
 
@@ -682,6 +710,10 @@ def train(
     stop_after_steps: return after this many optimisation steps over the whole run, having
         saved `last` (simulates a kill; the result has ``completed=False``).
     checkpoint_every_steps: also save `last` every this many steps (None: only at epoch ends).
+    tables: explicit (train, valid) tables, already filtered, used instead of config's CSVs
+        and its patient split (cross-validation folds: training.cv); the valid table's
+        `source` is what thresholds' `chosen_on` and summary.json's "validation" name. The
+        caller saves any split it made.
     The learning-rate schedule is config.lr_schedule: "constant" (the method: Adam at config.lr
     throughout) or "cosine" (decay to 0 over the run), after config.warmup_epochs of linear
     warm-up (see :func:`cxrlabel.training.recipe.scheduled_lr`). With config.aucm_epochs, that
@@ -699,7 +731,7 @@ def train(
     run_dir.mkdir(parents=True, exist_ok=True)
     config.save(folder.config)
     with run_context(config):
-        run = _Run(config, run_dir, checkpoint_every_steps)
+        run = _Run(config, run_dir, checkpoint_every_steps, tables)
         if resume and last_meta.is_file():
             run.resume()
         elif resume:

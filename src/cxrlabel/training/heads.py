@@ -167,6 +167,8 @@ class HeadRun:
     train: LabelTable
     valid: LabelTable
     run_dir: Path
+    # What `valid` is, for thresholds' chosen_on; empty: from the config (valid_csv or split).
+    valid_source: str = ""
 
     @property
     def tables(self) -> tuple[LabelTable, LabelTable]:
@@ -234,16 +236,22 @@ def _extract(
     return prep, parts[0], parts[1]
 
 
+def frozen_network(config: HeadConfig, backbone: str) -> nn.Module:
+    """The frozen backbone network the features come from (and checkpoints hold), in eval."""
+    network, _ = build_backbone(backbone, config.weights, config.resize_mode)
+    if config.keras_compat:
+        make_keras_compatible(network)
+    return network.eval()
+
+
 def backbone_data(run: HeadRun, backbone: str, *, progress: bool = True) -> BackboneData:
     """Features of the train and valid tables (cached under run_dir/features) and the network."""
     config = run.config
     prep, train, valid = _extract(run, backbone, progress=progress)
-    network, _ = build_backbone(backbone, config.weights, config.resize_mode)
-    if config.keras_compat:
-        make_keras_compatible(network)
     return BackboneData(
-        backbone, prep, train, valid, network.eval(), backbone_source(config, backbone)
-    )
+        backbone, prep, train, valid, frozen_network(config, backbone),
+        backbone_source(config, backbone),
+    )  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
@@ -256,14 +264,28 @@ def _check_heads(config: HeadConfig) -> None:
         raise ValueError(f"unknown head(s) {unknown}; choose from {sorted(HEADS)}")
 
 
-def _valid_source(config: HeadConfig) -> str:
+def _valid_source(run: HeadRun) -> str:
+    if run.valid_source:
+        return run.valid_source
+    config = run.config
     if config.valid_csv:
         return Path(config.valid_csv).name
     return f"{config.valid_fraction:.0%} patient split of {Path(config.train_csv).name}"
 
 
-def train_model(run: HeadRun, data: BackboneData, head_kind: str) -> dict[str, Any]:
-    """Train `head_kind` on `data`, save `<run_dir>/<Model>/checkpoints/best.*`; its sweep row."""
+@dataclass(frozen=True)
+class FittedModel:
+    """A head trained on one backbone's features, as a whole model, with its thresholds and
+    validation metrics (Table I's columns)."""
+
+    name: str  # e.g. "Xception_3_D"
+    model: CXRModel
+    thresholds: Thresholds
+    metrics: dict[str, float]
+
+
+def fit_model(run: HeadRun, data: BackboneData, head_kind: str) -> FittedModel:
+    """Train `head_kind` on `data.train`; thresholds and metrics on `data.valid`."""
     config = run.config
     labels = resolve_labels(config.labels)
     # LSR policies give soft targets for training only; thresholds need validation's 0/1.
@@ -277,25 +299,47 @@ def train_model(run: HeadRun, data: BackboneData, head_kind: str) -> dict[str, A
     probs = predict_head(head, data.valid.features)
     thresholds = choose_thresholds(
         y_valid, probs, m_valid, labels, config.threshold_rule,
-        chosen_on=_valid_source(config), band=config.uncertainty_band,
+        chosen_on=_valid_source(run), band=config.uncertainty_band,
     )  # fmt: skip
     table = metrics_table(y_valid, probs, m_valid, labels, thresholds)
     mean = table.set_index("Label").loc["Mean"]
-    name = model_display_name(data.name, head_kind)
     spec = ModelSpec(backbone=data.name, head=head_kind, labels=labels, hidden=config.hidden)
     model = CXRModel(data.network, head, spec, data.preprocessing)
-    # The config of this model alone (train-head with it reproduces the model). No config.yaml
-    # in <Model>/: that would make it look like a fine-tuning run folder to the report.
-    own = replace(config, backbones=(data.name,), heads=(head_kind,))
     metrics = {m: float(mean[_METRIC_SOURCE.get(m, m)]) for m in METRICS}
-    checkpoint = save_checkpoint(
-        run.run_dir / name / CHECKPOINT_STEM, model,
-        config=own.to_dict(), epoch=config.epochs, step=0, thresholds=thresholds,
-        extra={"valid_metrics": metrics, "valid_images": len(data.valid)},
+    return FittedModel(model_display_name(data.name, head_kind), model, thresholds, metrics)
+
+
+def save_model(
+    run: HeadRun,
+    data: BackboneData,
+    fitted: FittedModel,
+    folder: Path,
+    *,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """`fitted` as an ordinary checkpoint `<folder>/checkpoints/best.*`; its JSON path."""
+    config = run.config
+    # The config of this model alone (train-head with it reproduces the model). No config.yaml
+    # in the folder: that would make it look like a fine-tuning run folder to the report.
+    own = replace(config, backbones=(data.name,), heads=(fitted.model.spec.head,))
+    return save_checkpoint(
+        Path(folder) / CHECKPOINT_STEM, fitted.model,
+        config=own.to_dict(), epoch=config.epochs, step=0, thresholds=fitted.thresholds,
+        extra={"valid_metrics": fitted.metrics, "valid_images": len(data.valid), **(extra or {})},
         frozen_backbone=data.source,
     )  # fmt: skip
-    log.info("%s: mean AUROC %.3f -> %s", name, metrics["AUROC"], checkpoint)
-    return {"Model": name, **metrics, CHECKPOINT_COLUMN: str(checkpoint.relative_to(run.run_dir))}
+
+
+def train_model(run: HeadRun, data: BackboneData, head_kind: str) -> dict[str, Any]:
+    """Train `head_kind` on `data`, save `<run_dir>/<Model>/checkpoints/best.*`; its sweep row."""
+    fitted = fit_model(run, data, head_kind)
+    checkpoint = save_model(run, data, fitted, run.run_dir / fitted.name)
+    log.info("%s: mean AUROC %.3f -> %s", fitted.name, fitted.metrics["AUROC"], checkpoint)
+    return {
+        "Model": fitted.name,
+        **fitted.metrics,
+        CHECKPOINT_COLUMN: str(checkpoint.relative_to(run.run_dir)),
+    }
 
 
 def sweep(run: HeadRun, *, progress: bool = True) -> pd.DataFrame:
@@ -380,15 +424,18 @@ def run_sweep(
 __all__ = [
     "METRICS",
     "BackboneData",
+    "FittedModel",
     "HeadRun",
     "backbone_data",
     "evaluate_head",
+    "fit_model",
     "format_sweep_table",
     "predict_head",
     "run_dir_of",
     "run_extract",
     "run_sweep",
     "run_train_head",
+    "save_model",
     "sweep",
     "train_head",
     "train_model",
