@@ -494,7 +494,9 @@ class _Run:
             return None
         from timm.utils import ModelEmaV3
 
-        return ModelEmaV3(self.model, decay=self.config.ema_decay)
+        # Warm-up (decay grows with the step up to ema_decay): short CPU runs have too few
+        # steps for a fixed 0.999 to forget the randomly initialised head.
+        return ModelEmaV3(self.model, decay=self.config.ema_decay, use_warmup=True)
 
     def stage(self, epoch: int) -> str:
         """ "bce" for the first config.epochs epochs, "aucm" for the AUC-margin ones after."""
