@@ -1,8 +1,8 @@
 """Evaluation reports: `report.md` and a self-contained `report.html` from `Evaluation`s.
 
-One report holds one or more evaluations. They may be one model on several datasets
-(validation and test rows of the summary, as in the method's Tables II and IV) or several models
-on the same data (side by side, as in the real-film check). Every table has one row or one column
+One report holds one or more evaluations. They may be one model on several datasets (validation
+and test rows of the summary, as in the method's Tables II and IV) or several models on the
+same data (side by side, as in benchmarks/real_nih.py). Every table has one row or one column
 group per evaluation, and every plot one line per evaluation, so both read the same way.
 
 The report is built once as a list of sections made of a few plain parts (text, bullet lists,

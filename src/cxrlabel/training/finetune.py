@@ -184,13 +184,7 @@ def load_tables(config: RunConfig, run_dir: Path) -> tuple[LabelTable, LabelTabl
         split = patient_split(train_table, config.valid_fraction, config.seed)
         save_split(split, RunFolder(run_dir).split)
         train_table, valid_table = split.apply(train_table)
-    if not len(train_table) or not len(valid_table):
-        raise ValueError(
-            f"after filtering: {len(train_table)} training and {len(valid_table)} validation "
-            "images; both must be non-empty"
-        )
-    log.info("%d training and %d validation images", len(train_table), len(valid_table))
-    return train_table, valid_table
+    return _checked_tables((train_table, valid_table), "after filtering")
 
 
 def cache_dir_for(root: Path, paths: Sequence[Path], model: CXRModel) -> Path:
@@ -391,14 +385,16 @@ def validation_source(config: RunConfig) -> str:
     return f"{config.valid_fraction:.0%} patient split of {Path(config.train_csv).name}"
 
 
-def _checked_tables(tables: tuple[LabelTable, LabelTable]) -> tuple[LabelTable, LabelTable]:
+def _checked_tables(
+    tables: tuple[LabelTable, LabelTable], what: str = "given tables"
+) -> tuple[LabelTable, LabelTable]:
     train_table, valid_table = tables
     if not len(train_table) or not len(valid_table):
         raise ValueError(
-            f"given tables: {len(train_table)} training and {len(valid_table)} validation "
+            f"{what}: {len(train_table)} training and {len(valid_table)} validation "
             "images; both must be non-empty"
         )
-    log.info("%d training and %d validation images (given)", len(train_table), len(valid_table))
+    log.info("%d training and %d validation images (%s)", len(train_table), len(valid_table), what)
     return train_table, valid_table
 
 
