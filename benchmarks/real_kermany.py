@@ -198,8 +198,9 @@ def label_with_best(best: pd.Series, out: Path) -> None:
     paths = [str(p) for p in table.image_paths()]
     pd.DataFrame({"Path": paths}).to_csv(films, index=False)
     labelled = out / "labels-kermany-valid"
-    cli("label", best["Checkpoint"], str(films), "--out", str(labelled), "--no-progress")
-    cli("label", best["Checkpoint"], str(NIH_FIXTURES), "--out", str(out / "labels-nih-fixtures"),
+    cli("label", str(films), "--model", best["Checkpoint"], "--out", str(labelled), "--no-progress")
+    fixtures = out / "labels-nih-fixtures"
+    cli("label", str(NIH_FIXTURES), "--model", best["Checkpoint"], "--out", str(fixtures),
         "--no-progress")  # fmt: skip
     cli("export", best["Checkpoint"], "--onnx", str(out / "best.onnx"))
     got = pd.read_csv(labelled / "probabilities.csv")
