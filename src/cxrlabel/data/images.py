@@ -48,6 +48,10 @@ Sources: a path, or the file's bytes in memory (``bytes``, ``bytearray`` or ``me
 an HTTP upload), decoded by the same code into the same array. :func:`sniff_format` is the one
 place that tells PNG, JPEG and DICOM apart by their first bytes, for both.
 
+What the greyscale array cannot show (that the file had real colour, its DICOM Modality and
+BodyPartExamined) is reported by :func:`read_image_with_info` as an :class:`ImageInfo`, from the
+same single decode; :mod:`cxrlabel.data.sanity` judges it.
+
 Every failure raises a subclass of :class:`ImageError` (itself a ``ValueError``) whose message
 names the file (or the ``name`` given with bytes) and the cause; see the class docstrings.
 
@@ -58,8 +62,9 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, BinaryIO, Literal
 
@@ -101,6 +106,10 @@ _PIXEL_DATA_TAG_LE = b"\xe0\x7f\x10\x00"  # (7FE0,0010) as little-endian group/e
 # Decoder messages (Pillow, pydicom) that mean "the data stops early".
 _TRUNCATION_HINTS = ("truncat", "less than expected", "end of file", "unexpected eof")
 _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
+_GREY_MODES = frozenset({"1", "L", "LA", "La", *_SIXTEEN_BIT_MODES})
+# Colour content is measured on a strided sample of at most about this many pixels: enough to
+# see colour anywhere but in a speck, and cheap on a 4000 px film.
+_CHROMA_SAMPLE = 1 << 20
 
 # Which pip packages provide a decoder, per DICOM transfer syntax, for error messages.
 _JPEG_PACKAGES = "pylibjpeg and pylibjpeg-libjpeg (pip install pylibjpeg pylibjpeg-libjpeg)"
@@ -185,6 +194,33 @@ class UnsupportedDicomError(UnsupportedImageError):
 # --------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class ImageInfo:
+    """What the reader saw of a file besides the grey pixels it returns.
+
+    Attributes:
+        format: ``"png"``, ``"jpeg"`` or ``"dicom"`` (from the content, as :func:`sniff_format`
+            says; a DICOM recognised by its suffix is ``"dicom"``); for another format Pillow
+            reads, Pillow's name in lower case.
+        width, height: of the returned array (after EXIF orientation).
+        mode: the Pillow mode (``"L"``, ``"RGB"``, ``"I;16"``...) or the DICOM Photometric
+            Interpretation (``"MONOCHROME2"``, ``"RGB"``...).
+        chroma: how coloured the pixels are: the mean over pixels of (largest - smallest
+            colour channel) / full scale, in [0, 1]; 0.0 for a greyscale file, and about 0 for
+            grey content stored as RGB (NIH's RGBA PNGs).
+        modality: DICOM Modality (``"CR"``, ``"DX"``, ``"MR"``...); None when absent or not DICOM.
+        body_part: DICOM BodyPartExamined; None when absent or not DICOM.
+    """
+
+    format: str
+    width: int
+    height: int
+    mode: str
+    chroma: float = 0.0
+    modality: str | None = None
+    body_part: str | None = None
+
+
 def read_image(
     source: ImageSource, *, name: str | None = None, max_pixels: int = MAX_PIXELS
 ) -> np.ndarray:
@@ -204,6 +240,16 @@ def read_image(
 
     Raises:
         ImageError: one of its subclasses, naming the file (or `name`) and the cause.
+    """
+    return read_image_with_info(source, name=name, max_pixels=max_pixels)[0]
+
+
+def read_image_with_info(
+    source: ImageSource, *, name: str | None = None, max_pixels: int = MAX_PIXELS
+) -> tuple[np.ndarray, ImageInfo]:
+    """:func:`read_image`'s array and an :class:`ImageInfo` about the file, from one decode.
+
+    Arguments and errors are those of :func:`read_image`; the array is identical.
     """
     src = _Source.of(source, name)
     head = src.head()
@@ -363,14 +409,17 @@ def _check_size(path: Path, width: int, height: int, max_pixels: int) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def _read_pillow(src: _Source, head: bytes, max_pixels: int) -> np.ndarray:
+def _read_pillow(src: _Source, head: bytes, max_pixels: int) -> tuple[np.ndarray, ImageInfo]:
     path = src.name
     try:
         with src.open() as handle, Image.open(handle) as im:
             # Image.open only parses the header: check the size before decoding anything.
             _check_size(path, im.width, im.height, max_pixels)
             _load_fully(src, im)
-            return _pillow_to_float(path, im)
+            image = _pillow_to_float(path, im)
+            fmt = sniff_format(head) or (im.format or "unknown").lower()
+            height, width = image.shape
+            return image, ImageInfo(fmt, width, height, im.mode, _pillow_chroma(im))
     except ImageError:
         raise
     except Image.DecompressionBombError as exc:  # Pillow's own global limit, stricter than ours
@@ -428,6 +477,24 @@ def _pillow_to_float(path: Path, im: Image.Image) -> np.ndarray:
         _warn_if_translucent(path, im)
     grey = _to_luminance(im)
     return np.asarray(grey, dtype=np.float32) / np.float32(255.0)
+
+
+def _pillow_chroma(im: Image.Image) -> float:
+    """ImageInfo.chroma of a decoded Pillow image (its colour before conversion to grey)."""
+    if im.mode in _GREY_MODES:
+        return 0.0
+    rgb = im if im.mode in ("RGB", "RGBA", "RGBX") else im.convert("RGB")  # P, CMYK, YCbCr...
+    return _chroma(np.asarray(rgb), 255.0)
+
+
+def _chroma(pixels: np.ndarray, full_scale: float) -> float:
+    """Mean (largest - smallest of the first three channels) / full_scale over a strided
+    sample of an (H, W, C) array."""
+    height, width = pixels.shape[:2]
+    step = max(1, math.ceil(math.sqrt(height * width / _CHROMA_SAMPLE)))
+    sample = pixels[::step, ::step, :3]
+    spread = sample.max(axis=-1).astype(np.float64) - sample.min(axis=-1)
+    return float(spread.mean() / full_scale) if spread.size else 0.0
 
 
 def _to_luminance(im: Image.Image) -> Image.Image:
@@ -494,7 +561,7 @@ def _assume_transfer_syntax(ds: pydicom.Dataset) -> None:
     meta.TransferSyntaxUID = ExplicitVRLittleEndian if explicit else ImplicitVRLittleEndian
 
 
-def _read_dicom(src: _Source, head: bytes, max_pixels: int) -> np.ndarray:
+def _read_dicom(src: _Source, head: bytes, max_pixels: int) -> tuple[np.ndarray, ImageInfo]:
     path = src.name
     ds = _dcmread(src, head)
     _check_dicom_pixels_present(src, ds)
@@ -515,17 +582,31 @@ def _read_dicom(src: _Source, head: bytes, max_pixels: int) -> np.ndarray:
     if arr.ndim == 3 and arr.shape[-1] == 1:
         arr = arr[..., 0]
     photometric = str(ds.get("PhotometricInterpretation", "")).strip().upper()
+    info = ImageInfo(
+        "dicom",
+        int(arr.shape[1]),
+        int(arr.shape[0]),
+        photometric,
+        modality=_dicom_text(ds, "Modality"),
+        body_part=_dicom_text(ds, "BodyPartExamined"),
+    )
     if photometric in ("MONOCHROME1", "MONOCHROME2"):
         out = _dicom_monochrome_to_unit(path, arr, ds)
-        return (1.0 - out) if photometric == "MONOCHROME1" else out
+        return ((1.0 - out) if photometric == "MONOCHROME1" else out), info
     if arr.ndim == 3 and arr.shape[-1] == 3 and photometric != "PALETTE COLOR":
         # pydicom has already converted YBR_* to RGB.
         luma = arr.astype(np.float64) @ np.array([0.299, 0.587, 0.114])
         _, high = _stored_range(ds)
-        return _unit_range((luma / high).astype(np.float32))
+        info = replace(info, chroma=_chroma(arr, high))
+        return _unit_range((luma / high).astype(np.float32)), info
     raise UnsupportedDicomError(
         path, f"photometric interpretation {photometric or '(missing)'!r} is not supported"
     )
+
+
+def _dicom_text(ds: pydicom.Dataset, keyword: str) -> str | None:
+    value = ds.get(keyword)
+    return (str(value).strip() or None) if value is not None else None
 
 
 def _check_dicom_pixels_present(src: _Source, ds: pydicom.Dataset) -> None:
