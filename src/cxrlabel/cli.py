@@ -397,7 +397,7 @@ def cmd_label(args: argparse.Namespace) -> int:
     summary = label_inputs(
         args.inputs, model, args.out, batch_size=args.batch_size,
         heatmaps=args.heatmaps or chosen is not None, heatmap_labels=chosen,
-        lateral_model=lateral, progress=not args.no_progress,
+        lateral_model=lateral, progress=not args.no_progress, skip_flagged=args.skip_flagged,
     )  # fmt: skip
     print(summary.to_text())
     return 0
@@ -597,6 +597,11 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument("--heatmaps", action="store_true", help="Grad-CAM PNGs of positive labels")
     p.add_argument("--heatmap-labels", help="draw heatmaps for these labels (comma list or set)")
+    p.add_argument(
+        "--skip-flagged", action="store_true",
+        help="report films the input checks flag (tiny, odd shape, colour, blank, non-chest "
+        "DICOM) in errors.csv instead of labelling them",
+    )  # fmt: skip
     _add_tta_arg(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_label)
