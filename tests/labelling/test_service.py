@@ -294,7 +294,7 @@ def test_uploads_are_decoded_in_memory(
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # anything else would land here
     for data, fmt in ((film.read_bytes(), "jpeg"), (_dicom_bytes(preamble=False), "dicom")):
         image, got = decode_upload(data, "upload.bin")
-        assert got == fmt
+        assert got.format == fmt
         np.testing.assert_array_equal(image, read_image(data))
     np.testing.assert_array_equal(decode_upload(film.read_bytes(), "x")[0], read_image(film))
     assert list(tmp_path.iterdir()) == []
@@ -548,7 +548,7 @@ class _LiveFilms:
         self._lock = threading.Lock()
         real = cxrlabel.labelling.service.decode_upload
 
-        def decode(data: bytes, filename: str) -> tuple[np.ndarray, str]:
+        def decode(data: bytes, filename: str) -> tuple[np.ndarray, Any]:
             image, fmt = real(data, filename)
             with self._lock:
                 self.live += 1
@@ -747,7 +747,7 @@ def test_an_upload_is_decoded_once_and_resampled_once_for_the_model(
     service = create_app(ensemble).state.service
     upload = _png(np.random.default_rng(3).integers(0, 256, (150, 120), dtype=np.uint8))
     expected = ensemble.predict_images([decode_upload(upload, "film.png")[0]])[0]
-    decodes = count_calls(monkeypatch, service_module, "read_image")
+    decodes = count_calls(monkeypatch, service_module, "read_image_with_info")
     resamples = count_calls(monkeypatch, Image.Image, "resize")
     done = service.label(upload, "film.png", keep_film=True)
     assert (decodes.n, resamples.n) == (1, 1)

@@ -20,6 +20,8 @@ Uploads are checked by content, never by file name or declared type: PNG, JPEG a
 4xx, never a 500: 413 when the body exceeds the upload limit (enforced from Content-Length and
 while reading, before the whole body is in memory), 415 for content that is not a supported
 image, 422 for an image that cannot be decoded, 401 without the bearer token when one is set.
+A decodable film is always labelled; the input checks of :mod:`cxrlabel.data.sanity` (tiny, odd
+shape, colour, blank, non-chest DICOM) are returned with it as ``flags`` for the client to show.
 
 Inference runs in a worker thread, off the event loop, and one lock per model serialises
 forward passes: PyTorch modules are not meant to run concurrently from several threads
@@ -37,6 +39,7 @@ and the full-size array is dropped before waiting for the model lock.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -70,12 +73,14 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 import cxrlabel
 from cxrlabel.data.images import (
     ImageError,
+    ImageInfo,
     NotAnImageError,
     UnsupportedImageError,
-    read_image,
+    read_image_with_info,
     sniff_format,
 )
 from cxrlabel.data.pictures import encode_png
+from cxrlabel.data.sanity import DEFAULT_LIMITS, sanity_flags
 from cxrlabel.data.transforms import ResizeGeometry, scale_to_fit
 from cxrlabel.labelling.heatmaps import gradcams, heatmap_model, overlay_png
 from cxrlabel.models.predictor import Predictor, shared_resize
@@ -178,6 +183,11 @@ class PredictBody(BaseModel):
     thresholds: dict[str, Any] = Field(description="the thresholds used (rule, values, band)")
     heatmaps: HeatmapInfo
     timing_ms: dict[str, float]
+    flags: list[str] = Field(
+        default_factory=list,
+        description="input checks that say not to trust the labels (the film is labelled "
+        "anyway): small, aspect, colour, constant, modality:<M>, body_part:<B>; empty when none",
+    )
 
 
 _ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
@@ -287,8 +297,9 @@ def _image_error(exc: ImageError, filename: str) -> ServiceError:
     return ServiceError(status, _snake(type(exc).__name__), f"{filename}: {exc.reason}")
 
 
-def decode_upload(data: bytes, filename: str) -> tuple[np.ndarray, str]:
-    """Bytes of an uploaded file -> (float32 (H, W) image in [0, 1], format) or ServiceError.
+def decode_upload(data: bytes, filename: str) -> tuple[np.ndarray, ImageInfo]:
+    """Bytes of an uploaded file -> (float32 (H, W) image in [0, 1], what the reader saw:
+    its format, colour, DICOM tags) or ServiceError.
 
     Only PNG, JPEG and DICOM are accepted (read_image would also take what else Pillow
     reads); empty data is left to read_image, which says so (422).
@@ -298,7 +309,7 @@ def decode_upload(data: bytes, filename: str) -> tuple[np.ndarray, str]:
         reason = "not a PNG, JPEG or DICOM image (the content is checked, not the file name)"
         raise _image_error(NotAnImageError(filename, reason), filename)
     try:
-        image = read_image(data, name=filename)
+        image, info = read_image_with_info(data, name=filename)
     except ImageError as exc:
         raise _image_error(exc, filename) from exc
     except Exception as exc:
@@ -306,7 +317,7 @@ def decode_upload(data: bytes, filename: str) -> tuple[np.ndarray, str]:
         log.warning("unclassified decoding failure for %s", filename, exc_info=True)
         raise ServiceError(422, "corrupt_image", f"{filename}: cannot be decoded ({exc})") from exc
     assert fmt is not None  # only empty data has no format, and read_image refused it
-    return image, fmt
+    return image, info
 
 
 async def _read_upload(request: Request, limit: int) -> tuple[bytes, str]:
@@ -406,6 +417,7 @@ class _Labelled:
     decode_s: float
     queued_s: float
     predict_s: float
+    flags: tuple[str, ...] = ()
 
 
 class _Service:
@@ -508,8 +520,9 @@ class _Service:
         waiting = time.perf_counter()
         with self.slots:
             started = time.perf_counter()
-            image, fmt = decode_upload(data, filename)
+            image, info = decode_upload(data, filename)
             height, width = image.shape
+            flags = sanity_flags(image, info)
             model_input = self.model_view(image)
             film = None
             if keep_film:
@@ -523,13 +536,14 @@ class _Service:
             predicted = time.perf_counter()
         return _Labelled(
             probs=probs,
-            fmt=fmt,
+            fmt=info.format,
             width=width,
             height=height,
             film=film,
             decode_s=decoded - started,
             queued_s=started - waiting,
             predict_s=predicted - decoded,
+            flags=flags,
         )
 
     def model_view(self, image: np.ndarray) -> np.ndarray:
@@ -690,6 +704,7 @@ def _add_routes(app: FastAPI, service: _Service) -> None:
             "max_concurrent": service.max_concurrent,
             "max_queue": service.max_queue,
             "auth": service.token is not None,
+            "input_checks": _limits_json(),
         }
 
     @app.post(
@@ -741,6 +756,7 @@ def _add_routes(app: FastAPI, service: _Service) -> None:
                 "queued": round(done.queued_s * 1e3, 2),
                 "predict": round(done.predict_s * 1e3, 2),
             },
+            flags=list(done.flags),
         )
 
     @app.get(
@@ -768,6 +784,13 @@ def _add_routes(app: FastAPI, service: _Service) -> None:
         result = _cached(service, result_id)
         png = await run_in_threadpool(service.heatmap_png, result, label)
         return Response(png, media_type="image/png")
+
+
+def _limits_json() -> dict[str, Any]:
+    """The input checks' thresholds, for /model."""
+    limits = dataclasses.asdict(DEFAULT_LIMITS)
+    limits["modalities"] = sorted(limits["modalities"])
+    return limits
 
 
 def _heatmap_links(service: _Service, result_id: str) -> HeatmapInfo:
