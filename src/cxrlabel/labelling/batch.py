@@ -248,11 +248,14 @@ class LabelSummary:
         return out
 
     def to_text(self) -> str:
+        checks = ""
+        if self.flagged_inputs:
+            checks = f", {self.flagged_inputs} flagged by the input checks"
+            checks += f" ({self.skipped} skipped: see errors.csv)" if self.skipped else ""
         lines = [
             f"{self.labelled} films labelled by {self.model} ({self.kind}), "
             f"{self.errors} unreadable, {self.flagged} flagged"
-            + (f", {self.flagged_inputs} flagged by the input checks" * bool(self.flagged_inputs))
-            + (f" ({self.skipped} skipped: see errors.csv)" * bool(self.skipped))
+            + checks
             + (f", {self.studies} studies" if self.studies else "")
             + (f", {self.heatmaps} heatmap PNGs" if self.heatmaps else ""),
             f"{self.images_per_s:.1f} images/s over {self.seconds:.1f} s"
