@@ -487,9 +487,10 @@ def _dcmread(
             ds = pydicom.dcmread(
                 handle, force=not has_preamble, stop_before_pixels=stop_before_pixels
             )
+        _convert_elements(ds)
     except pydicom.errors.InvalidDicomError as exc:
         raise NotAnImageError(path, f"not a valid DICOM file ({exc})") from exc
-    except (EOFError, OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+    except _DICOM_PARSE_ERRORS as exc:
         if has_preamble:
             raise _decode_error(path, exc) from exc
         raise NotAnImageError(path, f"not a DICOM file (no 'DICM' preamble; {exc})") from exc
@@ -498,6 +499,25 @@ def _dcmread(
     ):
         raise NotAnImageError(path, "not a DICOM file (no 'DICM' preamble, no DICOM elements)")
     return ds
+
+
+# What pydicom raises on malformed input besides InvalidDicomError, as found by fuzzing: an
+# unknown VR (NotImplementedError), a value of the wrong length (BytesLengthException, a
+# plain Exception), a short element header (struct.error), a cut deflate stream (zlib.error).
+_DICOM_PARSE_ERRORS = (
+    EOFError, OSError, ValueError, KeyError, TypeError, AttributeError, IndexError,
+    NotImplementedError, RuntimeError, struct.error, zlib.error,
+    pydicom.errors.BytesLengthException,
+)  # fmt: skip
+
+
+def _convert_elements(ds: pydicom.Dataset) -> None:
+    """Convert every raw element now: pydicom converts values on first access, so a malformed
+    value would otherwise fail later, wherever some code first reads it, with a bare error."""
+    meta = getattr(ds, "file_meta", None)
+    for dataset in (meta, ds) if meta is not None else (ds,):
+        for _ in dataset.iterall():
+            pass
 
 
 def _assume_transfer_syntax(ds: pydicom.Dataset) -> None:
@@ -617,6 +637,8 @@ def _check_deflated_size(path: Path, handle: BinaryIO, limit: int) -> None:
                     "intended)",
                 )
             data = inflater.unconsumed_tail
+    if not inflater.eof:
+        raise TruncatedImageError(path, "deflated data set ends early (file is truncated)")
 
 
 def _is_deflated(handle: BinaryIO) -> bool:
@@ -679,7 +701,7 @@ def _first_frame(path: Path, ds: pydicom.Dataset) -> bytes:
             number_of_frames=int(ds.get("NumberOfFrames") or 1),
             extended_offsets=offsets,
         )
-    except (ValueError, KeyError, IndexError, EOFError, OSError, TypeError) as exc:
+    except (ValueError, KeyError, IndexError, EOFError, OSError, TypeError, struct.error) as exc:
         raise CorruptImageError(
             path, f"pixel data cannot be decoded (encapsulated frames are malformed: {exc})"
         ) from exc
