@@ -38,7 +38,11 @@ the same values and a MONOCHROME1 file equals ``1 -`` its MONOCHROME2 twin):
 
 Safety: images larger than ``max_pixels`` (default :data:`MAX_PIXELS` = 8192 * 8192) are
 refused *before* any pixel is decoded, from the PNG/JPEG header size or the DICOM
-Rows x Columns. This check does not rely on, and never changes, Pillow's global
+Rows x Columns. A decoder sizes its output from the compressed stream, not from the DICOM
+header, so an encapsulated DICOM frame is also checked from its own header (JPEG/JPEG-LS SOF,
+JPEG 2000 SIZ) against the limit and against Rows, Columns and Samples per Pixel (a mismatch
+is a :class:`CorruptImageError`); a deflated data set is refused while inflating once it passes
+:func:`max_inflated_bytes`. This check does not rely on, and never changes, Pillow's global
 ``Image.MAX_IMAGE_PIXELS`` (Pillow's own, larger, limit still applies on top of ours).
 Truncated files are detected by fully decoding them; this module never sets
 ``ImageFile.LOAD_TRUNCATED_IMAGES``. If another module has set it, a structural check (the PNG
