@@ -34,6 +34,7 @@ from pydicom.uid import (
     JPEG2000Lossless,
     JPEGBaseline8Bit,
     JPEGLSLossless,
+    RLELossless,
     SecondaryCaptureImageStorage,
     generate_uid,
 )
@@ -893,3 +894,29 @@ def test_permission_denied_is_unreadable_naming_the_file(
     assert "Permission denied" in info.value.reason
     assert isinstance(info.value, ImageError)
     assert pickle.loads(pickle.dumps(info.value)).reason == info.value.reason
+
+
+def test_rle_frame_decoding_far_past_the_header_is_refused(tmp_path: Path) -> None:
+    """An RLE frame of 2-byte runs (each decodes to 128 bytes) under a 64x64 header: pydicom
+    would decode it all (64 x the file size) and only warn; refused before decoding."""
+    path = _write_dicom(tmp_path / "rle.dcm", _ramp(64, 64, high=255).astype(np.uint8))
+    ds = pydicom.dcmread(path)
+    ds.file_meta.TransferSyntaxUID = RLELossless
+    header = struct.pack("<16I", 1, 64, *([0] * 14))
+    ds.PixelData = encapsulate([header + b"\x81\x00" * 100_000])  # 12.8 MB decoded
+    ds["PixelData"].VR = "OB"
+    ds.save_as(path)
+    tracemalloc.start()
+    try:
+        with pytest.raises(CorruptImageError, match=re.escape("rle.dcm")) as info:
+            read_both(path)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert "RLE segment 1" in info.value.reason
+    assert peak < 4_000_000, f"{peak:,} bytes allocated: the segment was decoded"
+    fine = _write_dicom(tmp_path / "fine_rle.dcm", _ramp(), bits_stored=12)
+    ds = pydicom.dcmread(fine)
+    ds.compress(RLELossless, encoding_plugin="pydicom")
+    ds.save_as(fine)
+    np.testing.assert_allclose(read_both(fine), _ramp() / 4095.0, atol=1e-6)

@@ -611,6 +611,9 @@ _J2K_FAMILY = frozenset(
 _JPEG_SIZE_MARKERS = frozenset(set(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC} | {0xDE, 0xF7})
 _JPEG_STANDALONE = frozenset({0x01, *range(0xD0, 0xD8)})  # TEM, RST0-7: no length field
 _JPEG_SOS, _JPEG_EOI = 0xDA, 0xD9
+_RLE = "1.2.840.10008.1.2.5"
+_RLE_HEADER_BYTES = 64  # 16 little-endian uint32: segment count, then 15 segment offsets
+_RLE_SLACK_BYTES = 1024
 _JP2_SIGNATURE = b"\x00\x00\x00\x0cjP  \r\n\x87\n"
 _J2K_SOC_SIZ = b"\xff\x4f\xff\x51"
 
@@ -669,8 +672,11 @@ def _check_encapsulated_frame(path: Path, ds: pydicom.Dataset, max_pixels: int) 
         kind, parse = "JPEG", _jpeg_frame_size
     elif syntax in _J2K_FAMILY:
         kind, parse = "JPEG 2000", _j2k_frame_size
+    elif syntax == _RLE:
+        _check_rle_frame(path, _first_frame(path, ds), int(ds.Rows) * int(ds.Columns))
+        return
     else:
-        return  # native and deflated pixels are sized by the header; RLE's decoder uses it
+        return  # native and deflated pixels are sized by the header
     size = parse(_first_frame(path, ds))
     if size is None:
         raise CorruptImageError(
@@ -709,6 +715,48 @@ def _first_frame(path: Path, ds: pydicom.Dataset) -> bytes:
         raise CorruptImageError(
             path, f"pixel data cannot be decoded (encapsulated frames are malformed: {exc})"
         ) from exc
+
+
+def _check_rle_frame(path: Path, frame: bytes, pixels: int) -> None:
+    """Refuse an RLE frame any of whose segments decodes to far more than Rows x Columns bytes.
+
+    pydicom's RLE decoder sizes nothing from the header: it decodes each segment in full (one
+    2-byte run gives 128 bytes) and then only warns about the excess, so a 3 MB frame could
+    take 190 MB. Each segment's decoded length is counted here, stopping once over the limit.
+    """
+    if len(frame) < _RLE_HEADER_BYTES:
+        raise CorruptImageError(path, "pixel data cannot be decoded (RLE header is incomplete)")
+    count, *offsets = struct.unpack("<16I", frame[:_RLE_HEADER_BYTES])
+    if not 1 <= count <= 15:
+        raise CorruptImageError(
+            path, f"pixel data cannot be decoded (RLE header gives {count} segments)"
+        )
+    limit = 2 * pixels + _RLE_SLACK_BYTES  # a segment holds one byte per pixel, plus padding
+    ends = [*offsets[:count], len(frame)]
+    for index in range(count):
+        start, end = ends[index], min(ends[index + 1], len(frame))
+        if _rle_decoded_length(frame, start, end, limit) > limit:
+            raise CorruptImageError(
+                path,
+                f"RLE segment {index + 1} decodes to more than {limit:,} bytes but the header "
+                f"says {pixels:,} pixels (possible decompression bomb)",
+            )
+
+
+def _rle_decoded_length(data: bytes, start: int, end: int, limit: int) -> int:
+    """Bytes the PackBits runs in data[start:end] decode to, counted up to just past `limit`."""
+    total, pos = 0, start
+    while pos < end and total <= limit:
+        n = data[pos]
+        if n < 128:  # a literal run of n + 1 bytes
+            total += n + 1
+            pos += n + 2
+        elif n > 128:  # the next byte repeated 257 - n times
+            total += 257 - n
+            pos += 2
+        else:  # 128: no operation
+            pos += 1
+    return total
 
 
 def _jpeg_frame_size(data: bytes) -> tuple[int, int, int] | None:
