@@ -38,7 +38,11 @@ the same values and a MONOCHROME1 file equals ``1 -`` its MONOCHROME2 twin):
 
 Safety: images larger than ``max_pixels`` (default :data:`MAX_PIXELS` = 8192 * 8192) are
 refused *before* any pixel is decoded, from the PNG/JPEG header size or the DICOM
-Rows x Columns. This check does not rely on, and never changes, Pillow's global
+Rows x Columns. A decoder sizes its output from the compressed stream, not from the DICOM
+header, so an encapsulated DICOM frame is also checked from its own header (JPEG/JPEG-LS SOF,
+JPEG 2000 SIZ) against the limit and against Rows, Columns and Samples per Pixel (a mismatch
+is a :class:`CorruptImageError`); a deflated data set is refused while inflating once it passes
+:func:`max_inflated_bytes`. This check does not rely on, and never changes, Pillow's global
 ``Image.MAX_IMAGE_PIXELS`` (Pillow's own, larger, limit still applies on top of ours).
 Truncated files are detected by fully decoding them; this module never sets
 ``ImageFile.LOAD_TRUNCATED_IMAGES``. If another module has set it, a structural check (the PNG
@@ -64,13 +68,17 @@ import io
 import logging
 import math
 import os
+import struct
+import zlib
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, BinaryIO, Literal
 
 import numpy as np
 import pydicom
+import pydicom.encaps
 import pydicom.errors
+import pydicom.filereader
 import pydicom.pixels
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
@@ -155,6 +163,11 @@ class ImageError(ValueError):
 
 class MissingImageError(ImageError):
     """The path does not exist."""
+
+
+class UnreadableImageError(ImageError):
+    """The path exists but cannot be opened or read: permission denied, a symbolic-link loop,
+    an I/O error. Retrying may succeed once the file system is fixed, unlike a corrupt file."""
 
 
 class EmptyImageError(ImageError):
@@ -366,8 +379,9 @@ class _Source:
             raise MissingImageError(self.name, "file does not exist") from None
         except IsADirectoryError:
             raise NotAnImageError(self.name, "is a directory, not a file") from None
-        except OSError as exc:
-            raise ImageError(self.name, f"cannot open file ({exc.strerror or exc})") from exc
+        except OSError as exc:  # permission denied, a symbolic-link loop, an I/O error...
+            reason = f"cannot open or read file ({exc.strerror or exc})"
+            raise UnreadableImageError(self.name, reason) from exc
         if not head:
             raise EmptyImageError(self.name, "file is empty (0 bytes)")
         return head
@@ -393,13 +407,15 @@ def _has_dicom_preamble(head: bytes) -> bool:
     return head[_DICOM_MAGIC_OFFSET : _DICOM_MAGIC_OFFSET + 4] == _DICOM_MAGIC
 
 
-def _check_size(path: Path, width: int, height: int, max_pixels: int) -> None:
+def _check_size(
+    path: Path, width: int, height: int, max_pixels: int, *, what: str = "image"
+) -> None:
     if width <= 0 or height <= 0:
-        raise CorruptImageError(path, f"header gives an invalid size {width}x{height}")
+        raise CorruptImageError(path, f"header gives an invalid {what} size {width}x{height}")
     if width * height > max_pixels:
         raise ImageTooLargeError(
             path,
-            f"image is {width}x{height} = {width * height:,} pixels, more than the allowed "
+            f"{what} is {width}x{height} = {width * height:,} pixels, more than the allowed "
             f"{max_pixels:,} (possible decompression bomb; raise max_pixels if intended)",
         )
 
@@ -522,20 +538,30 @@ def _warn_if_translucent(path: Path, im: Image.Image) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def _dcmread(src: _Source, head: bytes, *, stop_before_pixels: bool = False) -> pydicom.Dataset:
+def _dcmread(
+    src: _Source,
+    head: bytes,
+    *,
+    stop_before_pixels: bool = False,
+    max_pixels: int = MAX_PIXELS,
+) -> pydicom.Dataset:
     """Parse a DICOM file. Files without the preamble (allowed by content or suffix) are read
-    with force."""
+    with force. A deflated data set is first checked to inflate to at most
+    :func:`max_inflated_bytes` of `max_pixels`."""
     path = src.name
     has_preamble = _has_dicom_preamble(head)
+    with src.open() as handle:
+        _check_deflated_size(path, handle, max_inflated_bytes(max_pixels))
     try:
         with src.open() as handle:
             # Nothing is deferred (pydicom's default), so the data set outlives the handle.
             ds = pydicom.dcmread(
                 handle, force=not has_preamble, stop_before_pixels=stop_before_pixels
             )
+        _convert_elements(ds)
     except pydicom.errors.InvalidDicomError as exc:
         raise NotAnImageError(path, f"not a valid DICOM file ({exc})") from exc
-    except (EOFError, OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+    except _DICOM_PARSE_ERRORS as exc:
         if has_preamble:
             raise _decode_error(path, exc) from exc
         raise NotAnImageError(path, f"not a DICOM file (no 'DICM' preamble; {exc})") from exc
@@ -544,6 +570,25 @@ def _dcmread(src: _Source, head: bytes, *, stop_before_pixels: bool = False) -> 
     ):
         raise NotAnImageError(path, "not a DICOM file (no 'DICM' preamble, no DICOM elements)")
     return ds
+
+
+# What pydicom raises on malformed input besides InvalidDicomError, as found by fuzzing: an
+# unknown VR (NotImplementedError), a value of the wrong length (BytesLengthException, a
+# plain Exception), a short element header (struct.error), a cut deflate stream (zlib.error).
+_DICOM_PARSE_ERRORS = (
+    EOFError, OSError, ValueError, KeyError, TypeError, AttributeError, IndexError,
+    NotImplementedError, RuntimeError, struct.error, zlib.error,
+    pydicom.errors.BytesLengthException,
+)  # fmt: skip
+
+
+def _convert_elements(ds: pydicom.Dataset) -> None:
+    """Convert every raw element now: pydicom converts values on first access, so a malformed
+    value would otherwise fail later, wherever some code first reads it, with a bare error."""
+    meta = getattr(ds, "file_meta", None)
+    for dataset in (meta, ds) if meta is not None else (ds,):
+        for _ in dataset.iterall():
+            pass
 
 
 def _assume_transfer_syntax(ds: pydicom.Dataset) -> None:
@@ -563,11 +608,12 @@ def _assume_transfer_syntax(ds: pydicom.Dataset) -> None:
 
 def _read_dicom(src: _Source, head: bytes, max_pixels: int) -> tuple[np.ndarray, ImageInfo]:
     path = src.name
-    ds = _dcmread(src, head)
+    ds = _dcmread(src, head, max_pixels=max_pixels)
     _check_dicom_pixels_present(src, ds)
     rows, columns = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
     _check_size(path, columns, rows, max_pixels)
     _check_decoder(path, ds)
+    _check_encapsulated_frame(path, ds, max_pixels)
     _assume_transfer_syntax(ds)
     frames = int(ds.get("NumberOfFrames") or 1)
     if frames > 1:
@@ -607,6 +653,259 @@ def _read_dicom(src: _Source, head: bytes, max_pixels: int) -> tuple[np.ndarray,
 def _dicom_text(ds: pydicom.Dataset, keyword: str) -> str | None:
     value = ds.get(keyword)
     return (str(value).strip() or None) if value is not None else None
+
+
+# Deflated data sets and encapsulated frames: sizes checked before anything is expanded.
+# The header's Rows x Columns bound nothing by themselves: a decoder sizes its output from the
+# compressed stream's own header (JPEG SOF, JPEG 2000 SIZ), and pydicom inflates a deflated
+# data set in full, so each is checked against the pixel limit before it is expanded.
+
+_DEFLATED = "1.2.840.10008.1.2.1.99"  # Deflated Explicit VR Little Endian
+_INFLATE_CHUNK = 1 << 18
+_BYTES_PER_ALLOWED_PIXEL = 8
+"""Inflated bytes allowed per pixel of `max_pixels`: 3 samples of 16 bits (6) plus room."""
+_INFLATED_HEADER_ALLOWANCE = 1 << 20
+
+_JPEG_FAMILY = frozenset(
+    {
+        "1.2.840.10008.1.2.4.50",  # JPEG Baseline
+        "1.2.840.10008.1.2.4.51",  # JPEG Extended
+        "1.2.840.10008.1.2.4.57",  # JPEG Lossless
+        "1.2.840.10008.1.2.4.70",  # JPEG Lossless SV1
+        "1.2.840.10008.1.2.4.80",  # JPEG-LS Lossless
+        "1.2.840.10008.1.2.4.81",  # JPEG-LS Near Lossless
+    }
+)
+_J2K_FAMILY = frozenset(
+    {
+        "1.2.840.10008.1.2.4.90",  # JPEG 2000 Lossless
+        "1.2.840.10008.1.2.4.91",  # JPEG 2000
+        "1.2.840.10008.1.2.4.92",  # JPEG 2000 Part 2 multi-component lossless
+        "1.2.840.10008.1.2.4.93",  # JPEG 2000 Part 2 multi-component
+        "1.2.840.10008.1.2.4.201",  # HTJ2K Lossless
+        "1.2.840.10008.1.2.4.202",  # HTJ2K Lossless RPCL
+        "1.2.840.10008.1.2.4.203",  # HTJ2K
+    }
+)
+# JPEG markers whose segment gives the frame size: SOF0-SOF15 (not DHT C4, JPG C8, DAC CC),
+# DHP (DE, a hierarchical image's full size) and JPEG-LS SOF55 (F7). Same layout for all.
+_JPEG_SIZE_MARKERS = frozenset(set(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC} | {0xDE, 0xF7})
+_JPEG_STANDALONE = frozenset({0x01, *range(0xD0, 0xD8)})  # TEM, RST0-7: no length field
+_JPEG_SOS, _JPEG_EOI = 0xDA, 0xD9
+_RLE = "1.2.840.10008.1.2.5"
+_RLE_HEADER_BYTES = 64  # 16 little-endian uint32: segment count, then 15 segment offsets
+_RLE_SLACK_BYTES = 1024
+_JP2_SIGNATURE = b"\x00\x00\x00\x0cjP  \r\n\x87\n"
+_J2K_SOC_SIZ = b"\xff\x4f\xff\x51"
+
+
+def max_inflated_bytes(max_pixels: int = MAX_PIXELS) -> int:
+    """The most bytes a deflated DICOM data set may inflate to under `max_pixels`."""
+    return max_pixels * _BYTES_PER_ALLOWED_PIXEL + _INFLATED_HEADER_ALLOWANCE
+
+
+def _check_deflated_size(path: Path, handle: BinaryIO, limit: int) -> None:
+    """For a Deflated Explicit VR Little Endian file, inflate the data set chunk by chunk,
+    keeping nothing, and refuse it once it passes `limit` bytes (pydicom inflates it whole)."""
+    if not _is_deflated(handle):
+        return
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    total = 0
+    while not inflater.eof and (data := handle.read(_INFLATE_CHUNK)):
+        while data and not inflater.eof:
+            try:
+                total += len(inflater.decompress(data, _INFLATE_CHUNK))
+            except zlib.error as exc:
+                raise CorruptImageError(path, f"deflated data set is corrupt ({exc})") from exc
+            if total > limit:
+                raise ImageTooLargeError(
+                    path,
+                    f"deflated data set inflates to more than {limit:,} bytes, more than "
+                    "max_pixels allows (possible decompression bomb; raise max_pixels if "
+                    "intended)",
+                )
+            data = inflater.unconsumed_tail
+    if not inflater.eof:
+        raise TruncatedImageError(path, "deflated data set ends early (file is truncated)")
+
+
+def _is_deflated(handle: BinaryIO) -> bool:
+    """Whether the file meta names the deflated syntax; leaves `handle` at the data set."""
+    try:
+        pydicom.filereader.read_preamble(handle, force=True)
+        meta = pydicom.filereader.read_dataset(
+            handle, is_implicit_VR=False, is_little_endian=True, stop_when=_past_file_meta
+        )
+        return str(meta.get("TransferSyntaxUID", "")).strip() == _DEFLATED
+    except Exception:  # a probe only: an unparsable meta is for dcmread to report, named
+        return False
+
+
+def _past_file_meta(tag: Any, vr: Any, length: int) -> bool:
+    return bool(tag.group != 0x0002)
+
+
+def _check_encapsulated_frame(path: Path, ds: pydicom.Dataset, max_pixels: int) -> None:
+    """Refuse an encapsulated first frame whose own header is over `max_pixels` or disagrees
+    with Rows, Columns or Samples per Pixel, before its decoder allocates anything."""
+    syntax = str(ds.file_meta.get("TransferSyntaxUID", "")) if hasattr(ds, "file_meta") else ""
+    if syntax in _JPEG_FAMILY:
+        kind, parse = "JPEG", _jpeg_frame_size
+    elif syntax in _J2K_FAMILY:
+        kind, parse = "JPEG 2000", _j2k_frame_size
+    elif syntax == _RLE:
+        _check_rle_frame(path, _first_frame(path, ds), int(ds.Rows) * int(ds.Columns))
+        return
+    else:
+        return  # native and deflated pixels are sized by the header
+    size = parse(_first_frame(path, ds))
+    if size is None:
+        raise CorruptImageError(
+            path, f"pixel data cannot be decoded (first frame has no valid {kind} header)"
+        )
+    width, height, samples = size
+    _check_size(path, width, height, max_pixels, what=f"{kind} frame")
+    rows, columns = int(ds.Rows), int(ds.Columns)
+    if (width, height) != (columns, rows):
+        raise CorruptImageError(
+            path,
+            f"{kind} frame is {width}x{height} but the header says {columns}x{rows} "
+            "(Columns x Rows)",
+        )
+    declared = int(ds.get("SamplesPerPixel") or 1)
+    if samples != declared:
+        raise CorruptImageError(
+            path,
+            f"{kind} frame has {samples} samples per pixel but the header says {declared}",
+        )
+
+
+def _first_frame(path: Path, ds: pydicom.Dataset) -> bytes:
+    """The first frame's compressed bytes, found as pydicom's decoders find them."""
+    offsets = None
+    if "ExtendedOffsetTable" in ds and "ExtendedOffsetTableLengths" in ds:
+        offsets = (ds.ExtendedOffsetTable, ds.ExtendedOffsetTableLengths)
+    try:
+        return pydicom.encaps.get_frame(
+            ds.PixelData,
+            0,
+            number_of_frames=int(ds.get("NumberOfFrames") or 1),
+            extended_offsets=offsets,
+        )
+    except (ValueError, KeyError, IndexError, EOFError, OSError, TypeError, struct.error) as exc:
+        raise CorruptImageError(
+            path, f"pixel data cannot be decoded (encapsulated frames are malformed: {exc})"
+        ) from exc
+
+
+def _check_rle_frame(path: Path, frame: bytes, pixels: int) -> None:
+    """Refuse an RLE frame any of whose segments decodes to far more than Rows x Columns bytes.
+
+    pydicom's RLE decoder sizes nothing from the header: it decodes each segment in full (one
+    2-byte run gives 128 bytes) and then only warns about the excess, so a 3 MB frame could
+    take 190 MB. Each segment's decoded length is counted here, stopping once over the limit.
+    """
+    if len(frame) < _RLE_HEADER_BYTES:
+        raise CorruptImageError(path, "pixel data cannot be decoded (RLE header is incomplete)")
+    count, *offsets = struct.unpack("<16I", frame[:_RLE_HEADER_BYTES])
+    if not 1 <= count <= 15:
+        raise CorruptImageError(
+            path, f"pixel data cannot be decoded (RLE header gives {count} segments)"
+        )
+    limit = 2 * pixels + _RLE_SLACK_BYTES  # a segment holds one byte per pixel, plus padding
+    ends = [*offsets[:count], len(frame)]
+    for index in range(count):
+        start, end = ends[index], min(ends[index + 1], len(frame))
+        if _rle_decoded_length(frame, start, end, limit) > limit:
+            raise CorruptImageError(
+                path,
+                f"RLE segment {index + 1} decodes to more than {limit:,} bytes but the header "
+                f"says {pixels:,} pixels (possible decompression bomb)",
+            )
+
+
+def _rle_decoded_length(data: bytes, start: int, end: int, limit: int) -> int:
+    """Bytes the PackBits runs in data[start:end] decode to, counted up to just past `limit`."""
+    total, pos = 0, start
+    while pos < end and total <= limit:
+        n = data[pos]
+        if n < 128:  # a literal run of n + 1 bytes
+            total += n + 1
+            pos += n + 2
+        elif n > 128:  # the next byte repeated 257 - n times
+            total += 257 - n
+            pos += 2
+        else:  # 128: no operation
+            pos += 1
+    return total
+
+
+def _jpeg_frame_size(data: bytes) -> tuple[int, int, int] | None:
+    """(width, height, components) from a JPEG or JPEG-LS stream's first frame header.
+
+    Parsed here rather than with Pillow: Pillow does not know JPEG-LS (SOF55) and would give
+    no size for it.
+    """
+    if data[:2] != b"\xff\xd8":
+        return None
+    pos = 2
+    while pos + 4 <= len(data):
+        if data[pos] != 0xFF:
+            return None
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte before a marker
+            pos += 1
+            continue
+        if marker in _JPEG_STANDALONE:
+            pos += 2
+            continue
+        if marker in (_JPEG_SOS, _JPEG_EOI):
+            return None  # scan data before any frame header
+        if marker in _JPEG_SIZE_MARKERS:
+            if pos + 10 > len(data):
+                return None
+            height, width = struct.unpack(">HH", data[pos + 5 : pos + 9])
+            return width, height, data[pos + 9]
+        length = int.from_bytes(data[pos + 2 : pos + 4], "big")
+        if length < 2:
+            return None
+        pos += 2 + length
+    return None
+
+
+def _j2k_frame_size(data: bytes) -> tuple[int, int, int] | None:
+    """(width, height, components) from a JPEG 2000 codestream's SIZ marker segment.
+
+    For a JP2 file this reads the codestream in its ``jp2c`` box, which is what decoders
+    decode, not the ``ihdr`` box (which Pillow reports and which can say anything).
+    """
+    codestream = _jp2_codestream(data) if data.startswith(_JP2_SIGNATURE) else data
+    if codestream is None or len(codestream) < 42 or not codestream.startswith(_J2K_SOC_SIZ):
+        return None
+    xsiz, ysiz, xosiz, yosiz = struct.unpack(">IIII", codestream[8:24])
+    (components,) = struct.unpack(">H", codestream[40:42])
+    return xsiz - xosiz, ysiz - yosiz, components
+
+
+def _jp2_codestream(data: bytes) -> bytes | None:
+    """The contents of a JP2 file's first ``jp2c`` (contiguous codestream) box."""
+    pos = 0
+    while pos + 8 <= len(data):
+        length, kind = struct.unpack(">I4s", data[pos : pos + 8])
+        header = 8
+        if length == 1:  # a 64-bit length follows the type
+            if pos + 16 > len(data):
+                return None
+            (length,) = struct.unpack(">Q", data[pos + 8 : pos + 16])
+            header = 16
+        elif length == 0:  # the box runs to the end of the file
+            length = len(data) - pos
+        if length < header:
+            return None
+        if kind == b"jp2c":
+            return data[pos + header : pos + length]
+        pos += length
+    return None
 
 
 def _check_dicom_pixels_present(src: _Source, ds: pydicom.Dataset) -> None:
