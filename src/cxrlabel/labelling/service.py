@@ -48,22 +48,23 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import numpy as np
 from fastapi import FastAPI, Query, Request, Security
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
-from starlette.datastructures import UploadFile
+from starlette.datastructures import MutableHeaders, UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -274,6 +275,185 @@ def _content_length(scope: Scope) -> int | None:
 
 def _too_large(limit: int) -> JSONResponse:
     return _error_response(ServiceError(413, "too_large", _UploadTooLarge(limit).detail))
+
+
+# --------------------------------------------------------------------------------------------
+# Browser-side guards: Host and Origin checks, security headers
+# --------------------------------------------------------------------------------------------
+
+# Names a service bound to loopback is reached by. A DNS-rebinding page reaches 127.0.0.1
+# under its own name, which its requests carry in the Host header, so any other name is
+# refused (400) before a route runs.
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
+WILDCARD_BINDS = ("0.0.0.0", "::", "")
+SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
+# The page loads its script and style from /static, shows films from blob: URLs and has a
+# data: favicon; nothing inline, nothing from elsewhere, never framed.
+CONTENT_SECURITY_POLICY = (
+    "default-src 'self'; img-src 'self' blob: data:; object-src 'none'; base-uri 'none'; "
+    "form-action 'self'; frame-ancestors 'none'"
+)
+BROWSER_HEADERS = {
+    "content-security-policy": CONTENT_SECURITY_POLICY,
+    "x-frame-options": "DENY",
+    "x-content-type-options": "nosniff",
+    "referrer-policy": "no-referrer",
+}
+CORS_HEADERS = ("Authorization", "Content-Type", "X-Filename")
+
+
+def host_name(value: str) -> str:
+    """The host of a Host header or an allowed-hosts entry, lower case, without its port:
+    ``[::1]:8000`` -> ``::1``, ``Localhost:80`` -> ``localhost``, ``::1`` -> ``::1``."""
+    value = value.strip().lower()
+    if value.startswith("["):
+        host, _, rest = value[1:].partition("]")
+        return host if rest == "" or re.fullmatch(r":\d+", rest) else value
+    if value.count(":") == 1:
+        value = value.partition(":")[0]
+    return value.rstrip(".")
+
+
+def default_allowed_hosts(bound: str) -> list[str]:
+    """The Host names a service bound to address `bound` answers to by default: loopback and
+    the address itself; for every interface (0.0.0.0, ::), the machine's own names and
+    addresses, which are what clients on other machines reach it by."""
+    hosts = list(LOOPBACK_HOSTS)
+    if bound not in WILDCARD_BINDS:
+        hosts.append(host_name(bound))
+        return list(dict.fromkeys(hosts))
+    name = socket.gethostname()
+    hosts += [name, socket.getfqdn(name)]
+    try:
+        hosts += socket.gethostbyname_ex(name)[2]
+    except OSError:  # a name without an address: the names still count
+        log.debug("no address for host name %s", name)
+    return list(dict.fromkeys(host_name(h) for h in hosts if h))
+
+
+def _host_allowed(host: str, allowed: tuple[str, ...]) -> bool:
+    for pattern in allowed:
+        if pattern == "*" or host == pattern:
+            return True
+        if pattern.startswith("*.") and host.endswith(pattern[1:]):
+            return True
+    return False
+
+
+def check_origin(origin: str) -> str:
+    """An allowed origin as browsers send it (``scheme://host[:port]``, lower case) or
+    ValueError: a wildcard would let any page use a service that may have no token."""
+    text = origin.strip().lower().removesuffix("/")
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.netloc or parts.path or parts.query:
+        raise ValueError(
+            f"allowed origin {origin!r}: give scheme://host[:port], e.g. https://viewer.example.org"
+            " (no path, no wildcard)"
+        )
+    return text
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope.get("headers", []):
+        if key == name:
+            return value.decode("latin-1")
+    return None
+
+
+class BrowserGuard:
+    """ASGI middleware: answer only allowed Host names (400) and refuse state-changing
+    requests, and CORS preflights, from other origins (403), all as JSON errors.
+
+    A request is cross-origin when its Origin header is neither the service's own (the
+    host[:port] it was addressed by) nor an allowed origin, or when the browser says
+    ``Sec-Fetch-Site: cross-site`` and its origin is not allowed. Clients that are not
+    browsers send neither header and pass. GETs pass too: the browser's same-origin policy
+    keeps their answers from other pages, now that a rebinding name cannot make them
+    same-origin.
+    """
+
+    def __init__(self, app: ASGIApp, hosts: tuple[str, ...], origins: tuple[str, ...]) -> None:
+        self.app = app
+        self.hosts = hosts
+        self.origins = origins
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        refusal = self.refusal(scope)
+        if refusal is not None:
+            await _error_response(refusal)(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+    def refusal(self, scope: Scope) -> ServiceError | None:
+        host = _header(scope, b"host")
+        if host is None or not _host_allowed(host_name(host), self.hosts):
+            return ServiceError(
+                400,
+                "host_not_allowed",
+                f"this service does not answer to Host {host!r}; its operator can allow the "
+                "name with --allowed-hosts",
+            )
+        origin = _header(scope, b"origin")
+        preflight = scope["method"] == "OPTIONS" and origin is not None and (
+            _header(scope, b"access-control-request-method") is not None
+        )
+        if scope["method"] in SAFE_METHODS and not preflight:
+            return None
+        allowed = origin is not None and origin.lower() in self.origins
+        own = origin is not None and urlsplit(origin.lower()).netloc == host.lower()
+        cross_site = _header(scope, b"sec-fetch-site") == "cross-site"
+        if allowed or ((origin is None or own) and not cross_site and not preflight):
+            return None
+        return ServiceError(
+            403,
+            "cross_origin",
+            f"cross-origin {scope['method']} from {origin or 'another site'} refused; its "
+            "operator can allow the origin with --allowed-origins",
+        )
+
+
+class BrowserHeaders:
+    """ASGI middleware: the security headers on every response, and ``Cache-Control:
+    no-store`` on all but the page's static files (results, model details and errors must
+    not stay in shared or browser caches)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        cacheable = scope["path"].startswith("/static/")
+
+        async def with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = MutableHeaders(scope=message)
+                for name, value in BROWSER_HEADERS.items():
+                    headers.setdefault(name, value)
+                if not cacheable:
+                    headers["cache-control"] = "no-store"
+            await send(message)
+
+        await self.app(scope, receive, with_headers)
+
+
+def _add_browser_guards(app: FastAPI, hosts: tuple[str, ...], origins: tuple[str, ...]) -> None:
+    """Outermost first: headers on every answer (refusals too), then the Host and Origin
+    checks, then CORS for the allowed origins (only preflights from them reach it)."""
+    if origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(origins),
+            allow_methods=["GET", "POST"],
+            allow_headers=list(CORS_HEADERS),
+            expose_headers=["Retry-After"],
+        )
+    app.add_middleware(BrowserGuard, hosts=hosts, origins=origins)
+    app.add_middleware(BrowserHeaders)
 
 
 def _snake(name: str) -> str:
@@ -598,6 +778,8 @@ def create_app(
     heatmap_cache: int = DEFAULT_HEATMAP_CACHE,
     max_concurrent: int = DEFAULT_MAX_CONCURRENT,
     max_queue: int = DEFAULT_MAX_QUEUE,
+    allowed_hosts: Sequence[str] = (),
+    allowed_origins: Sequence[str] = (),
 ) -> FastAPI:
     """The HTTP API and web page for `model` (an Ensemble, an OnnxModel, or anything with
     their interface).
@@ -612,7 +794,13 @@ def create_app(
         max_queue: further /predict requests that may wait for their turn; beyond that they
             get 503 ``busy``. Waiting requests hold a worker thread each, so keep
             ``max_concurrent + max_queue`` under the thread pool's size (40 by default).
+        allowed_hosts: Host names answered besides loopback (localhost, 127.0.0.1, ::1),
+            with any port; ``*.example.org`` for subdomains, ``*`` for any name. Others: 400.
+        allowed_origins: origins (``https://viewer.example.org``) whose pages may POST and
+            get CORS headers; other cross-origin POSTs get 403.
     """
+    origins = tuple(dict.fromkeys(check_origin(o) for o in allowed_origins))
+    hosts = tuple(dict.fromkeys(host_name(h) for h in (*LOOPBACK_HOSTS, *allowed_hosts)))
     service = _Service(
         model,
         max_upload_bytes=max_upload_bytes,
@@ -633,6 +821,7 @@ def create_app(
     app.add_middleware(
         UploadLimit, max_bytes=max_upload_bytes + MULTIPART_SLACK, file_limit=max_upload_bytes
     )
+    _add_browser_guards(app, hosts, origins)
     _add_error_handlers(app)
     _add_routes(app, service)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
