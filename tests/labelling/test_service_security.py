@@ -216,7 +216,7 @@ def test_onnx_model_shows_no_server_side_paths(checkpoint: Path, tmp_path: Path)
     copy = copy_checkpoint(checkpoint, tmp_path / "gone-folder")
     onnx_path = export_onnx([copy], tmp_path / "model.onnx")
     for path in checkpoint_paths(copy):
-        path.unlink()  # heatmaps unavailable: the reason names the missing file
+        path.unlink(missing_ok=True)  # heatmaps unavailable: the reason names the missing file
     client = local_client(create_app(load_model([onnx_path], backend="native", device="cpu")))
     info = client.get("/model").json()
     assert str(tmp_path) not in client.get("/model").text

@@ -181,12 +181,28 @@ class PredictBody(BaseModel):
     timing_ms: dict[str, float]
 
 
-_ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    401: {"model": ErrorBody, "description": "missing or wrong bearer token"},
-    413: {"model": ErrorBody, "description": "upload larger than the limit"},
-    415: {"model": ErrorBody, "description": "not a PNG, JPEG or DICOM image"},
-    422: {"model": ErrorBody, "description": "an image that cannot be decoded"},
+# Every error any route, middleware or handler can answer with, all as ErrorBody; each route
+# declares those it can give (see _errors), so that the schema tells clients the truth.
+_ERROR_DESCRIPTIONS: dict[int, str] = {
+    400: "a Host the service does not answer to (host_not_allowed), or no 'file' part",
+    401: "missing or wrong bearer token",
+    403: "a cross-origin request from an origin that is not allowed (cross_origin)",
+    404: "unknown or expired result, unknown label, or no heatmaps for this model",
+    408: "the upload was not received in time",
+    413: "upload larger than the limit",
+    415: "not a PNG, JPEG or DICOM image",
+    422: "an image that cannot be decoded (empty, truncated, ...), or an invalid parameter",
+    429: "too many uploads at once from this client",
+    503: "busy: too many requests; retry later",
 }
+
+
+def _errors(*statuses: int, token: bool) -> dict[int | str, dict[str, Any]]:
+    """Response declarations for `statuses`, plus 400 (the Host check answers any request)
+    and, with a token, 401."""
+    wanted = sorted({400, *statuses, *([401] if token else [])})
+    return {s: {"model": ErrorBody, "description": _ERROR_DESCRIPTIONS[s]} for s in wanted}
+
 
 _UPLOAD_BODY = {
     "requestBody": {
@@ -397,8 +413,10 @@ class BrowserGuard:
                 "name with --allowed-hosts",
             )
         origin = _header(scope, b"origin")
-        preflight = scope["method"] == "OPTIONS" and origin is not None and (
-            _header(scope, b"access-control-request-method") is not None
+        preflight = (
+            scope["method"] == "OPTIONS"
+            and origin is not None
+            and (_header(scope, b"access-control-request-method") is not None)
         )
         if scope["method"] in SAFE_METHODS and not preflight:
             return None
@@ -509,13 +527,8 @@ async def _read_upload(request: Request, limit: int) -> tuple[bytes, str]:
             if size > limit:
                 raise ServiceError(413, "too_large", _UploadTooLarge(limit).detail)
             chunks.append(chunk)
+        # An empty body is left to decode_upload: 422 empty_image, as for an empty file part.
         data, name = b"".join(chunks), request.headers.get("x-filename", "upload")
-        if not data and size == 0:
-            raise ServiceError(
-                400,
-                "missing_file",
-                "send the image as multipart field 'file' or as the request body",
-            )
     if len(data) > limit:
         raise ServiceError(413, "too_large", _UploadTooLarge(limit).detail)
     return data, name[:MAX_NAME]
@@ -572,6 +585,44 @@ def model_id(info: dict[str, Any]) -> str:
     hashes = [str(m.get("sha256")) for m in info.get("members", []) if m.get("sha256")]
     text = "\n".join(hashes) if hashes else json.dumps(info, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+# Absolute paths inside free text (exception messages): POSIX and Windows; the last part is
+# kept. The paths of the model's own files are replaced by name before this catch-all.
+_ABSOLUTE_PATH = re.compile(r"""(?<![\w.~:/-])(?:[A-Za-z]:[\\/]|/)(?:[^\\/\s'"`,;()]+[\\/])+""")
+
+
+def _model_files(info: Mapping[str, Any]) -> list[str]:
+    """The server-side paths an info names: each member's checkpoint and an ONNX source."""
+    paths = [str(m["path"]) for m in info.get("members", []) if m.get("path")]
+    return [*paths, *([str(info["onnx_source"])] if info.get("onnx_source") else [])]
+
+
+def redact_paths(value: Any, files: Sequence[str]) -> Any:
+    """`value` (a string, or lists and dicts of them) with each of `files` and any other
+    absolute path cut to its file name: clients get names, never the server's folders."""
+    if isinstance(value, str):
+        for path in sorted(files, key=len, reverse=True):
+            value = value.replace(path, Path(path).name)
+        return _ABSOLUTE_PATH.sub("", value)
+    if isinstance(value, list | tuple):
+        return [redact_paths(v, files) for v in value]
+    if isinstance(value, dict):
+        return {k: redact_paths(v, files) for k, v in value.items()}
+    return value
+
+
+def public_info(info: Mapping[str, Any]) -> dict[str, Any]:
+    """`model_info()` as /model shows it: members' checkpoints by file name (``file``, not
+    ``path``) and no server-side path anywhere."""
+    files = _model_files(info)
+    members = [
+        {"file": Path(str(m["path"])).name, **{k: v for k, v in m.items() if k != "path"}}
+        if m.get("path")
+        else dict(m)
+        for m in info.get("members", [])
+    ]
+    return redact_paths({**info, "members": members}, files)
 
 
 @dataclass
@@ -633,6 +684,11 @@ class _Service:
         self.cam = heatmap_model(model, required=False)
         if self.cam.available:
             log.info("heatmaps: %s", self.cam.note)
+        # What clients are told: the same, without the server's paths (the log keeps them).
+        files = _model_files(self.info)
+        self.public_info = public_info(self.info)
+        self.cam_note: str = redact_paths(self.cam.note, files)
+        self.cam_reason: str | None = redact_paths(self.cam.reason, files)
         self.input_geometry = shared_resize([model])
         # The film kept for a result is scaled as the heatmap model scales it (else as the
         # model does); members that resize differently and no heatmaps get a preview size.
@@ -853,27 +909,34 @@ def _add_routes(app: FastAPI, service: _Service) -> None:
     ) -> None:
         service.check_token(credentials)
 
-    auth = [Security(authorised)]
+    # Declared (and so in the schema) only when there is a token to check.
+    token = service.token is not None
+    auth = [Security(authorised)] if token else []
 
     @app.get("/", include_in_schema=False)
     async def index() -> FileResponse:
         return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
 
-    @app.get("/health", response_model=HealthBody, summary="liveness; needs no token")
+    @app.get(
+        "/health",
+        response_model=HealthBody,
+        responses=_errors(token=False),
+        summary="liveness; needs no token",
+    )
     async def health() -> HealthBody:
         return HealthBody(status="ok", model_id=service.ref.id, version=service.ref.version)
 
-    @app.get("/model", dependencies=auth, responses=_ERROR_RESPONSES, summary="model details")
+    @app.get("/model", dependencies=auth, responses=_errors(token=token), summary="model details")
     async def model_info() -> dict[str, Any]:
         return {
-            **service.info,
+            **service.public_info,
             "tta": service.ref.tta,
             "id": service.ref.id,
             "version": service.ref.version,
             "heatmaps": {
                 "available": service.cam.available,
-                "reason": service.cam.reason,
-                "note": service.cam.note,  # which checkpoint; that they are drawn without TTA
+                "reason": service.cam_reason,
+                "note": service.cam_note,  # which checkpoint; that they are drawn without TTA
             },
             "max_upload_bytes": service.max_upload_bytes,
             "max_concurrent": service.max_concurrent,
@@ -885,11 +948,7 @@ def _add_routes(app: FastAPI, service: _Service) -> None:
         "/predict",
         dependencies=auth,
         response_model=PredictBody,
-        responses={
-            400: {"model": ErrorBody},
-            **_ERROR_RESPONSES,
-            503: {"model": ErrorBody, "description": "busy: too many requests; retry later"},
-        },
+        responses=_errors(403, 408, 413, 415, 422, 429, 503, token=token),
         openapi_extra=_UPLOAD_BODY,
         summary="label one chest radiograph (PNG, JPEG or DICOM)",
     )
@@ -935,7 +994,7 @@ def _add_routes(app: FastAPI, service: _Service) -> None:
     @app.get(
         "/results/{result_id}/film.png",
         dependencies=auth,
-        responses={200: {"content": {"image/png": {}}}, 404: {"model": ErrorBody}},
+        responses={200: {"content": {"image/png": {}}}, **_errors(404, 422, token=token)},
         summary="the film of a recent result as the model saw it",
     )
     async def film(result_id: str) -> Response:
@@ -945,13 +1004,13 @@ def _add_routes(app: FastAPI, service: _Service) -> None:
     @app.get(
         "/heatmaps/{result_id}/{filename}",
         dependencies=auth,
-        responses={200: {"content": {"image/png": {}}}, 404: {"model": ErrorBody}},
+        responses={200: {"content": {"image/png": {}}}, **_errors(404, 422, token=token)},
         summary="Grad-CAM heatmap of one label for a recent result, e.g. Edema.png",
     )
     async def heatmap(result_id: str, filename: str) -> Response:
         label = filename.removesuffix(".png")
         if not service.cam.available:
-            raise ServiceError(404, "heatmaps_unavailable", str(service.cam.reason))
+            raise ServiceError(404, "heatmaps_unavailable", str(service.cam_reason))
         if label not in service.model.labels:
             raise ServiceError(404, "unknown_label", f"the model does not predict {label!r}")
         result = _cached(service, result_id)
@@ -962,7 +1021,7 @@ def _add_routes(app: FastAPI, service: _Service) -> None:
 def _heatmap_links(service: _Service, result_id: str) -> HeatmapInfo:
     film = f"/results/{result_id}/film.png"
     if not service.cam.available:
-        return HeatmapInfo(requested=True, available=False, reason=service.cam.reason, film=film)
+        return HeatmapInfo(requested=True, available=False, reason=service.cam_reason, film=film)
     links = {label: f"/heatmaps/{result_id}/{quote(label)}.png" for label in service.model.labels}
     return HeatmapInfo(requested=True, available=True, film=film, links=links)
 
