@@ -196,9 +196,7 @@ def test_csp_allows_what_the_page_uses() -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def test_model_shows_no_server_side_paths(
-    client: TestClient, checkpoint: Path, film: Path
-) -> None:
+def test_model_shows_no_server_side_paths(client: TestClient, checkpoint: Path, film: Path) -> None:
     text = client.get("/model").text
     assert str(checkpoint.parent) not in text and "secret-server-folder" not in text
     info = client.get("/model").json()
@@ -272,3 +270,40 @@ def test_schema_declares_every_error_with_error_body(ensemble: Ensemble) -> None
                 ref = response["content"]["application/json"]["schema"]["$ref"]
                 assert ref.endswith("/ErrorBody"), (name, status)
     assert "HTTPValidationError" not in schema["components"]["schemas"]
+
+
+# --------------------------------------------------------------------------------------------
+# The command
+# --------------------------------------------------------------------------------------------
+
+
+def test_serve_command_passes_allowed_hosts_and_origins(
+    checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import cxrlabel.labelling.service
+    from cxrlabel.cli import main
+
+    calls: list[dict[str, Any]] = []
+    monkeypatch.setattr(cxrlabel.labelling.service, "serve", lambda _, **kw: calls.append(kw))
+    argv = ["serve", "--model", str(checkpoint), "--device", "cpu"]
+    assert main([*argv, "--allowed-hosts", "a.example", "b.example"]) == 0
+    assert main([*argv, "--allowed-origins", "https://viewer.example.org"]) == 0
+    assert main(argv) == 0
+    assert [c["allowed_hosts"] for c in calls] == [["a.example", "b.example"], [], []]
+    assert [c["allowed_origins"] for c in calls] == [[], ["https://viewer.example.org"], []]
+
+
+def test_serve_answers_to_its_bound_address(
+    ensemble: Ensemble, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import uvicorn
+
+    from cxrlabel.labelling.service import serve
+
+    apps: list[Any] = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **_: apps.append(app))
+    serve(ensemble, host="10.1.2.3", allowed_hosts=["cxr.example.org"])
+    client = local_client(apps[0])
+    for host in ("10.1.2.3:8000", "cxr.example.org", "localhost"):
+        assert client.get("/health", headers={"host": host}).status_code == 200, host
+    assert client.get("/health", headers={"host": "10.1.2.4"}).status_code == 400

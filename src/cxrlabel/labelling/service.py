@@ -1064,15 +1064,20 @@ def serve(
     host: str = "127.0.0.1",
     port: int = 8000,
     log_level: str = "info",
+    allowed_hosts: Sequence[str] = (),
     **settings: Any,
 ) -> None:
     """Serve `model` with uvicorn until interrupted (one process: the model is loaded once).
 
-    `settings` are `create_app`'s keyword arguments (upload limit, token, heatmap cache,
-    concurrency and queue limits), passed on unchanged."""
+    The service answers to the Host names of `default_allowed_hosts(host)` and to
+    `allowed_hosts`. The other `settings` are `create_app`'s keyword arguments (upload limit,
+    token, heatmap cache, concurrency and queue limits, allowed origins), passed on unchanged."""
     import uvicorn
 
-    uvicorn.run(create_app(model, **settings), host=host, port=port, log_level=log_level)
+    hosts = [*default_allowed_hosts(host), *allowed_hosts]
+    log.info("answering to Host %s (more with --allowed-hosts)", ", ".join(hosts))
+    app = create_app(model, allowed_hosts=hosts, **settings)
+    uvicorn.run(app, host=host, port=port, log_level=log_level)
 
 
 @contextmanager
