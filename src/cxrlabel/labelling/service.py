@@ -19,7 +19,14 @@ Uploads are checked by content, never by file name or declared type: PNG, JPEG a
 :class:`~cxrlabel.data.images.ImageError` behaves exactly as on the command line. Bad input gets a
 4xx, never a 500: 413 when the body exceeds the upload limit (enforced from Content-Length and
 while reading, before the whole body is in memory), 415 for content that is not a supported
-image, 422 for an image that cannot be decoded, 401 without the bearer token when one is set.
+image, 422 for an image that cannot be decoded (an empty body too), 401 without the bearer
+token when one is set.
+
+Browsers are kept from misusing a service without a token (see BrowserGuard and
+BrowserHeaders): only allowed Host names are answered (400 otherwise, against DNS rebinding),
+cross-origin POSTs get 403 unless their origin is allowed (and then CORS headers), and every
+response carries a Content-Security-Policy and the other browser security headers. /model and
+heatmap reasons name checkpoints by file name, never by server path.
 
 Inference runs in a worker thread, off the event loop, and one lock per model serialises
 forward passes: PyTorch modules are not meant to run concurrently from several threads
