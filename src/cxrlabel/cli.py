@@ -376,6 +376,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         model, host=args.host, port=args.port, token=token,
         max_upload_bytes=int(args.max_upload_mb * 2**20), heatmap_cache=args.heatmap_cache,
         max_concurrent=args.max_concurrent, max_queue=args.max_queue,
+        allowed_hosts=args.allowed_hosts or [], allowed_origins=args.allowed_origins or [],
     )  # fmt: skip
     return 0
 
@@ -575,6 +576,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="require 'Authorization: Bearer <token>' with the token read from environment "
         "variable NAME (default: CXRLABEL_TOKEN when set; never pass a token as an argument)",
     )
+    p.add_argument(
+        "--allowed-hosts", nargs="+", action="extend", metavar="HOST",
+        help="Host names answered besides the bound address and localhost (any port; "
+        "*.example.org for subdomains, * for any); others get 400",
+    )  # fmt: skip
+    p.add_argument(
+        "--allowed-origins", nargs="+", action="extend", metavar="ORIGIN",
+        help="origins (https://viewer.example.org) whose pages may POST, with CORS; other "
+        "cross-origin POSTs get 403",
+    )  # fmt: skip
     _add_tta_arg(p)
     p.set_defaults(func=cmd_serve)
 

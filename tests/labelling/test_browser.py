@@ -98,7 +98,15 @@ def test_page_shows_the_apis_labels_and_a_heatmap(browser: Any, base_url: str, f
     page.set_default_timeout(TIMEOUT_MS)
     errors: list[str] = []
     page.on("pageerror", lambda exc: errors.append(str(exc)))
-    page.goto(base_url)
+    # The Content-Security-Policy must allow what the page does (blob: films, its favicon):
+    # Chromium reports what it blocks on the console.
+    page.on(
+        "console",
+        lambda msg: msg.type == "error" and "Content Security Policy" in msg.text
+        and errors.append(msg.text),
+    )  # fmt: skip
+    response = page.goto(base_url)
+    assert "frame-ancestors 'none'" in response.headers["content-security-policy"]
     page.wait_for_selector("body[data-state=ready]")
     assert page.locator("#model-name").inner_text() == api["model"]["name"]
     assert page.locator("#model-kind").inner_text() == "single model"

@@ -19,6 +19,7 @@ from cxrlabel.models.checkpoint import save_checkpoint
 from cxrlabel.models.ensemble import load_ensemble
 from cxrlabel.models.factory import create_model
 from cxrlabel.synth import generate_image
+from tests.helpers import local_client
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +28,7 @@ def client(tmp_path_factory: pytest.TempPathFactory) -> TestClient:
     net = create_model("tiny", "linear", OBSERVATIONS, weights="none", size=64)
     path = tmp_path_factory.mktemp("serve-flags") / "tiny.safetensors"
     save_checkpoint(path, net, config={"name": "flags"}, epoch=0, step=0)
-    return TestClient(create_app(load_ensemble([path], device="cpu")))
+    return local_client(create_app(load_ensemble([path], device="cpu")))
 
 
 def _png(array: np.ndarray) -> bytes:
