@@ -34,7 +34,7 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import pandas as pd
@@ -187,6 +187,18 @@ def read_kept(folder: RunFolder) -> dict[str, Any]:
     return data
 
 
+def _inside_run(folder: RunFolder, path: Any) -> Path:
+    """A kept.json path, refused unless relative and inside the run: a crafted kept.json must
+    not make `RUN:bestK` load checkpoints from elsewhere."""
+    pure = PurePosixPath(path) if isinstance(path, str) else None
+    if pure is None or pure.is_absolute() or ".." in pure.parts or not pure.parts:
+        raise ValueError(
+            f"{folder.kept}: kept checkpoint path {path!r} is outside the run folder "
+            f"{folder.root} (paths there are relative, without '..')"
+        )
+    return Path(pure)
+
+
 def best_k(folder: RunFolder, k: int) -> list[Path]:
     """A run's `k` best checkpoints, best first, as its kept.json ranks them.
 
@@ -201,7 +213,7 @@ def best_k(folder: RunFolder, k: int) -> list[Path]:
         )
     paths = []
     for entry in kept[:k]:
-        path = folder.root / entry["path"]
+        path = folder.root / _inside_run(folder, entry.get("path"))
         if not path.is_file():
             raise FileNotFoundError(
                 f"{folder.root}: kept checkpoint {entry['rank']} ({path}) is missing"
