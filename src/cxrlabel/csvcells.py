@@ -73,3 +73,9 @@ def restore_frame(frame: pd.DataFrame) -> pd.DataFrame:
             out[column] = cells.where(~escaped, cells.str[1:])
     out.columns = [restore(c) if isinstance(c, str) else c for c in out.columns]
     return out
+
+
+def frame_csv(frame: pd.DataFrame, **to_csv: Any) -> str:
+    """`frame.to_csv(**to_csv)` with every text cell neutralised: how the project writes a
+    DataFrame as CSV."""
+    return neutralise_frame(frame).to_csv(**to_csv)
