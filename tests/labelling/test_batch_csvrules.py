@@ -24,7 +24,9 @@ def _write(path: Path, lines: list[str]) -> Path:
 
 
 def test_csv_paths_outside_its_folder_go_to_errors(
-    tiny_dataset: Path, model, tmp_path: Path  # noqa: F811
+    tiny_dataset: Path,
+    model,
+    tmp_path: Path,  # noqa: F811
 ) -> None:
     data = tmp_path / "data"
     data.mkdir()
@@ -53,7 +55,9 @@ def test_csv_paths_outside_its_folder_go_to_errors(
 
 
 def test_allow_outside_paths_reads_them(
-    tiny_dataset: Path, model, tmp_path: Path  # noqa: F811
+    tiny_dataset: Path,
+    model,
+    tmp_path: Path,  # noqa: F811
 ) -> None:
     outside = tmp_path / "outside.jpg"
     shutil.copy(_film(tiny_dataset), outside)
@@ -64,7 +68,10 @@ def test_allow_outside_paths_reads_them(
 
 
 def test_formula_film_name_is_neutralised_in_every_output(
-    tiny_dataset: Path, model, tmp_path: Path, monkeypatch: pytest.MonkeyPatch  # noqa: F811
+    tiny_dataset: Path,
+    model,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,  # noqa: F811
 ) -> None:
     folder = tmp_path / "films"
     folder.mkdir()
@@ -84,7 +91,10 @@ def test_formula_film_name_is_neutralised_in_every_output(
 
 
 def test_labels_csv_round_trips_as_an_input(
-    tiny_dataset: Path, model, tmp_path: Path, monkeypatch: pytest.MonkeyPatch  # noqa: F811
+    tiny_dataset: Path,
+    model,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,  # noqa: F811
 ) -> None:
     """An escaped Path cell is read back as the file's real name (the escape is lossless)."""
     folder = tmp_path / "films"
@@ -98,7 +108,9 @@ def test_labels_csv_round_trips_as_an_input(
 
 
 def test_invalid_label_values_in_a_csv_input_are_rejected(
-    tiny_dataset: Path, model, tmp_path: Path  # noqa: F811
+    tiny_dataset: Path,
+    model,
+    tmp_path: Path,  # noqa: F811
 ) -> None:
     data = tmp_path / "data"
     data.mkdir()
@@ -110,7 +122,9 @@ def test_invalid_label_values_in_a_csv_input_are_rejected(
 
 
 def test_a_csv_input_that_is_not_utf8_names_the_file(
-    tiny_dataset: Path, model, tmp_path: Path  # noqa: F811
+    tiny_dataset: Path,
+    model,
+    tmp_path: Path,  # noqa: F811
 ) -> None:
     csv_path = tmp_path / "films.csv"
     csv_path.write_bytes("Path\nfilm_\u00e9.jpg\n".encode("latin-1"))
