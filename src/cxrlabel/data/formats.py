@@ -325,6 +325,17 @@ def detect_format(columns: Mapping[str, object] | list[str]) -> str:
     raise LabelError(f"cannot tell the label format from columns {sorted(cols)[:8]}...")
 
 
+def _detect_file_format(csv_path: Path) -> str:
+    """detect_format on a file's header; the error names the file."""
+    if not csv_path.is_file():
+        return "generic"  # read_generic reports the missing file
+    header = read_csv_text(csv_path, nrows=0).columns
+    try:
+        return detect_format(list(header))
+    except LabelError as exc:
+        raise LabelError(f"{csv_path}: {exc}") from None
+
+
 def load_table(
     csv_path: Path,
     fmt: str = "auto",
@@ -344,8 +355,7 @@ def load_table(
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; choose one of {FORMATS}")
     if fmt == "auto":
-        header = read_csv_text(csv_path, nrows=0).columns if csv_path.is_file() else []
-        fmt = detect_format(list(header)) if csv_path.is_file() else "generic"
+        fmt = _detect_file_format(csv_path)
     allow = allow_outside_paths
     if fmt == "chexpert":
         table = read_chexpert(csv_path, allow_outside_paths=allow)

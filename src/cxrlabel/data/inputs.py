@@ -85,8 +85,11 @@ def _csv_rows(csv_path: Path) -> Iterator[tuple[int, dict[str, str]]]:
             reader = csv.DictReader(f)
             if reader.fieldnames is None or "Path" not in reader.fieldnames:
                 raise LabelError(f"{csv_path}: a CSV input needs a 'Path' column")
-            for row in reader:
-                yield reader.line_num, row
+            try:
+                for row in reader:
+                    yield reader.line_num, row
+            except csv.Error as exc:  # e.g. a cell over csv's field size limit
+                raise LabelError(f"{csv_path}: line {reader.line_num}: {exc}") from None
     except UnicodeDecodeError:
         raise not_utf8_error(csv_path) from None
 
