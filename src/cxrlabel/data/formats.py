@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 
 from cxrlabel.csvcells import restore_frame
-from cxrlabel.data.csvfiles import check_path, not_utf8_error
+from cxrlabel.data.csvfiles import PathGuard, check_path, not_utf8_error
 from cxrlabel.data.labels import (
     OBSERVATIONS,
     BlankMeaning,
@@ -105,10 +105,10 @@ def check_table_paths(
     else OutsidePathError naming the CSV, the line (`lines[i]`, default row + 2) and the path."""
     if allow_outside:
         return table
+    guard = PathGuard(table.root)
     for i, text in enumerate(table.frame["Path"].astype(str)):
         line = lines[i] if lines is not None else i + 2
-        check_path(table.root, text, source=source or table.source, line=line,
-                   allow_outside=False)  # fmt: skip
+        check_path(guard, text, source=source or table.source, line=line, allow_outside=False)
     return table
 
 

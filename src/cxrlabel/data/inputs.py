@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cxrlabel.csvcells import restore
-from cxrlabel.data.csvfiles import not_utf8_error, outside_message, outside_reason
+from cxrlabel.data.csvfiles import PathGuard, not_utf8_error, outside_message
 from cxrlabel.data.images import DICOM_SUFFIXES
 from cxrlabel.data.labels import OBSERVATIONS, LabelError, chexpert_ids, parse_label_cell
 
@@ -112,14 +112,16 @@ def _walk_csv(csv_path: Path, allow_outside_paths: bool = False) -> Iterator[Inp
     from cxrlabel.data.formats import _dataset_root
 
     root: Path | None = None
+    guard: PathGuard | None = None
     for line, row in _csv_rows(csv_path):
         text = restore((row.get("Path") or "").strip())
         if not text:
             continue
-        if root is None:
+        if root is None or guard is None:
             root = _dataset_root(csv_path, text)
+            guard = PathGuard(root)
         path = Path(text) if Path(text).is_absolute() else root / text
-        reason = None if allow_outside_paths else outside_reason(root, text)
+        reason = None if allow_outside_paths else guard.reason(text)
         refused = outside_message(csv_path, line, text, reason) if reason else ""
         view = _csv_value(row, "Frontal/Lateral", "View Position", "ViewPosition")
         patient = _csv_value(row, "patient_id", "Patient ID", "subject_id")
