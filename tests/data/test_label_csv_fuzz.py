@@ -120,7 +120,7 @@ _HEADER = st.lists(
             "AP/PA",
             *OBSERVATIONS,
         ]
-    ),  # fmt: skip
+    ),
     min_size=1,
     max_size=8,
 )

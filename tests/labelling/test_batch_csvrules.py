@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import shutil
 from pathlib import Path
 
@@ -10,7 +9,19 @@ import pytest
 
 from cxrlabel.data.labels import LabelError
 from cxrlabel.labelling.batch import label_inputs
-from tests.labelling.test_batch import checkpoint, model, read_rows  # noqa: F401  (fixtures)
+from cxrlabel.models.predictor import load_model
+from cxrlabel.models.thresholds import Thresholds
+from tests.labelling.test_batch import LABELS, make_checkpoint, read_rows
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory):
+    # As test_batch's model: Cardiomegaly always -1 (a band over [0, 1]), so a label value
+    # that starts with '-' is in every labels.csv row.
+    thresholds = Thresholds(LABELS, (0.5, 0.0, 1.0), "fixed", ((0.0, 1.0), (0.0, 0.0), (1.0, 1.0)))
+    run = tmp_path_factory.mktemp("runs") / "tiny-run"
+    ckpt = make_checkpoint(run / "checkpoints" / "best.safetensors", thresholds=thresholds)
+    return load_model([ckpt], backend="torch", device="cpu")
 
 
 def _film(tiny_dataset: Path) -> Path:
@@ -26,7 +37,7 @@ def _write(path: Path, lines: list[str]) -> Path:
 def test_csv_paths_outside_its_folder_go_to_errors(
     tiny_dataset: Path,
     model,
-    tmp_path: Path,  # noqa: F811
+    tmp_path: Path,
 ) -> None:
     data = tmp_path / "data"
     data.mkdir()
@@ -57,7 +68,7 @@ def test_csv_paths_outside_its_folder_go_to_errors(
 def test_allow_outside_paths_reads_them(
     tiny_dataset: Path,
     model,
-    tmp_path: Path,  # noqa: F811
+    tmp_path: Path,
 ) -> None:
     outside = tmp_path / "outside.jpg"
     shutil.copy(_film(tiny_dataset), outside)
@@ -71,7 +82,7 @@ def test_formula_film_name_is_neutralised_in_every_output(
     tiny_dataset: Path,
     model,
     tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     folder = tmp_path / "films"
     folder.mkdir()
@@ -94,7 +105,7 @@ def test_labels_csv_round_trips_as_an_input(
     tiny_dataset: Path,
     model,
     tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """An escaped Path cell is read back as the file's real name (the escape is lossless)."""
     folder = tmp_path / "films"
@@ -110,7 +121,7 @@ def test_labels_csv_round_trips_as_an_input(
 def test_invalid_label_values_in_a_csv_input_are_rejected(
     tiny_dataset: Path,
     model,
-    tmp_path: Path,  # noqa: F811
+    tmp_path: Path,
 ) -> None:
     data = tmp_path / "data"
     data.mkdir()
@@ -124,7 +135,7 @@ def test_invalid_label_values_in_a_csv_input_are_rejected(
 def test_a_csv_input_that_is_not_utf8_names_the_file(
     tiny_dataset: Path,
     model,
-    tmp_path: Path,  # noqa: F811
+    tmp_path: Path,
 ) -> None:
     csv_path = tmp_path / "films.csv"
     csv_path.write_bytes("Path\nfilm_\u00e9.jpg\n".encode("latin-1"))
