@@ -30,6 +30,15 @@ def _add_format_args(parser: argparse.ArgumentParser) -> None:
         choices=[b.value for b in BlankMeaning],
         help="what an empty label cell means (default: the format's own)",
     )
+    _add_outside_paths_arg(parser)
+
+
+def _add_outside_paths_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--allow-outside-paths", action="store_true",
+        help="read label-CSV paths that lead outside the CSV's folder (absolute, ../ or "
+        "symlinked out); refused by default",
+    )  # fmt: skip
 
 
 def _add_table_args(parser: argparse.ArgumentParser) -> None:
@@ -48,6 +57,7 @@ def _load_table(args: argparse.Namespace, csv: Path | None = None) -> LabelTable
         mimic_metadata=args.mimic_metadata,
         nih_image_dir=args.nih_image_dir,
         blank=args.blank,
+        allow_outside_paths=args.allow_outside_paths,
     )
 
 
@@ -399,6 +409,7 @@ def cmd_label(args: argparse.Namespace) -> int:
         args.inputs, model, args.out, batch_size=args.batch_size,
         heatmaps=args.heatmaps or chosen is not None, heatmap_labels=chosen,
         lateral_model=lateral, progress=not args.no_progress, skip_flagged=args.skip_flagged,
+        allow_outside_paths=args.allow_outside_paths,
     )  # fmt: skip
     print(summary.to_text())
     return 0
@@ -615,6 +626,7 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     _add_tta_arg(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_outside_paths_arg(p)
     p.set_defaults(func=cmd_label)
 
     p = sub.add_parser("export", help="export a model (ONNX with preprocessing and thresholds)")

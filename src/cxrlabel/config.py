@@ -150,6 +150,8 @@ class RunConfig(_Config):
     train_csv: str = ""
     valid_csv: str = ""  # empty: split valid_fraction of train's patients off instead
     format: str = "auto"
+    # Read label-CSV paths that lead outside the CSV's root (cxrlabel.data.csvfiles).
+    allow_outside_paths: bool = False
     labels: str = "competition"  # a label-set name or a comma-separated list of observations
     view: str = "frontal"
     policy: str = "U-Ignore"
@@ -278,6 +280,7 @@ class HeadConfig(_Config):
     train_csv: str = ""
     valid_csv: str = ""  # empty: split valid_fraction of train's patients off instead
     format: str = "auto"
+    allow_outside_paths: bool = False  # as RunConfig
     labels: str = "competition"
     view: str = "all"
     policy: str = "U-Ignore"

@@ -43,10 +43,13 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from cxrlabel.csvcells import neutralise_row
+from cxrlabel.data.csvfiles import OutsidePathError
 from cxrlabel.data.images import ImageError, read_dicom_metadata, read_image_with_info
 from cxrlabel.data.inputs import (
     InputItem,
     _is_dicom_file,
+    check_csv_input,
     check_inputs,
     ids_from_path,
     iter_inputs,
@@ -174,6 +177,9 @@ def read_film(
     """Read, check and describe one input; any failure becomes the film's error, never an
     exception. With `skip_flagged`, a film the input checks flag becomes an error too."""
     film = Film(seq, item)
+    if item.refused:  # a CSV path outside the CSV's root: reported, never opened
+        film.error, film.reason = OutsidePathError.__name__, item.refused
+        return film
     try:
         meta = read_dicom_metadata(item.path) if _is_dicom_file(item.path) else None
         image, info = read_image_with_info(item.path)
@@ -453,8 +459,9 @@ def _manifest(
     heatmaps: bool,
     heatmap_labels: Sequence[str] | None,
     skip_flagged: bool,
+    allow_outside_paths: bool,
 ) -> dict[str, Any]:
-    return {
+    manifest = {
         "format": RUN_FORMAT,
         "skip_flagged": skip_flagged,
         "inputs": [str(p.resolve()) for p in inputs],
@@ -463,6 +470,10 @@ def _manifest(
         "heatmaps": bool(heatmaps),
         "heatmap_labels": list(heatmap_labels) if heatmap_labels else None,
     }
+    # Only when on, so a run interrupted before the option existed still resumes.
+    if allow_outside_paths:
+        manifest["allow_outside_paths"] = True
+    return manifest
 
 
 def label_inputs(
@@ -477,12 +488,17 @@ def label_inputs(
     progress: bool = True,
     on_batch: Callable[[int], None] | None = None,
     skip_flagged: bool = False,
+    allow_outside_paths: bool = False,
 ) -> LabelSummary:
     """Label every film in `inputs` into `out_dir` (see the module doc for the files).
 
     Every film gets the input checks of :mod:`cxrlabel.data.sanity`; their flags go to
     images.csv's `flags` column, or, with `skip_flagged`, the film goes to errors.csv
     (error ``FlaggedInput``, the reason naming the flags) instead of being labelled.
+
+    A CSV input's rows whose paths lead outside its root are reported in errors.csv, not
+    read, unless `allow_outside_paths` (cxrlabel.data.csvfiles). A CSV input that is not
+    UTF-8 or holds an invalid label value fails before anything is labelled.
 
     `on_batch(done)` is called after each batch is safely on disk with the number of inputs
     done so far (progress reporting, memory sampling; raising from it stops the run, which a
@@ -492,15 +508,22 @@ def label_inputs(
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     out_dir = Path(out_dir)
     paths = check_inputs(inputs)
+    for path in paths:
+        if path.is_file() and path.suffix.lower() == ".csv":
+            check_csv_input(path)
     models = {"model": model, **({"lateral model": lateral_model} if lateral_model else {})}
     heatmapper = _Heatmapper(out_dir, models, heatmap_labels) if heatmaps else None
     labeller = _Labeller(model, lateral_model, out_dir, heatmapper, skip_flagged)
     journal = labeller.journal
-    manifest = _manifest(paths, model, lateral_model, heatmaps, heatmap_labels, skip_flagged)
+    manifest = _manifest(
+        paths, model, lateral_model, heatmaps, heatmap_labels, skip_flagged, allow_outside_paths
+    )
     state = journal.start(manifest)
     summary = LabelSummary(resumed_after=state["done"], model=model.name, kind=model.kind)
     started = time.perf_counter()
-    processed = _label_stream(paths, out_dir, labeller, state, batch_size, progress, on_batch)
+    processed = _label_stream(
+        paths, out_dir, labeller, state, batch_size, progress, on_batch, allow_outside_paths
+    )
     elapsed = time.perf_counter() - started
     state["seconds"] += elapsed
     summary.seconds = state["seconds"]
@@ -517,13 +540,14 @@ def _label_stream(
     batch_size: int,
     progress: bool,
     on_batch: Callable[[int], None] | None,
+    allow_outside_paths: bool = False,
 ) -> int:
     """Read, predict and append batch after batch; returns how many inputs this call did."""
     from tqdm.auto import tqdm
 
     journal = labeller.journal
     done = state["done"]
-    inputs = iter_inputs(paths, exclude=out_dir)
+    inputs = iter_inputs(paths, exclude=out_dir, allow_outside_paths=allow_outside_paths)
     # Skip what an interrupted run finished, checking it is the same; numbering goes on
     # from input number `done`.
     hasher = journal.skip_done((item.path for item in inputs), state)
@@ -558,10 +582,12 @@ def _label_stream(
 
 
 def _write_csv(path: Path, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> Path:
+    """An output CSV, every cell spreadsheet-safe (cxrlabel.csvcells; the partial files of
+    the journal keep the raw text, so resume compares what was really read)."""
     with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
-        writer.writerow(header)
-        writer.writerows(rows)
+        writer.writerow(neutralise_row(header))
+        writer.writerows(neutralise_row(row) for row in rows)
     return path
 
 

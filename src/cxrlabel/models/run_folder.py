@@ -39,6 +39,7 @@ from typing import Any
 
 import pandas as pd
 
+from cxrlabel.csvcells import frame_csv
 from cxrlabel.fileio import atomic_write_text
 from cxrlabel.models.checkpoint import WEIGHTS_SUFFIX, checkpoint_paths
 
@@ -229,7 +230,7 @@ def best_k(folder: RunFolder, k: int) -> list[Path]:
 
 def write_metrics(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
     frame = pd.DataFrame(list(rows), columns=list(METRIC_COLUMNS))
-    atomic_write_text(path, frame.to_csv(index=False))
+    atomic_write_text(path, frame_csv(frame, index=False))
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

@@ -169,7 +169,7 @@ def _filtered(table: LabelTable, config: RunConfig, labels: Sequence[str]) -> La
 def filtered_table(config: RunConfig, csv: str | Path) -> LabelTable:
     """`csv` read in config.format and filtered as training filters it (view, and
     require_certain among config.labels). A HeadConfig has the same keys and works too."""
-    table = load_table(Path(csv), config.format)
+    table = load_table(Path(csv), config.format, allow_outside_paths=config.allow_outside_paths)
     return _filtered(table, config, resolve_labels(config.labels))
 
 
