@@ -34,6 +34,7 @@ import re
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from itertools import islice
 from pathlib import Path
 from typing import Any, Protocol
@@ -41,13 +42,15 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from cxrlabel.data.images import ImageError, read_dicom_metadata, read_image
+from cxrlabel.data.images import DICOM_SUFFIXES, ImageError, read_dicom_metadata, read_image
 from cxrlabel.data.inputs import (
+    DEFAULT_MAX_FILE_BYTES,
     InputItem,
-    _is_dicom_file,
     check_inputs,
+    csv_name,
     ids_from_path,
     iter_inputs,
+    read_film_bytes,
     view_from_name,
     view_from_text,
 )
@@ -56,6 +59,7 @@ from cxrlabel.data.transforms import ResizeGeometry
 from cxrlabel.fileio import atomic_path, atomic_write_bytes, atomic_write_text
 from cxrlabel.labelling.heatmaps import contact_sheet_png, gradcams, heatmap_model, overlay_png
 from cxrlabel.labelling.journal import Journal
+from cxrlabel.labelling.reader import DEFAULT_READ_TIMEOUT, FilmReader
 from cxrlabel.models.predictor import Predictor, shared_resize
 from cxrlabel.models.thresholds import combine_thresholds
 
@@ -156,13 +160,25 @@ def _describe(film: Film, meta: dict[str, Any] | None) -> None:
 
 
 def read_film(
-    seq: int, item: InputItem, resize_to: ResizeGeometry | None, keep_display: bool
+    seq: int,
+    item: InputItem,
+    resize_to: ResizeGeometry | None,
+    keep_display: bool,
+    max_bytes: int = DEFAULT_MAX_FILE_BYTES,
 ) -> Film:
-    """Read and describe one input; any failure becomes the film's error, never an exception."""
+    """Read and describe one input; any failure becomes the film's error, never an exception.
+    Only a regular file of at most `max_bytes` is read (see `read_film_bytes`)."""
     film = Film(seq, item)
+    if item.error is not None:  # the walk could not look at it: reported, not read
+        film.error, film.reason = type(item.error).__name__, item.error.reason
+        return film
     try:
-        meta = read_dicom_metadata(item.path) if _is_dicom_file(item.path) else None
-        image = read_image(item.path)
+        # Read once, then decode the bytes: the file is checked and opened only here.
+        data = read_film_bytes(item.path, max_bytes)
+        name = str(item.path)
+        is_dicom = item.path.suffix.lower() in DICOM_SUFFIXES or data[128:132] == b"DICM"
+        meta = read_dicom_metadata(data, name=name) if is_dicom else None
+        image = read_image(data, name=name)
     except ImageError as exc:
         film.error, film.reason = type(exc).__name__, exc.reason
         return film
@@ -173,6 +189,22 @@ def read_film(
     film.display_image = _display_film(image) if keep_display else None
     film.pixels = image if resize_to is None else resize_to.apply(image)
     return film
+
+
+def _read_with_limit(reader: FilmReader[Film], seq: int, item: InputItem) -> Film:
+    """read_film in the reader's child process; a timeout or crash becomes the film's error."""
+    try:
+        return reader.read(seq, item)
+    except ImageError as exc:
+        film = Film(seq, item)
+        film.error, film.reason = type(exc).__name__, exc.reason
+        return film
+
+
+def _csv_cells(row: Iterable[Any]) -> list[Any]:
+    """Text cells as the CSVs hold them: UTF-8, any file name's undecodable bytes escaped
+    losslessly (`csv_name`); numbers as they are."""
+    return [csv_name(cell) if isinstance(cell, str) else cell for cell in row]
 
 
 def _batches(
@@ -307,7 +339,7 @@ class _Heatmapper:
             image,
             cams,
             probabilities={n: float(probs[labels.index(n)]) for n in names},
-            title=f"{film.item.display} | {note}",
+            title=f"{csv_name(film.item.display)} | {note}",
         )
         atomic_write_bytes(folder / "contact_sheet.png", sheet)
         return folder.relative_to(self.dir.parent).as_posix(), len(cams) + 1
@@ -398,7 +430,9 @@ class _Labeller:
         results = self.predict(good) if good else {}
         for film in films:
             if film.pixels is None:
-                errors_out.writerow([film.seq, film.item.display, film.error, film.reason])
+                errors_out.writerow(
+                    _csv_cells([film.seq, film.item.display, film.error, film.reason])
+                )
                 counts["errors"] += 1
                 continue
             role, flag, probs = results[film.seq]
@@ -408,7 +442,7 @@ class _Labeller:
                 decided = model.thresholds.apply(probs[None])[0]
                 folder, n = self.heatmapper.write(film, role, model.labels, probs, decided)
                 counts["heatmaps"] += n
-            images_out.writerow(self.image_row(film, role, flag, probs, folder))
+            images_out.writerow(_csv_cells(self.image_row(film, role, flag, probs, folder)))
             counts["labelled"] += 1
             counts["flagged"] += bool(flag)
 
@@ -441,12 +475,19 @@ def label_inputs(
     lateral_model: Predictor | None = None,
     progress: bool = True,
     on_batch: Callable[[int], None] | None = None,
+    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
+    read_timeout: float | None = DEFAULT_READ_TIMEOUT,
 ) -> LabelSummary:
     """Label every film in `inputs` into `out_dir` (see the module doc for the files).
 
     `on_batch(done)` is called after each batch is safely on disk with the number of inputs
     done so far (progress reporting, memory sampling; raising from it stops the run, which a
     later call with the same arguments continues).
+
+    Reading one film is limited to `max_file_bytes` (larger files are reported) and to
+    `read_timeout` seconds, enforced by reading in a child process that is killed when it runs
+    over (`cxrlabel.labelling.reader`; None: read in this process, no time limit). Neither
+    limit is part of the resume check: a rerun may change them.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
@@ -459,7 +500,16 @@ def label_inputs(
     state = journal.start(_manifest(paths, model, lateral_model, heatmaps, heatmap_labels))
     summary = LabelSummary(resumed_after=state["done"], model=model.name, kind=model.kind)
     started = time.perf_counter()
-    processed = _label_stream(paths, out_dir, labeller, state, batch_size, progress, on_batch)
+    read = partial(
+        read_film,
+        resize_to=labeller.resize_to,
+        keep_display=heatmapper is not None,
+        max_bytes=max_file_bytes,
+    )
+    with FilmReader(read, read_timeout) as reader:
+        processed = _label_stream(
+            paths, out_dir, labeller, state, batch_size, progress, on_batch, reader
+        )
     elapsed = time.perf_counter() - started
     state["seconds"] += elapsed
     summary.seconds = state["seconds"]
@@ -476,6 +526,7 @@ def _label_stream(
     batch_size: int,
     progress: bool,
     on_batch: Callable[[int], None] | None,
+    reader: FilmReader[Film],
 ) -> int:
     """Read, predict and append batch after batch; returns how many inputs this call did."""
     from tqdm.auto import tqdm
@@ -487,7 +538,6 @@ def _label_stream(
     # from input number `done`.
     hasher = journal.skip_done((item.path for item in inputs), state)
     items = enumerate(inputs, start=done)
-    keep_display = labeller.heatmapper is not None
     processed = 0
     bar = tqdm(desc="label", unit="img", initial=done, disable=not progress, dynamic_ncols=True)
     with (
@@ -497,7 +547,7 @@ def _label_stream(
     ):
         writers = (csv.writer(images_f), csv.writer(errors_f))
         for batch in _batches(items, batch_size):
-            films = [read_film(s, it, labeller.resize_to, keep_display) for s, it in batch]
+            films = [_read_with_limit(reader, s, it) for s, it in batch]
             labeller.run_batch(films, writers, state["counts"])
             journal.advance(state, hasher, [item.path for _, item in batch])
             journal.commit(state, (images_f, errors_f))
