@@ -7,6 +7,7 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from tqdm import tqdm
 
@@ -398,9 +399,22 @@ def cmd_label(args: argparse.Namespace) -> int:
         args.inputs, model, args.out, batch_size=args.batch_size,
         heatmaps=args.heatmaps or chosen is not None, heatmap_labels=chosen,
         lateral_model=lateral, progress=not args.no_progress,
+        **_read_limits(args),
     )  # fmt: skip
     print(summary.to_text())
     return 0
+
+
+def _read_limits(args: argparse.Namespace) -> dict[str, Any]:
+    """label's per-film size cap and time limit; the library's defaults where not given."""
+    limits: dict[str, Any] = {}
+    if args.max_file_mb is not None:
+        limits["max_file_bytes"] = int(args.max_file_mb * 2**20)
+    if args.read_timeout is not None:
+        if args.read_timeout < 0:
+            raise ValueError(f"--read-timeout must be 0 (no limit) or more: {args.read_timeout}")
+        limits["read_timeout"] = args.read_timeout or None
+    return limits
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -598,6 +612,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heatmaps", action="store_true", help="Grad-CAM PNGs of positive labels")
     p.add_argument("--heatmap-labels", help="draw heatmaps for these labels (comma list or set)")
     _add_tta_arg(p)
+    p.add_argument(
+        "--max-file-mb", type=float, default=None,
+        help="films larger than this (MiB) are reported in errors.csv, not read (default 512)",
+    )  # fmt: skip
+    p.add_argument(
+        "--read-timeout", type=float, default=None,
+        help="seconds to read one film before its reader process is stopped and the film "
+        "reported (default 120; 0: no limit, read in the main process)",
+    )  # fmt: skip
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_label)
 

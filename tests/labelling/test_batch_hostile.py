@@ -120,9 +120,22 @@ def test_label_command_succeeds_on_a_name_that_is_not_utf8(
     assert len(read_rows(out / "labels.csv")) == 2
 
 
-def test_an_unreadable_film_with_a_name_that_is_not_utf8_is_reported(
-    model, tmp_path: Path
+def test_label_command_size_cap_and_time_limit_flags(
+    checkpoint: Path, film: Path, tmp_path: Path
 ) -> None:
+    folder = tmp_path / "films"
+    folder.mkdir()
+    shutil.copy(film, folder / "a.jpg")
+    args = ["label", str(folder), "--model", str(checkpoint), "--backend", "torch"]
+    args += ["--device", "cpu", "--no-progress", "--out", str(tmp_path / "out")]
+    tiny = film.stat().st_size / 2**20 / 2
+    assert main([*args, "--max-file-mb", str(tiny), "--read-timeout", "0"]) == 0
+    (row,) = read_rows(tmp_path / "out" / "errors.csv")
+    assert row["error"] == "FileTooLargeError"
+    assert main([*args, "--read-timeout", "-1"]) == 2
+
+
+def test_an_unreadable_film_with_a_name_that_is_not_utf8_is_reported(model, tmp_path: Path) -> None:
     folder = tmp_path / "films"
     folder.mkdir()
     (folder / BAD_NAME).write_bytes(b"not a jpeg")
@@ -259,9 +272,7 @@ def test_a_decoder_that_spins_is_stopped_by_the_time_limit(
     monkeypatch.setattr(batch, "read_image", spin_on_stuck)
     folder = _films(film, tmp_path)
     out = tmp_path / "out"
-    summary = finishes(
-        lambda: label_inputs([folder], model, out, progress=False, read_timeout=2.0)
-    )
+    summary = finishes(lambda: label_inputs([folder], model, out, progress=False, read_timeout=2.0))
     (row,) = read_rows(out / "errors.csv")
     assert (Path(row["Path"]).name, row["error"]) == ("b_stuck.jpg", "ReadTimeoutError")
     assert "2" in row["reason"]

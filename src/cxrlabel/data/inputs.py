@@ -236,11 +236,9 @@ def _has_dicom_preamble(path: Path) -> bool:
 
 def _item(folder: Path, display: str, path: Path, error: InputError | None = None) -> InputItem:
     rel = path.relative_to(folder).as_posix()
-    if rel == ".":
-        shown = display or "."
-    else:
-        shown = f"{display.rstrip('/')}/{rel}" if display else rel
-    return InputItem(path, shown, error=error)
+    if rel == ".":  # the walked folder itself (it could not be listed)
+        return InputItem(path, display or ".", error=error)
+    return InputItem(path, f"{display.rstrip('/')}/{rel}" if display else rel, error=error)
 
 
 def _entry_kind(entry: os.DirEntry[str], path: Path, excluded: Path | None) -> str:

@@ -491,6 +491,8 @@ def label_inputs(
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    if max_file_bytes < 1:
+        raise ValueError(f"max_file_bytes must be at least 1, got {max_file_bytes}")
     out_dir = Path(out_dir)
     paths = check_inputs(inputs)
     models = {"model": model, **({"lateral model": lateral_model} if lateral_model else {})}
