@@ -258,6 +258,7 @@ def _films(film: Path, root: Path) -> Path:
     return folder
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="the spin is injected into a forked reader")
 def test_a_decoder_that_spins_is_stopped_by_the_time_limit(
     model, film: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
