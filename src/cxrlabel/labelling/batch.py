@@ -5,7 +5,9 @@ column lazily, reads and predicts one batch at a time, and appends each finished
 run's journal (`cxrlabel.labelling.journal`: partial files in ``<out>/.cxrlabel-partial/`` and a
 state file committed after every batch), so an interrupted run started again with the same
 arguments goes on where it stopped, with rows neither duplicated nor missing. Each film is
-decoded once and, when every model resizes alike, resized once as soon as it is read. At the
+decoded once and, when every model resizes alike, resized once as soon as it is read, in a child
+process that is stopped when one film takes longer than the read time limit
+(`cxrlabel.labelling.reader`; only regular files under a size cap are read at all). At the
 end the output files are written atomically from the partial files and the partial folder is
 removed:
 
