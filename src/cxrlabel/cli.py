@@ -7,6 +7,7 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from tqdm import tqdm
 
@@ -410,9 +411,22 @@ def cmd_label(args: argparse.Namespace) -> int:
         heatmaps=args.heatmaps or chosen is not None, heatmap_labels=chosen,
         lateral_model=lateral, progress=not args.no_progress, skip_flagged=args.skip_flagged,
         allow_outside_paths=args.allow_outside_paths,
+        **_read_limits(args),
     )  # fmt: skip
     print(summary.to_text())
     return 0
+
+
+def _read_limits(args: argparse.Namespace) -> dict[str, Any]:
+    """label's per-film size cap and time limit; the library's defaults where not given."""
+    limits: dict[str, Any] = {}
+    if args.max_file_mb is not None:
+        limits["max_file_bytes"] = int(args.max_file_mb * 2**20)
+    if args.read_timeout is not None:
+        if args.read_timeout < 0:
+            raise ValueError(f"--read-timeout must be 0 (no limit) or more: {args.read_timeout}")
+        limits["read_timeout"] = args.read_timeout or None
+    return limits
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -625,6 +639,15 @@ def build_parser() -> argparse.ArgumentParser:
         "DICOM) in errors.csv instead of labelling them",
     )  # fmt: skip
     _add_tta_arg(p)
+    p.add_argument(
+        "--max-file-mb", type=float, default=None,
+        help="films larger than this (MiB) are reported in errors.csv, not read (default 512)",
+    )  # fmt: skip
+    p.add_argument(
+        "--read-timeout", type=float, default=None,
+        help="seconds to read one film before its reader process is stopped and the film "
+        "reported (default 120; 0: no limit, read in the main process)",
+    )  # fmt: skip
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_outside_paths_arg(p)
     p.set_defaults(func=cmd_label)

@@ -396,7 +396,12 @@ def test_label_decodes_and_resizes_each_film_once_for_members_normalising_differ
 
     decodes = count_calls(monkeypatch, predict, "read_image_with_info")
     resamples = count_calls(monkeypatch, Image.Image, "resize")
-    label_inputs([tiny_dataset / "valid"], both, tmp_path / "out", batch_size=4, progress=False)
+    # read_timeout=None: read in this process, where the counters are (the reader child's
+    # calls would be counted in its own memory).
+    label_inputs(
+        [tiny_dataset / "valid"], both, tmp_path / "out", batch_size=4, progress=False,
+        read_timeout=None,
+    )  # fmt: skip
     assert (decodes.n, resamples.n) == (len(films), len(films))
     monkeypatch.undo()
 

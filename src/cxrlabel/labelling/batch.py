@@ -5,7 +5,9 @@ column lazily, reads and predicts one batch at a time, and appends each finished
 run's journal (`cxrlabel.labelling.journal`: partial files in ``<out>/.cxrlabel-partial/`` and a
 state file committed after every batch), so an interrupted run started again with the same
 arguments goes on where it stopped, with rows neither duplicated nor missing. Each film is
-decoded once and, when every model resizes alike, resized once as soon as it is read. At the
+decoded once and, when every model resizes alike, resized once as soon as it is read, in a child
+process that is stopped when one film takes longer than the read time limit
+(`cxrlabel.labelling.reader`; only regular files under a size cap are read at all). At the
 end the output files are written atomically from the partial files and the partial folder is
 removed:
 
@@ -36,6 +38,7 @@ import re
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from itertools import islice
 from pathlib import Path
 from typing import Any, Protocol
@@ -44,15 +47,21 @@ import numpy as np
 import torch
 
 from cxrlabel.csvcells import neutralise_row
-from cxrlabel.data.csvfiles import OutsidePathError
-from cxrlabel.data.images import ImageError, read_dicom_metadata, read_image_with_info
+from cxrlabel.data.images import (
+    DICOM_SUFFIXES,
+    ImageError,
+    read_dicom_metadata,
+    read_image_with_info,
+)
 from cxrlabel.data.inputs import (
+    DEFAULT_MAX_FILE_BYTES,
     InputItem,
-    _is_dicom_file,
     check_csv_input,
     check_inputs,
+    csv_name,
     ids_from_path,
     iter_inputs,
+    read_film_bytes,
     view_from_name,
     view_from_text,
 )
@@ -62,6 +71,7 @@ from cxrlabel.data.transforms import ResizeGeometry
 from cxrlabel.fileio import atomic_path, atomic_write_bytes, atomic_write_text
 from cxrlabel.labelling.heatmaps import contact_sheet_png, gradcams, heatmap_model, overlay_png
 from cxrlabel.labelling.journal import Journal
+from cxrlabel.labelling.reader import DEFAULT_READ_TIMEOUT, FilmReader
 from cxrlabel.models.predictor import Predictor, shared_resize
 from cxrlabel.models.thresholds import combine_thresholds
 
@@ -173,16 +183,23 @@ def read_film(
     resize_to: ResizeGeometry | None,
     keep_display: bool,
     skip_flagged: bool = False,
+    max_bytes: int = DEFAULT_MAX_FILE_BYTES,
 ) -> Film:
     """Read, check and describe one input; any failure becomes the film's error, never an
-    exception. With `skip_flagged`, a film the input checks flag becomes an error too."""
+    exception. Only a regular file of at most `max_bytes` is read (see `read_film_bytes`).
+    With `skip_flagged`, a film the input checks flag becomes an error too."""
     film = Film(seq, item)
-    if item.refused:  # a CSV path outside the CSV's root: reported, never opened
-        film.error, film.reason = OutsidePathError.__name__, item.refused
+    if item.error is not None:  # the walk or the CSV path rule refused it: reported, not read
+        film.error = type(item.error).__name__
+        film.reason = getattr(item.error, "reason", str(item.error))
         return film
     try:
-        meta = read_dicom_metadata(item.path) if _is_dicom_file(item.path) else None
-        image, info = read_image_with_info(item.path)
+        # Read once, then decode the bytes: the file is checked and opened only here.
+        data = read_film_bytes(item.path, max_bytes)
+        name = str(item.path)
+        is_dicom = item.path.suffix.lower() in DICOM_SUFFIXES or data[128:132] == b"DICM"
+        meta = read_dicom_metadata(data, name=name) if is_dicom else None
+        image, info = read_image_with_info(data, name=name)
     except ImageError as exc:
         film.error, film.reason = type(exc).__name__, exc.reason
         return film
@@ -201,6 +218,22 @@ def read_film(
     film.display_image = _display_film(image) if keep_display else None
     film.pixels = image if resize_to is None else resize_to.apply(image)
     return film
+
+
+def _read_with_limit(reader: FilmReader[Film], seq: int, item: InputItem) -> Film:
+    """read_film in the reader's child process; a timeout or crash becomes the film's error."""
+    try:
+        return reader.read(seq, item)
+    except ImageError as exc:
+        film = Film(seq, item)
+        film.error, film.reason = type(exc).__name__, exc.reason
+        return film
+
+
+def _csv_cells(row: Iterable[Any]) -> list[Any]:
+    """Text cells as the CSVs hold them: UTF-8, any file name's undecodable bytes escaped
+    losslessly (`csv_name`); numbers as they are."""
+    return [csv_name(cell) if isinstance(cell, str) else cell for cell in row]
 
 
 def _batches(
@@ -342,7 +375,7 @@ class _Heatmapper:
             image,
             cams,
             probabilities={n: float(probs[labels.index(n)]) for n in names},
-            title=f"{film.item.display} | {note}",
+            title=f"{csv_name(film.item.display)} | {note}",
         )
         atomic_write_bytes(folder / "contact_sheet.png", sheet)
         return folder.relative_to(self.dir.parent).as_posix(), len(cams) + 1
@@ -437,7 +470,9 @@ class _Labeller:
         for film in films:
             counts["flagged_inputs"] += bool(film.flags)
             if film.pixels is None:
-                errors_out.writerow([film.seq, film.item.display, film.error, film.reason])
+                errors_out.writerow(
+                    _csv_cells([film.seq, film.item.display, film.error, film.reason])
+                )
                 counts["skipped" if film.error == FLAGGED_ERROR else "errors"] += 1
                 continue
             role, flag, probs = results[film.seq]
@@ -447,7 +482,7 @@ class _Labeller:
                 decided = model.thresholds.apply(probs[None])[0]
                 folder, n = self.heatmapper.write(film, role, model.labels, probs, decided)
                 counts["heatmaps"] += n
-            images_out.writerow(self.image_row(film, role, flag, probs, folder))
+            images_out.writerow(_csv_cells(self.image_row(film, role, flag, probs, folder)))
             counts["labelled"] += 1
             counts["flagged"] += bool(flag)
 
@@ -489,6 +524,8 @@ def label_inputs(
     on_batch: Callable[[int], None] | None = None,
     skip_flagged: bool = False,
     allow_outside_paths: bool = False,
+    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
+    read_timeout: float | None = DEFAULT_READ_TIMEOUT,
 ) -> LabelSummary:
     """Label every film in `inputs` into `out_dir` (see the module doc for the files).
 
@@ -503,9 +540,16 @@ def label_inputs(
     `on_batch(done)` is called after each batch is safely on disk with the number of inputs
     done so far (progress reporting, memory sampling; raising from it stops the run, which a
     later call with the same arguments continues).
+
+    Reading one film is limited to `max_file_bytes` (larger files are reported) and to
+    `read_timeout` seconds, enforced by reading in a child process that is killed when it runs
+    over (`cxrlabel.labelling.reader`; None: read in this process, no time limit). Neither
+    limit is part of the resume check: a rerun may change them.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    if max_file_bytes < 1:
+        raise ValueError(f"max_file_bytes must be at least 1, got {max_file_bytes}")
     out_dir = Path(out_dir)
     paths = check_inputs(inputs)
     for path in paths:
@@ -521,9 +565,18 @@ def label_inputs(
     state = journal.start(manifest)
     summary = LabelSummary(resumed_after=state["done"], model=model.name, kind=model.kind)
     started = time.perf_counter()
-    processed = _label_stream(
-        paths, out_dir, labeller, state, batch_size, progress, on_batch, allow_outside_paths
+    read = partial(
+        read_film,
+        resize_to=labeller.resize_to,
+        keep_display=heatmapper is not None,
+        skip_flagged=skip_flagged,
+        max_bytes=max_file_bytes,
     )
+    with FilmReader(read, read_timeout) as reader:
+        processed = _label_stream(
+            paths, out_dir, labeller, state, batch_size, progress, on_batch, reader,
+            allow_outside_paths,
+        )  # fmt: skip
     elapsed = time.perf_counter() - started
     state["seconds"] += elapsed
     summary.seconds = state["seconds"]
@@ -540,6 +593,7 @@ def _label_stream(
     batch_size: int,
     progress: bool,
     on_batch: Callable[[int], None] | None,
+    reader: FilmReader[Film],
     allow_outside_paths: bool = False,
 ) -> int:
     """Read, predict and append batch after batch; returns how many inputs this call did."""
@@ -552,7 +606,6 @@ def _label_stream(
     # from input number `done`.
     hasher = journal.skip_done((item.path for item in inputs), state)
     items = enumerate(inputs, start=done)
-    keep_display = labeller.heatmapper is not None
     processed = 0
     bar = tqdm(desc="label", unit="img", initial=done, disable=not progress, dynamic_ncols=True)
     with (
@@ -562,10 +615,7 @@ def _label_stream(
     ):
         writers = (csv.writer(images_f), csv.writer(errors_f))
         for batch in _batches(items, batch_size):
-            films = [
-                read_film(s, it, labeller.resize_to, keep_display, labeller.skip_flagged)
-                for s, it in batch
-            ]
+            films = [_read_with_limit(reader, s, it) for s, it in batch]
             labeller.run_batch(films, writers, state["counts"])
             journal.advance(state, hasher, [item.path for _, item in batch])
             journal.commit(state, (images_f, errors_f))

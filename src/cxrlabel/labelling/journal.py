@@ -31,7 +31,9 @@ RUN_FILE = "run.json"  # what a finished run leaves in its --out folder
 
 
 def _path_line(path: Path) -> bytes:
-    return f"{path}\n".encode()
+    # The path's exact bytes (os.fsencode), so any name the file system allows hashes, and a
+    # UTF-8 name hashes as before.
+    return os.fsencode(path) + b"\n"
 
 
 class Journal:
