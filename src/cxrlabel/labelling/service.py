@@ -236,6 +236,14 @@ class _UploadTooLarge(_BodyRefused):
         super().__init__(413, f"upload is larger than the limit of {limit:,} bytes")
 
 
+class _UploadRefused(_BodyRefused):
+    """Too many uploads in progress (from this client, 429, or in all, 503)."""
+
+    def __init__(self, refusal: ServiceError) -> None:
+        super().__init__(refusal.status, refusal.detail, refusal.headers)
+        self.code = refusal.code
+
+
 class _UploadTimeout(_BodyRefused):
     code = "upload_timeout"
 
@@ -350,10 +358,10 @@ class _Body:
         max_bytes: int,
         file_limit: int,
         timing: BodyTiming | None,
-        on_complete: Callable[[], None],
+        place: _Place,
     ) -> None:
         self._receive = receive
-        self._on_complete = on_complete
+        self.place = place
         self.max_bytes = max_bytes
         self.file_limit = file_limit
         self.timing = timing
@@ -365,6 +373,7 @@ class _Body:
         if self.complete:
             # Body read: later calls only listen for a disconnect, which has no deadline.
             return await self._receive()
+        self.place.take()
         message = await self._next()
         if message["type"] == "http.request":
             self.received += len(message.get("body", b""))
@@ -374,7 +383,7 @@ class _Body:
         else:  # http.disconnect: nothing more will come
             self.complete = True
         if self.complete:
-            self._on_complete()
+            self.place.release()
         return message
 
     async def _next(self) -> Message:
@@ -385,7 +394,10 @@ class _Body:
         try:
             if wait <= 0:
                 raise TimeoutError
-            return await asyncio.wait_for(self._receive(), wait)
+            # asyncio.timeout, not wait_for: no extra task, so a body that has already
+            # arrived is returned without yielding, and holds its place for no time at all.
+            async with asyncio.timeout(wait):
+                return await self._receive()
         except TimeoutError:
             elapsed = time.monotonic() - self.started
             raise self.timing.refusal(elapsed, self.received, by_rate) from None
@@ -426,11 +438,8 @@ class UploadLimit:
             await _too_large(self.file_limit)(scope, receive, send)
             return
         client = _client_address(scope)
-        if self.gate is not None and (refused := self.gate.enter(client)) is not None:
-            await _error_response(refused)(scope, receive, send)
-            return
         place = _Place(self.gate, client)
-        body = _Body(receive, self.max_bytes, self.file_limit, self.timing, place.release)
+        body = _Body(receive, self.max_bytes, self.file_limit, self.timing, place)
         started = False
 
         async def watched_send(message: Message) -> None:
@@ -443,7 +452,7 @@ class UploadLimit:
         except _BodyRefused as exc:
             if started:
                 raise
-            refusal = ServiceError(exc.status_code, exc.code, exc.detail)
+            refusal = ServiceError(exc.status_code, exc.code, exc.detail, exc.headers)
             await _error_response(refusal)(scope, receive, send)
         except ClientDisconnect:
             log.info(
@@ -454,17 +463,29 @@ class UploadLimit:
 
 
 class _Place:
-    """One upload's place in the gate, given back once: when its body is complete (it is in
-    memory then, and the scoring admission bounds it) or when the request ends."""
+    """One upload's place in the gate: taken when the app first reads the body (not when the
+    request starts, so a burst of quick uploads from one client is not refused while its
+    requests wait for their turn to read), given back once the body is complete (it is in
+    memory then, and the scoring admission bounds it) or the request ends."""
 
     def __init__(self, gate: UploadGate | None, client: str) -> None:
         self._gate = gate
         self._client = client
+        self._held = False
+
+    def take(self) -> None:
+        if self._gate is None or self._held:
+            return
+        refused = self._gate.enter(self._client)
+        if refused is not None:
+            self._gate = None  # nothing to give back
+            raise _UploadRefused(refused)
+        self._held = True
 
     def release(self) -> None:
-        if self._gate is not None:
+        if self._gate is not None and self._held:
             self._gate.leave(self._client)
-            self._gate = None
+        self._gate = None
 
 
 def _client_address(scope: Scope) -> str:
