@@ -326,6 +326,7 @@ def main() -> None:
             "before": round(before, 1),
             "peak": round(max(samples, default=after), 1),
             "midway": round(samples[len(samples) // 2] if samples else after, 1),
+            "every_10_s": [round(x, 1) for x in samples[19::20]],  # sampled every 0.5 s
             "after": round(after, 1),
         },
         "server_log": {

@@ -409,10 +409,10 @@ class UploadLimit:
     A declared Content-Length over `max_bytes` is answered at once, without reading the body;
     otherwise bytes are counted as they arrive and reading stops at the first byte too many
     (413). With `timing`, a body that misses its deadline or minimum rate gets 408; with
-    `gate`, an upload beyond the per-client or total cap gets 429 or 503 before its body is
-    read. Every refusal closes the connection. A client that disconnects mid-upload is one
-    info line (address and bytes received; never the file name, which may identify a
-    patient), not a traceback.
+    `gate`, an upload beyond the per-client or total cap gets 429 or 503 when the app first
+    reads it (see _Place). Every refusal closes the connection. A client that disconnects
+    mid-upload is one info line (address and bytes received; never the file name, which may
+    identify a patient), not a traceback.
     """
 
     def __init__(
