@@ -198,7 +198,9 @@ def label_with_best(best: pd.Series, out: Path) -> None:
     paths = [str(p) for p in table.image_paths()]
     pd.DataFrame({"Path": paths}).to_csv(films, index=False)
     labelled = out / "labels-kermany-valid"
-    cli("label", str(films), "--model", best["Checkpoint"], "--out", str(labelled), "--no-progress")
+    # The films CSV names the shared films by absolute path, outside its own folder.
+    cli("label", str(films), "--model", best["Checkpoint"], "--out", str(labelled), "--no-progress",
+        "--allow-outside-paths")  # fmt: skip
     fixtures = out / "labels-nih-fixtures"
     cli("label", str(NIH_FIXTURES), "--model", best["Checkpoint"], "--out", str(fixtures),
         "--no-progress")  # fmt: skip

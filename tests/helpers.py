@@ -98,3 +98,12 @@ def tearing_save(save: Any, *, epoch: int, on_torn: Any) -> Any:
         raise AssertionError("on_torn() must raise")
 
     return dying_save
+
+
+def local_client(app: Any, **kwargs: Any) -> Any:
+    """A TestClient for the service that calls it as http://localhost, a Host the service
+    allows by default (TestClient's own default, "testserver", is refused like any other
+    name the service was not told about)."""
+    from fastapi.testclient import TestClient
+
+    return TestClient(app, base_url="http://localhost", **kwargs)

@@ -30,6 +30,15 @@ def _add_format_args(parser: argparse.ArgumentParser) -> None:
         choices=[b.value for b in BlankMeaning],
         help="what an empty label cell means (default: the format's own)",
     )
+    _add_outside_paths_arg(parser)
+
+
+def _add_outside_paths_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--allow-outside-paths", action="store_true",
+        help="read label-CSV paths that lead outside the CSV's folder (absolute, ../ or "
+        "symlinked out); refused by default",
+    )  # fmt: skip
 
 
 def _add_table_args(parser: argparse.ArgumentParser) -> None:
@@ -48,6 +57,7 @@ def _load_table(args: argparse.Namespace, csv: Path | None = None) -> LabelTable
         mimic_metadata=args.mimic_metadata,
         nih_image_dir=args.nih_image_dir,
         blank=args.blank,
+        allow_outside_paths=args.allow_outside_paths,
     )
 
 
@@ -376,6 +386,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         model, host=args.host, port=args.port, token=token,
         max_upload_bytes=int(args.max_upload_mb * 2**20), heatmap_cache=args.heatmap_cache,
         max_concurrent=args.max_concurrent, max_queue=args.max_queue,
+        allowed_hosts=args.allowed_hosts or [], allowed_origins=args.allowed_origins or [],
         body_timeout=args.body_timeout, min_upload_rate=int(args.min_upload_rate * 1024),
         upload_grace=args.upload_grace, max_uploads=args.max_uploads,
         max_uploads_per_client=args.max_uploads_per_client,
@@ -400,7 +411,8 @@ def cmd_label(args: argparse.Namespace) -> int:
     summary = label_inputs(
         args.inputs, model, args.out, batch_size=args.batch_size,
         heatmaps=args.heatmaps or chosen is not None, heatmap_labels=chosen,
-        lateral_model=lateral, progress=not args.no_progress,
+        lateral_model=lateral, progress=not args.no_progress, skip_flagged=args.skip_flagged,
+        allow_outside_paths=args.allow_outside_paths,
     )  # fmt: skip
     print(summary.to_text())
     return 0
@@ -598,6 +610,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="require 'Authorization: Bearer <token>' with the token read from environment "
         "variable NAME (default: CXRLABEL_TOKEN when set; never pass a token as an argument)",
     )
+    p.add_argument(
+        "--allowed-hosts", nargs="+", action="extend", metavar="HOST",
+        help="Host names answered besides the bound address and localhost (any port; "
+        "*.example.org for subdomains, * for any); others get 400",
+    )  # fmt: skip
+    p.add_argument(
+        "--allowed-origins", nargs="+", action="extend", metavar="ORIGIN",
+        help="origins (https://viewer.example.org) whose pages may POST, with CORS; other "
+        "cross-origin POSTs get 403",
+    )  # fmt: skip
     _add_tta_arg(p)
     p.set_defaults(func=cmd_serve)
 
@@ -620,8 +642,14 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument("--heatmaps", action="store_true", help="Grad-CAM PNGs of positive labels")
     p.add_argument("--heatmap-labels", help="draw heatmaps for these labels (comma list or set)")
+    p.add_argument(
+        "--skip-flagged", action="store_true",
+        help="report films the input checks flag (tiny, odd shape, colour, blank, non-chest "
+        "DICOM) in errors.csv instead of labelling them",
+    )  # fmt: skip
     _add_tta_arg(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_outside_paths_arg(p)
     p.set_defaults(func=cmd_label)
 
     p = sub.add_parser("export", help="export a model (ONNX with preprocessing and thresholds)")

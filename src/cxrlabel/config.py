@@ -150,6 +150,8 @@ class RunConfig(_Config):
     train_csv: str = ""
     valid_csv: str = ""  # empty: split valid_fraction of train's patients off instead
     format: str = "auto"
+    # Read label-CSV paths that lead outside the CSV's root (cxrlabel.data.csvfiles).
+    allow_outside_paths: bool = False
     labels: str = "competition"  # a label-set name or a comma-separated list of observations
     view: str = "frontal"
     policy: str = "U-Ignore"
@@ -170,6 +172,9 @@ class RunConfig(_Config):
     lr_schedule: str = "constant"  # constant (the method) | cosine (decay to 0 over the run)
     select_best: str = "val_loss"  # or "val_auroc"
     keep_best: int = 1  # >1: also keep the best k epochs (checkpoints/epoch-N, ranked in kept.json)
+    # Also save `last` every this many steps mid-epoch, so a killed long epoch loses at most
+    # this many; 0: only at epoch ends. Not part of what a run computes: --resume may change it.
+    checkpoint_every_steps: int = 200
     # Decision thresholds stored with the best checkpoint(s): fixed (the method's 0.5), or
     # chosen per label on the validation predictions by youden or max_f1.
     threshold_rule: str = "fixed"
@@ -224,6 +229,11 @@ class RunConfig(_Config):
         _check_thresholds(self.threshold_rule, self.uncertainty_band)
         if self.keep_best < 1:
             raise ConfigError(f"keep_best must be at least 1, not {self.keep_best}")
+        if self.checkpoint_every_steps < 0:
+            raise ConfigError(
+                f"checkpoint_every_steps must be >= 0 (0: only at epoch ends), "
+                f"not {self.checkpoint_every_steps}"
+            )
         _check_data_recipe(self)
         self._check_recipe_optimisation()
 
@@ -270,6 +280,7 @@ class HeadConfig(_Config):
     train_csv: str = ""
     valid_csv: str = ""  # empty: split valid_fraction of train's patients off instead
     format: str = "auto"
+    allow_outside_paths: bool = False  # as RunConfig
     labels: str = "competition"
     view: str = "all"
     policy: str = "U-Ignore"

@@ -17,6 +17,7 @@ from pathlib import Path
 import pandas as pd
 
 from cxrlabel.config import HeadConfig, build_config
+from cxrlabel.csvcells import frame_csv
 from cxrlabel.data.formats import load_table
 from cxrlabel.data.splits import load_split
 from cxrlabel.data.stats import label_stats
@@ -143,7 +144,7 @@ def real_film_step(shared: Path, out: Path, *, seed: int, patients: int = REAL_P
     subset["Path"] = [str((kermany.parent / p).resolve()) for p in subset["Path"]]
     out.mkdir(parents=True, exist_ok=True)
     subset_csv = out / "kermany_subset.csv"
-    atomic_write_text(subset_csv, subset.to_csv(index=False))
+    atomic_write_text(subset_csv, frame_csv(subset, index=False))
     config = HeadConfig.build(
         None,
         {
@@ -151,16 +152,22 @@ def real_film_step(shared: Path, out: Path, *, seed: int, patients: int = REAL_P
             "view": "all", "backbones": ["xception"], "weights": str(weights), "size": 220,
             "keras_compat": True, "threshold_rule": "youden", "valid_fraction": 0.25,
             "epochs": 30, "seed": seed,
+            # The subset CSV names the shared films by absolute path, outside its own folder.
+            "allow_outside_paths": True,
         },
     )  # fmt: skip
     run_dir = out / "runs" / config.name
     shutil.rmtree(run_dir, ignore_errors=True)
     sweep = run_sweep(config, run_dir, progress=False)
     best = sweep.loc[sweep["AUROC"].idxmax()]
-    _, valid = load_split(RunFolder(run_dir).split).apply(load_table(subset_csv))
+    _, valid = load_split(RunFolder(run_dir).split).apply(
+        load_table(subset_csv, allow_outside_paths=True)
+    )
     films = out / "valid_films.csv"
-    atomic_write_text(films, pd.DataFrame({"Path": valid.frame["Path"]}).to_csv(index=False))
-    labelled = label_films(run_dir / best["Checkpoint"], [films], out / "labels")
+    atomic_write_text(films, frame_csv(pd.DataFrame({"Path": valid.frame["Path"]}), index=False))
+    labelled = label_films(
+        run_dir / best["Checkpoint"], [films], out / "labels", allow_outside_paths=True
+    )
     return (
         REAL_BANNER.format(films=len(subset), patients=patients)
         + "validation split, thresholds chosen on it (Youden):\n\n"
@@ -170,12 +177,16 @@ def real_film_step(shared: Path, out: Path, *, seed: int, patients: int = REAL_P
     )
 
 
-def label_films(model_path: Path, inputs: Sequence[Path], out: Path) -> str:
+def label_films(
+    model_path: Path, inputs: Sequence[Path], out: Path, *, allow_outside_paths: bool = False
+) -> str:
     """What users come for: label folders of films with the trained model, with heatmaps."""
     # The demo owns its output folder: a rerun labels afresh rather than resuming.
     shutil.rmtree(out, ignore_errors=True)
     model = load_model([model_path])
-    summary = label_inputs(inputs, model, out, heatmaps=True, progress=False)
+    summary = label_inputs(
+        inputs, model, out, heatmaps=True, progress=False, allow_outside_paths=allow_outside_paths
+    )
     names = ", ".join(str(p) for p in inputs)
     return f"## Labelling films with the trained model\ninputs: {names}\n{summary.to_text()}\n"
 

@@ -9,9 +9,12 @@ error, so each test below checks the bytes route as well.
 
 from __future__ import annotations
 
+import errno
+import io
 import pickle
 import re
 import struct
+import tracemalloc
 import zlib
 from pathlib import Path
 from typing import Any, ClassVar
@@ -26,7 +29,12 @@ from pydicom.encaps import encapsulate
 from pydicom.uid import (
     JPEG2000,
     MPEG2MPML,
+    DeflatedExplicitVRLittleEndian,
     ExplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGLSLossless,
+    RLELossless,
     SecondaryCaptureImageStorage,
     generate_uid,
 )
@@ -41,6 +49,7 @@ from cxrlabel.data.images import (
     NoPixelDataError,
     NotAnImageError,
     TruncatedImageError,
+    UnreadableImageError,
     UnsupportedDicomError,
     read_dicom_metadata,
     read_image,
@@ -719,3 +728,195 @@ def test_max_pixels_applies_to_bytes(tmp_path: Path) -> None:
     with pytest.raises(ImageTooLargeError, match="small-upload"):
         read_image(data, name="small-upload", max_pixels=256 * 256 - 1)
     assert read_image(data, max_pixels=256 * 256).shape == (256, 256)
+
+
+# --------------------------------------------------------------------------------------------
+# Encapsulated DICOM frames that disagree with the header (decompression bombs)
+# --------------------------------------------------------------------------------------------
+
+
+def _constant_jpeg(width: int, height: int) -> bytes:
+    """A baseline JPEG of one grey level: tiny on disk however many pixels it declares."""
+    buffer = io.BytesIO()
+    Image.new("L", (width, height), 128).save(buffer, "JPEG", quality=50)
+    return buffer.getvalue()
+
+
+def _constant_j2k(width: int, height: int) -> bytes:
+    import openjpeg
+
+    return bytes(openjpeg.encode(np.full((height, width), 128, dtype=np.uint8)))
+
+
+def _jpeg_ls_header(width: int, height: int) -> bytes:
+    """SOI, a JPEG-LS SOF55 segment declaring width x height (8-bit, 1 component), then junk:
+    no JPEG-LS encoder is installed, and a header check must refuse it before any decoding."""
+    sof55 = b"\xff\xf7" + struct.pack(">HBHHB", 11, 8, height, width, 1) + b"\x01\x11\x00"
+    return b"\xff\xd8" + sof55 + b"\xff\xda" + bytes(64) + b"\xff\xd9"
+
+
+def _jp2(codestream: bytes, width: int, height: int) -> bytes:
+    """A JP2 file around `codestream` whose ihdr box claims width x height."""
+
+    def box(kind: bytes, payload: bytes) -> bytes:
+        return struct.pack(">I", 8 + len(payload)) + kind + payload
+
+    ihdr = box(b"ihdr", struct.pack(">IIHBBBB", height, width, 1, 7, 7, 0, 0))
+    colr = box(b"colr", b"\x01\x00\x00" + struct.pack(">I", 17))
+    return (
+        box(b"jP  ", b"\r\n\x87\n")
+        + box(b"ftyp", b"jp2 " + bytes(4) + b"jp2 ")
+        + box(b"jp2h", ihdr + colr)
+        + box(b"jp2c", codestream)
+    )
+
+
+def _dicom_with_frame(
+    path: Path, frame: bytes, syntax: str, *, rows: int = 64, columns: int = 64
+) -> Path:
+    """An 8-bit MONOCHROME2 DICOM whose header says rows x columns and whose single
+    encapsulated frame is `frame`."""
+    path = _write_dicom(path, _ramp(8, 8, high=255).astype(np.uint8))
+    ds = pydicom.dcmread(path)
+    ds.file_meta.TransferSyntaxUID = syntax
+    ds.Rows, ds.Columns = rows, columns
+    ds.PixelData = encapsulate([frame])
+    ds["PixelData"].VR = "OB"
+    ds.save_as(path)
+    return path
+
+
+FRAME_BOMBS = {
+    "jpeg baseline": (lambda w, h: _constant_jpeg(w, h), JPEGBaseline8Bit),
+    "jpeg 2000": (lambda w, h: _constant_j2k(w, h), JPEG2000Lossless),
+    "jp2 wrapper lying in ihdr": (lambda w, h: _jp2(_constant_j2k(w, h), 64, 64), JPEG2000),
+    "jpeg-ls": (lambda w, h: _jpeg_ls_header(w, h), JPEGLSLossless),
+}
+
+
+@pytest.mark.parametrize("kind", list(FRAME_BOMBS))
+def test_oversized_dicom_frame_refused_before_decoding(tmp_path: Path, kind: str) -> None:
+    """The header says 64x64 but the frame is 2048x2048 (4 M pixels): refused from the frame's
+    own header, before its pixels are decoded (no allocation near the frame's size)."""
+    make, syntax = FRAME_BOMBS[kind]
+    path = _dicom_with_frame(tmp_path / "bomb.dcm", make(2048, 2048), syntax)
+    assert path.stat().st_size < 200_000
+    tracemalloc.start()
+    try:
+        with pytest.raises(ImageTooLargeError, match=re.escape("bomb.dcm")) as info:
+            read_both(path, max_pixels=1_000_000)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert "2048x2048" in info.value.reason
+    assert peak < 2048 * 2048 // 2, f"{peak:,} bytes allocated: the frame was decoded"
+
+
+@pytest.mark.parametrize("kind", list(FRAME_BOMBS))
+def test_dicom_frame_disagreeing_with_header_is_corrupt(tmp_path: Path, kind: str) -> None:
+    make, syntax = FRAME_BOMBS[kind]
+    path = _dicom_with_frame(tmp_path / "liar.dcm", make(96, 80), syntax)
+    with pytest.raises(CorruptImageError, match=re.escape("liar.dcm")) as info:
+        read_both(path)
+    assert "96x80" in info.value.reason and "64x64" in info.value.reason
+
+
+def test_dicom_frame_agreeing_with_header_still_decodes(tmp_path: Path) -> None:
+    for make, syntax in (FRAME_BOMBS["jpeg baseline"], FRAME_BOMBS["jpeg 2000"]):
+        path = _dicom_with_frame(tmp_path / "fine.dcm", make(64, 48), syntax, rows=48)
+        img = read_both(path, max_pixels=64 * 48)
+        assert img.shape == (48, 64)
+        np.testing.assert_allclose(img, 128 / 255, atol=2 / 255)
+
+
+def test_dicom_frame_with_more_samples_than_header_is_corrupt(tmp_path: Path) -> None:
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), (10, 200, 30)).save(buffer, "JPEG")
+    path = _dicom_with_frame(tmp_path / "colour.dcm", buffer.getvalue(), JPEGBaseline8Bit)
+    with pytest.raises(CorruptImageError, match=re.escape("colour.dcm")) as info:
+        read_both(path)
+    assert "3 samples" in info.value.reason
+
+
+def test_deflated_dicom_bomb_refused_before_inflating(tmp_path: Path) -> None:
+    """A deflated data set that inflates far beyond what max_pixels allows is refused while
+    inflating, not after the whole data set is in memory."""
+    path = _write_dicom(tmp_path / "deflate.dcm", np.zeros((2048, 2048), np.uint8))
+    ds = pydicom.dcmread(path)
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    ds.Rows = ds.Columns = 8  # the header is small; the deflated stream is not
+    ds.save_as(path)
+    assert path.stat().st_size < 100_000
+    tracemalloc.start()
+    try:
+        with pytest.raises(ImageTooLargeError, match=re.escape("deflate.dcm")):
+            read_both(path, max_pixels=100_000)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 2048 * 2048 // 2, f"{peak:,} bytes allocated: the data set was inflated"
+    small = _write_dicom(tmp_path / "small.dcm", _ramp(), bits_stored=12)
+    ds = pydicom.dcmread(small)
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    ds.save_as(small)
+    np.testing.assert_allclose(read_both(small), _ramp() / 4095.0, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------
+# Files that exist but cannot be read
+# --------------------------------------------------------------------------------------------
+
+
+def test_symlink_loop_is_unreadable_naming_the_file(tmp_path: Path) -> None:
+    loop = tmp_path / "loop.png"
+    loop.symlink_to(loop)
+    for read in (read_image, read_dicom_metadata):
+        with pytest.raises(UnreadableImageError, match=re.escape("loop.png")) as info:
+            read(loop)
+        assert "symbolic links" in info.value.reason.lower() or "loop" in info.value.reason
+
+
+def test_permission_denied_is_unreadable_naming_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Tests may run as root, for whom chmod 000 changes nothing: refuse the open instead.
+    path = _noise_image(tmp_path / "secret.png", "PNG")
+    real_open = Path.open
+
+    def denied(self: Path, *args: Any, **kwargs: Any) -> Any:
+        if self.name == "secret.png":
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        return real_open(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", denied)
+    with pytest.raises(UnreadableImageError, match=re.escape("secret.png")) as info:
+        read_image(path)
+    assert "Permission denied" in info.value.reason
+    assert isinstance(info.value, ImageError)
+    assert pickle.loads(pickle.dumps(info.value)).reason == info.value.reason
+
+
+def test_rle_frame_decoding_far_past_the_header_is_refused(tmp_path: Path) -> None:
+    """An RLE frame of 2-byte runs (each decodes to 128 bytes) under a 64x64 header: pydicom
+    would decode it all (64 x the file size) and only warn; refused before decoding."""
+    path = _write_dicom(tmp_path / "rle.dcm", _ramp(64, 64, high=255).astype(np.uint8))
+    ds = pydicom.dcmread(path)
+    ds.file_meta.TransferSyntaxUID = RLELossless
+    header = struct.pack("<16I", 1, 64, *([0] * 14))
+    ds.PixelData = encapsulate([header + b"\x81\x00" * 100_000])  # 12.8 MB decoded
+    ds["PixelData"].VR = "OB"
+    ds.save_as(path)
+    tracemalloc.start()
+    try:
+        with pytest.raises(CorruptImageError, match=re.escape("rle.dcm")) as info:
+            read_both(path)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert "RLE segment 1" in info.value.reason
+    assert peak < 4_000_000, f"{peak:,} bytes allocated: the segment was decoded"
+    fine = _write_dicom(tmp_path / "fine_rle.dcm", _ramp(), bits_stored=12)
+    ds = pydicom.dcmread(fine)
+    ds.compress(RLELossless, encoding_plugin="pydicom")
+    ds.save_as(fine)
+    np.testing.assert_allclose(read_both(fine), _ramp() / 4095.0, atol=1e-6)

@@ -394,7 +394,7 @@ def test_label_decodes_and_resizes_each_film_once_for_members_normalising_differ
     films = sorted((tiny_dataset / "valid").rglob("*.jpg"))
     assert all(read_image(f).shape != (48, 48) for f in films)
 
-    decodes = count_calls(monkeypatch, predict, "read_image")
+    decodes = count_calls(monkeypatch, predict, "read_image_with_info")
     resamples = count_calls(monkeypatch, Image.Image, "resize")
     label_inputs([tiny_dataset / "valid"], both, tmp_path / "out", batch_size=4, progress=False)
     assert (decodes.n, resamples.n) == (len(films), len(films))

@@ -98,7 +98,15 @@ def test_page_shows_the_apis_labels_and_a_heatmap(browser: Any, base_url: str, f
     page.set_default_timeout(TIMEOUT_MS)
     errors: list[str] = []
     page.on("pageerror", lambda exc: errors.append(str(exc)))
-    page.goto(base_url)
+    # The Content-Security-Policy must allow what the page does (blob: films, its favicon):
+    # Chromium reports what it blocks on the console.
+    page.on(
+        "console",
+        lambda msg: msg.type == "error" and "Content Security Policy" in msg.text
+        and errors.append(msg.text),
+    )  # fmt: skip
+    response = page.goto(base_url)
+    assert "frame-ancestors 'none'" in response.headers["content-security-policy"]
     page.wait_for_selector("body[data-state=ready]")
     assert page.locator("#model-name").inner_text() == api["model"]["name"]
     assert page.locator("#model-kind").inner_text() == "single model"
@@ -179,3 +187,36 @@ def test_page_asks_for_the_token(browser: Any, checkpoint: Path, film: Path) -> 
         page.wait_for_selector("body[data-heatmap]")
         assert page.locator("#heatmap").evaluate("img => img.naturalWidth") > 0
         page.close()
+
+
+def test_page_warns_about_flagged_films(browser: Any, base_url: str, tmp_path: Path) -> None:
+    """The input checks' flags are shown as a visible warning, and cleared for a good film."""
+    import numpy as np
+    from PIL import Image
+
+    from cxrlabel.synth import generate_image
+
+    tiny = tmp_path / "one_pixel.png"
+    Image.fromarray(np.full((1, 1), 200, np.uint8)).save(tiny)
+    good = tmp_path / "chest.png"
+    Image.fromarray(generate_image({}, np.random.default_rng(5), size=320)).save(good)
+    page = browser.new_page(viewport={"width": 1280, "height": 800})
+    page.set_default_timeout(TIMEOUT_MS)
+    page.goto(base_url)
+    page.wait_for_selector("body[data-state=ready]")
+
+    page.set_input_files("#file-input", str(tiny))
+    page.wait_for_selector("body[data-state=done]")
+    warning = page.locator("#flags")
+    assert warning.is_visible()
+    assert [li.get_attribute("data-flag") for li in warning.locator("li").all()] == [
+        "small",
+        "constant",
+    ]
+    assert "smallest side under 128 px" in warning.inner_text()
+    assert len(_read_findings(page)) == len(OBSERVATIONS)  # labelled all the same
+
+    page.set_input_files("#file-input", str(good))
+    page.wait_for_selector("body[data-state=done][data-flags='']")
+    assert warning.is_hidden()
+    page.close()

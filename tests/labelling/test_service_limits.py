@@ -20,11 +20,10 @@ from typing import Any
 import httpx
 import pytest
 from fastapi import FastAPI
-from fastapi.testclient import TestClient
 
 from cxrlabel.labelling.service import create_app, serve_in_thread
 from cxrlabel.models.ensemble import Ensemble, load_ensemble
-from tests.helpers import banded_checkpoint
+from tests.helpers import banded_checkpoint, local_client
 
 TOKEN = "s3cret-token"
 GENUINE_BOUND_S = 10.0  # a genuine /predict on a loaded 2-core machine, stalled clients aside
@@ -201,7 +200,7 @@ def test_uploads_in_flight_are_capped_in_all(ensemble: Ensemble) -> None:
         finally:
             extra.close()
     assert status == 503 and b'"error":"busy"' in body and headers["retry-after"].isdigit()
-    info = TestClient(app).get("/model").json()["uploads"]
+    info = local_client(app).get("/model").json()["uploads"]
     assert info["max_uploads"] == 3 and info["max_uploads_per_client"] == 4
 
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -15,6 +18,7 @@ from cxrlabel.models.checkpoint import (
     flatten_optimizer_state,
     load_checkpoint,
     load_training_state,
+    load_weights_into,
     read_metadata,
     remove_checkpoint,
     rename_checkpoint,
@@ -215,3 +219,261 @@ def test_rename_and_remove_checkpoint(tmp_path: Path) -> None:
     assert all(torch.equal(original[k], v) for k, v in loaded.state_dict().items())
     remove_checkpoint(tmp_path / "best-2.json")
     assert not list(tmp_path.iterdir())
+
+
+# --------------------------------------------------------------------------------------------
+# Hostile checkpoints (issue 11, findings 9 and 11): never the network, always a named error
+# --------------------------------------------------------------------------------------------
+
+
+def _rewrite_meta(path: Path, change: Any) -> Path:
+    """Edit a saved checkpoint's JSON in place (as an attacker with write access would)."""
+    meta_path = checkpoint_paths(path)[2]
+    meta = json.loads(meta_path.read_text())
+    change(meta)
+    meta_path.write_text(json.dumps(meta))
+    return meta_path
+
+
+class NetworkUsed(AssertionError):
+    pass
+
+
+@pytest.fixture
+def no_network(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Every way a model build could reach out (a socket, the Hub's downloads) raises and is
+    recorded; the test asserts the list stays empty."""
+    import socket
+
+    import huggingface_hub
+
+    calls: list[str] = []
+
+    def refuse(name: str) -> Any:
+        def refused(*args: Any, **kwargs: Any) -> Any:
+            calls.append(name)
+            raise NetworkUsed(f"{name} called with {args!r}")
+
+        return refused
+
+    monkeypatch.setattr(socket.socket, "connect", refuse("socket.connect"))
+    monkeypatch.setattr(socket, "create_connection", refuse("socket.create_connection"))
+    for name in ("hf_hub_download", "snapshot_download"):
+        monkeypatch.setattr(huggingface_hub, name, refuse(name))
+        monkeypatch.setattr(huggingface_hub.file_download, name, refuse(name), raising=False)
+    import timm.models._hub as timm_hub
+
+    monkeypatch.setattr(timm_hub, "hf_hub_download", refuse("timm hf_hub_download"))
+    return calls
+
+
+@pytest.mark.parametrize(
+    "backbone",
+    [
+        "hf-hub:timm/resnet18.a1_in1k",
+        "hf_hub:timm/resnet18.a1_in1k",
+        "local-dir:/tmp",
+        "timm/resnet18.a1_in1k",
+        "https://example.com/model.safetensors",
+        "../../resnet18",
+        "no_such_backbone",
+        "",
+    ],
+)
+def test_checkpoint_backbone_must_be_known_and_local(
+    tmp_path: Path, no_network: list[str], backbone: str
+) -> None:
+    path = save_checkpoint(tmp_path / "best", _model(), config={}, epoch=0, step=0)
+    meta_path = _rewrite_meta(path, lambda m: m["model"].update(backbone=backbone))
+    with pytest.raises(CheckpointError, match=r"model\.backbone") as info:
+        load_checkpoint(path)
+    assert str(meta_path) in str(info.value)
+    assert no_network == []
+
+
+def test_checkpoint_with_a_timm_backbone_builds_offline(
+    tmp_path: Path, no_network: list[str]
+) -> None:
+    """A plain timm registry name (with or without a pretrained tag) still loads: pretrained=False,
+    so timm never looks at the Hub."""
+    torch.manual_seed(0)
+    model = create_model("resnet18.a1_in1k", "linear", LABELS, weights="none", size=32)
+    path = save_checkpoint(tmp_path / "best", model, config={}, epoch=0, step=0)
+    loaded, _ = load_checkpoint(path)
+    assert loaded.spec.backbone == "resnet18.a1_in1k"
+    assert no_network == []
+
+
+def _poison(kind: str, weights: Path) -> None:
+    import pickle
+    import struct
+
+    from safetensors.torch import load_file, save_file
+
+    good = weights.read_bytes()
+    state = load_file(str(weights))
+    if kind == "random bytes":
+        weights.write_bytes(bytes(range(256)) * 8)
+    elif kind == "truncated":
+        weights.write_bytes(good[: len(good) // 2])
+    elif kind == "empty":
+        weights.write_bytes(b"")
+    elif kind == "huge header length":
+        weights.write_bytes(struct.pack("<Q", 1 << 40) + b"{}")
+    elif kind == "header claims huge tensors":
+        header = {"head.weight": {"dtype": "F32", "shape": [1 << 20, 1 << 20],
+                                  "data_offsets": [0, 1 << 42]}}  # fmt: skip
+        raw = json.dumps(header).encode()
+        weights.write_bytes(struct.pack("<Q", len(raw)) + raw + b"\0" * 64)
+    elif kind == "pickle":
+        weights.write_bytes(pickle.dumps({k: v.numpy() for k, v in state.items()}))
+    elif kind == "wrong shape":
+        state["head.weight"] = torch.zeros(7, 7)
+        save_file(state, str(weights))
+    elif kind == "wrong dtype":
+        state["head.weight"] = state["head.weight"].to(torch.int32)
+        save_file(state, str(weights))
+    elif kind == "missing key":
+        del state["head.weight"]
+        save_file(state, str(weights))
+    elif kind == "unexpected key":
+        state["extra.weight"] = torch.zeros(2)
+        save_file(state, str(weights))
+    else:
+        raise AssertionError(kind)
+
+
+POISONS = (
+    "random bytes",
+    "truncated",
+    "empty",
+    "huge header length",
+    "header claims huge tensors",
+    "pickle",
+    "wrong shape",
+    "wrong dtype",
+    "missing key",
+    "unexpected key",
+)
+
+
+@pytest.mark.parametrize("kind", POISONS)
+def test_poisoned_weights_are_a_named_error(tmp_path: Path, kind: str) -> None:
+    """The attacker rewrites the weights and the hash beside them, so only the loader's own
+    checks stand between the file and safetensors / torch tracebacks."""
+    path = save_checkpoint(tmp_path / "best", _model(), config={}, epoch=0, step=0)
+    weights = checkpoint_paths(path)[0]
+    _poison(kind, weights)
+    digest = hashlib.sha256(weights.read_bytes()).hexdigest()
+    _rewrite_meta(path, lambda m: m["sha256"].update(weights=digest))
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(path)
+    assert str(weights) in str(info.value)
+    model = _model()
+    with pytest.raises(CheckpointError, match=str(weights)):
+        load_weights_into(path, model)
+
+
+@pytest.mark.parametrize("kind", ["random bytes", "truncated", "pickle"])
+def test_poisoned_training_state_is_a_named_error(tmp_path: Path, kind: str) -> None:
+    model, opt = _trained()
+    path = save_checkpoint(tmp_path / "last", model, config={}, epoch=0, step=2, optimizer=opt)
+    state = checkpoint_paths(path)[1]
+    state.write_bytes(
+        {
+            "random bytes": bytes(range(256)) * 8,
+            "truncated": state.read_bytes()[:100],
+            "pickle": b"\x80\x04K\x01.",
+        }[kind]
+    )
+    digest = hashlib.sha256(state.read_bytes()).hexdigest()
+    _rewrite_meta(path, lambda m: m["sha256"].update(state=digest))
+    fresh, fresh_opt = _trained(seed=1)
+    with pytest.raises(CheckpointError, match=str(state)):
+        load_training_state(path, fresh, fresh_opt)
+
+
+def _set(*keys: str, value: Any) -> Any:
+    def change(meta: dict[str, Any]) -> None:
+        target = meta
+        for key in keys[:-1]:
+            target = target[key]
+        target[keys[-1]] = value
+
+    return change
+
+
+def _drop(*keys: str) -> Any:
+    def change(meta: dict[str, Any]) -> None:
+        target = meta
+        for key in keys[:-1]:
+            target = target[key]
+        del target[keys[-1]]
+
+    return change
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        (_set("files", "weights", value="/etc/passwd"), "files"),
+        (_set("files", "weights", value="../best.safetensors"), "files"),
+        (_set("files", "weights", value="other.safetensors"), "files"),
+        (_set("files", "pretrained", value="x.safetensors"), "files"),
+        (_set("files", value="best.safetensors"), "files"),
+        (_drop("sha256", "weights"), "sha256"),
+        (_drop("model", "head"), "model"),
+        (_set("model", "pretrained_path", value="/etc/passwd"), "model"),
+        (_set("model", "head", value="transformer"), "model.head"),
+        (_set("model", "hidden", value=10**9), "model.hidden"),
+        (_set("model", "labels", value="Edema"), "model.labels"),
+        (_set("model", "labels", value=[]), "model.labels"),
+        (_set("preprocessing", "size", value=10**6), "preprocessing"),
+        (_set("preprocessing", "file", value="/etc/passwd"), "preprocessing"),
+        (_drop("preprocessing"), "preprocessing"),
+        (_set("format", value=2), "format"),
+    ],
+)
+def test_crafted_metadata_is_a_named_error(
+    tmp_path: Path, no_network: list[str], change: Any, field: str
+) -> None:
+    path = save_checkpoint(tmp_path / "best", _model(), config={}, epoch=0, step=0)
+    meta_path = _rewrite_meta(path, change)
+    with pytest.raises(CheckpointError, match=re.escape(field)) as info:
+        load_checkpoint(path)
+    assert str(meta_path) in str(info.value)
+    assert no_network == []
+
+
+@pytest.mark.parametrize("text", ["{not json", "[1, 2]", "\xff\xfe", "null"])
+def test_unreadable_metadata_is_a_named_error(tmp_path: Path, text: str) -> None:
+    path = save_checkpoint(tmp_path / "best", _model(), config={}, epoch=0, step=0)
+    meta_path = checkpoint_paths(path)[2]
+    meta_path.write_bytes(text.encode("latin-1"))
+    with pytest.raises(CheckpointError, match=re.escape(str(meta_path))):
+        load_checkpoint(path)
+
+
+def test_label_with_a_poisoned_model_prints_one_line_and_exits_2(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import numpy as np
+    from PIL import Image
+
+    from cxrlabel.cli import main
+
+    films = tmp_path / "films"
+    films.mkdir()
+    Image.fromarray(np.full((64, 64), 128, np.uint8)).save(films / "a.png")
+    path = save_checkpoint(tmp_path / "model" / "best", _model(), config={}, epoch=0, step=0)
+    weights = checkpoint_paths(path)[0]
+    _poison("pickle", weights)
+    digest = hashlib.sha256(weights.read_bytes()).hexdigest()
+    _rewrite_meta(path, lambda m: m["sha256"].update(weights=digest))
+    args = ["label", str(films), "--model", str(weights), "--out", str(tmp_path / "out"),
+            "--backend", "torch", "--device", "cpu", "--no-progress"]  # fmt: skip
+    assert main(args) == 2
+    errors = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and str(weights) in errors[0].getMessage()
+    assert "not a readable safetensors" in errors[0].getMessage()
+    assert "Traceback" not in capsys.readouterr().err

@@ -108,3 +108,51 @@ def test_keras_compatibility_switch():
     assert type(net[2]).__name__ == "MaxPool2dSame"
     # TensorFlow "same" padding: a 10 px map pooled 3/2 gives 5 px (symmetric timm pad: 4).
     assert net(torch.randn(1, 3, 12, 12)).shape[-1] == 5
+
+
+@pytest.mark.parametrize(
+    ("name", "content"),
+    [
+        ("random.safetensors", bytes(range(256)) * 4),
+        ("empty.safetensors", b""),
+        ("pickle.safetensors", b"\x80\x04\x95\x05\x00\x00\x00\x00\x00\x00\x00}\x94."),
+        ("random.pth", bytes(range(256)) * 4),
+        ("empty.pth", b""),
+        ("not-a-state-dict.pth", None),
+    ],
+)
+def test_poisoned_weights_file_is_a_weights_error(tmp_path, name, content):
+    """A user-given weights= file that is not what it claims: WeightsError naming it."""
+    path = tmp_path / name
+    if content is None:
+        torch.save([1, 2, 3], path)
+    else:
+        path.write_bytes(content)
+    net, _ = create_backbone("tiny", "none")
+    with pytest.raises(WeightsError, match=str(path)):
+        load_weights_file(net, path)
+
+
+@pytest.mark.parametrize("kind", ["wrong shape", "wrong dtype"])
+def test_weights_file_of_wrong_shapes_or_dtypes_is_refused(tmp_path, kind):
+    net, _ = create_backbone("tiny", "none")
+    state = {k: v.contiguous() for k, v in net.state_dict().items()}
+    key = next(k for k, v in state.items() if v.is_floating_point())
+    state[key] = torch.zeros(3, 3) if kind == "wrong shape" else state[key].to(torch.int64)
+    for path in (tmp_path / "w.safetensors", tmp_path / "w.pth"):
+        if path.suffix == ".pth":
+            torch.save(state, path)
+        else:
+            save_file(state, str(path))
+        with pytest.raises(WeightsError, match=kind):
+            load_weights_file(net, path)
+
+
+def test_offline_backbone_allows_known_names_only():
+    from cxrlabel.models.factory import BackboneError, offline_backbone
+
+    for name in (*BACKBONES, "resnet18", "resnet18.a1_in1k"):
+        assert offline_backbone(name) == name
+    for name in ("hf-hub:timm/resnet18", "local-dir:/tmp", "timm/resnet18", "x/../y", "nope"):
+        with pytest.raises(BackboneError, match="not a known backbone"):
+            offline_backbone(name)

@@ -274,3 +274,27 @@ def test_equalising_models_are_not_exported_and_auto_labels_with_torch(
     save_checkpoint(plain_ckpt, plain, config={}, epoch=1, step=1)
     plain_probs = load_ensemble([plain_ckpt], device="cpu").predict_images(images)
     assert not np.allclose(labeller.predict_images(images), plain_probs)
+
+
+def test_onnx_with_external_data_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A crafted graph whose initializer lives in another file (read relative to the serving
+    process's folder): cxrlabel's exports never use external data, so it is refused unread."""
+    from onnx import TensorProto
+
+    ckpt = make_checkpoint(tmp_path / "a" / "best.safetensors", seed=0)
+    proto = onnx.load(str(export_onnx([ckpt], tmp_path / "model.onnx")))
+    tensor = max(proto.graph.initializer, key=lambda t: len(t.raw_data))
+    size = len(tensor.raw_data)
+    tensor.ClearField("raw_data")
+    tensor.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", "secret.bin"), ("offset", "0"), ("length", str(size))):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "secret.bin").write_bytes(b"\0" * size)
+    crafted = tmp_path / "crafted.onnx"
+    crafted.write_bytes(proto.SerializeToString())
+    with pytest.raises(OnnxModelError, match=r"crafted\.onnx.*external data"):
+        OnnxModel(crafted)

@@ -234,3 +234,14 @@ def test_run_dir_of(tiny_run: TrainResult, tmp_path: Path):
     assert run_dir_of(run / "checkpoints" / "epoch-0002.json") == run
     assert run_dir_of(tmp_path / "model.safetensors") is None
     assert run_dir_of(tmp_path) is None  # a folder without config.yaml is no run
+
+
+@pytest.mark.parametrize(
+    "path", ["/etc/passwd", "../other/checkpoints/best.safetensors", "checkpoints/../../x"]
+)
+def test_kept_json_cannot_point_outside_the_run(tmp_path: Path, path: str) -> None:
+    folder = RunFolder(tmp_path / "run")
+    _checkpoint(tmp_path / "other" / "checkpoints" / "best.safetensors", seed=0)
+    write_kept(folder, [{"rank": 1, "epoch": 0, "path": path}], select_best="val_loss", keep_best=2)
+    with pytest.raises(ValueError, match=r"kept\.json.*outside"):
+        best_k(folder, 1)

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import yaml
 
 from cxrlabel.config import RunConfig, build_config, load_config
 from cxrlabel.models.checkpoint import load_checkpoint, read_metadata
@@ -463,3 +464,50 @@ def test_tiny_cnn_learns_synthetic_findings(precision: str, tmp_path: Path) -> N
     # seen value with margin, and far above what an untrained model scores (~0.5).
     for label in LEARN_LABELS:
         assert aurocs[label] >= LEARN_MIN_AUROC, aurocs
+
+
+@pytest.mark.parametrize("every", [2, 0])
+def test_checkpoint_every_steps_sets_the_mid_epoch_interval(
+    tiny_dataset: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    one_thread: None,
+    every: int,
+) -> None:
+    """RunConfig.checkpoint_every_steps: `last` is saved every N steps and at each epoch's end;
+    0 saves it only at epoch ends."""
+    from cxrlabel.training.saver import CheckpointSaver
+
+    steps: list[int] = []
+    real = CheckpointSaver.save_last
+
+    def counting(self: CheckpointSaver, progress: dict[str, Any]) -> None:
+        steps.append(int(progress["step"]))
+        real(self, progress)
+
+    monkeypatch.setattr(CheckpointSaver, "save_last", counting)
+    config = _config(
+        tiny_dataset, runs_dir=str(tmp_path), epochs=2, keep_best=1, checkpoint_every_steps=every
+    )
+    result = train(config)
+    per_epoch = result.metrics["steps"] // 2
+    mid = [s for s in range(1, 2 * per_epoch + 1) if every and s % every == 0]
+    assert per_epoch > 2 and steps == sorted([*mid, per_epoch, 2 * per_epoch])
+    assert load_config(result.run_dir / "config.yaml").checkpoint_every_steps == every
+
+
+def test_checkpoint_every_steps_default_and_old_configs(tmp_path: Path) -> None:
+    """The default is 200; a config.yaml saved before the key existed loads with it, and a run
+    may resume with another interval (it changes when `last` is saved, not the result)."""
+    assert RunConfig().checkpoint_every_steps == 200
+    with pytest.raises(ValueError, match="checkpoint_every_steps"):
+        build_config(None, {"checkpoint_every_steps": -1})
+    old = RunConfig(name="old").to_dict()
+    del old["checkpoint_every_steps"]
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(old))
+    assert load_config(tmp_path / "config.yaml").checkpoint_every_steps == 200
+    from cxrlabel.training.finetune import _check_resumable
+
+    _check_resumable(RunConfig(name="old", checkpoint_every_steps=5), tmp_path)
+    with pytest.raises(ValueError, match="changed"):
+        _check_resumable(RunConfig(name="old", lr=0.5), tmp_path)

@@ -12,7 +12,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from fastapi.testclient import TestClient
 
 from cxrlabel.cli import main
 from cxrlabel.config import (
@@ -39,6 +38,7 @@ from cxrlabel.training.heads import (
     run_train_head,
     train_head,
 )
+from tests.helpers import local_client
 
 # Module-wide: see conftest.one_thread.
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -197,7 +197,7 @@ def test_3_D_checkpoint_labels_serves_and_exports_like_its_head(swept, tmp_path:
     np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0)
 
     # The service.
-    client = TestClient(create_app(load_model([checkpoint], backend="torch", device="cpu")))
+    client = local_client(create_app(load_model([checkpoint], backend="torch", device="cpu")))
     for film, want in zip(films, expected, strict=True):
         response = client.post("/predict", files={"file": (film.name, film.read_bytes())})
         assert response.status_code == 200, response.text

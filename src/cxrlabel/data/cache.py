@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from cxrlabel.csvcells import frame_csv, restore_frame
 from cxrlabel.data.images import ImageError, read_image
 from cxrlabel.data.transforms import ResizeGeometry, to_uint8
 from cxrlabel.fileio import atomic_path, atomic_write_text
@@ -95,8 +96,10 @@ class ImageCache:
         self.images = np.memmap(
             self.dir / IMAGES_FILE, dtype=np.uint8, mode="r", shape=(n, size, size)
         )
-        index = pd.read_csv(
-            self.dir / INDEX_FILE, dtype={"Path": str, "reason": str}, keep_default_na=False
+        index = restore_frame(
+            pd.read_csv(
+                self.dir / INDEX_FILE, dtype={"Path": str, "reason": str}, keep_default_na=False
+            )
         )
         self.paths: list[str] = index["Path"].tolist()
         self.ok = index["ok"].to_numpy(dtype=bool)
@@ -166,7 +169,7 @@ def prepare_cache(
     index = pd.DataFrame(
         {"row": range(n), "Path": [str(p) for p in paths], "ok": ok.astype(int), "reason": reasons}
     )
-    atomic_write_text(cache_dir / INDEX_FILE, index.to_csv(index=False))
+    atomic_write_text(cache_dir / INDEX_FILE, frame_csv(index, index=False))
     meta = {
         "version": CACHE_VERSION,
         "fingerprint": key,

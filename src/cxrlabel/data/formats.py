@@ -24,13 +24,15 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from cxrlabel.csvcells import restore_frame
+from cxrlabel.data.csvfiles import PathGuard, check_path, not_utf8_error
 from cxrlabel.data.labels import (
     OBSERVATIONS,
     BlankMeaning,
@@ -74,15 +76,40 @@ _GENERIC_ID_COLUMNS = {
 _MIMIC_VIEWS = {"PA": "Frontal", "AP": "Frontal", "LATERAL": "Lateral", "LL": "Lateral"}
 
 
-def read_csv_text(path: Path) -> pd.DataFrame:
-    """Read a CSV keeping every cell as text, so blank and '0' are never confused."""
+def read_csv_text(path: Path, *, nrows: int | None = None) -> pd.DataFrame:
+    """Read a CSV keeping every cell as text, so blank and '0' are never confused. Cells the
+    project's writers escaped against spreadsheet formulas are restored (cxrlabel.csvcells),
+    so its own outputs read back as they were."""
     path = Path(path)
     if not path.is_file():
         raise LabelError(f"{path}: label file not found")
     try:
-        return pd.read_csv(path, dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as exc:
+        frame = pd.read_csv(
+            path, dtype=str, keep_default_na=False, nrows=nrows, encoding="utf-8-sig"
+        )
+    except UnicodeDecodeError:
+        raise not_utf8_error(path) from None
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, ValueError, OSError) as exc:
         raise LabelError(f"{path}: not a readable CSV ({exc})") from exc
+    return restore_frame(frame)
+
+
+def check_table_paths(
+    table: LabelTable,
+    *,
+    allow_outside: bool,
+    source: str | Path | None = None,
+    lines: Sequence[int] | None = None,
+) -> LabelTable:
+    """The table, once every `Path` is known to stay inside its root (cxrlabel.data.csvfiles);
+    else OutsidePathError naming the CSV, the line (`lines[i]`, default row + 2) and the path."""
+    if allow_outside:
+        return table
+    guard = PathGuard(table.root)
+    for i, text in enumerate(table.frame["Path"].astype(str)):
+        line = lines[i] if lines is not None else i + 2
+        check_path(guard, text, source=source or table.source, line=line, allow_outside=False)
+    return table
 
 
 def _parse_observations(
@@ -97,6 +124,13 @@ def _parse_observations(
     return {o: parse_label_column(frame[o], o, source=source) for o in present}
 
 
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except (OSError, ValueError):  # a NUL in the name, a name too long: the path rule reports it
+        return False
+
+
 def _dataset_root(csv_path: Path, first_path: str) -> Path:
     """Folder that `Path` entries are relative to.
 
@@ -105,14 +139,14 @@ def _dataset_root(csv_path: Path, first_path: str) -> Path:
     """
     folder = csv_path.resolve().parent
     head = Path(first_path).parts[0] if first_path else ""
-    if head != folder.name or (folder / first_path).exists():
+    if head != folder.name or _exists(folder / first_path):
         # A dataset written into a folder that happens to share its first path component's
         # name (e.g. `train/`) keeps its own folder as root when the file is found there.
         return folder
     return folder.parent
 
 
-def read_chexpert(csv_path: Path) -> LabelTable:
+def read_chexpert(csv_path: Path, *, allow_outside_paths: bool = False) -> LabelTable:
     """A CheXpert `train.csv` / `valid.csv`."""
     csv_path = Path(csv_path)
     frame = read_csv_text(csv_path)
@@ -124,10 +158,13 @@ def read_chexpert(csv_path: Path) -> LabelTable:
     table = table_from_columns(
         frame, root=root, source=str(csv_path), blank=BlankMeaning.NEGATIVE, label_values=values
     )
+    check_table_paths(table, allow_outside=allow_outside_paths)
     return ensure_ids(table, fallback="error")
 
 
-def read_mimic(metadata_csv: Path, labels_csv: Path) -> LabelTable:
+def read_mimic(
+    metadata_csv: Path, labels_csv: Path, *, allow_outside_paths: bool = False
+) -> LabelTable:
     """MIMIC-CXR-JPG: metadata (one row per image) joined with study-level labels."""
     metadata_csv, labels_csv = Path(metadata_csv), Path(labels_csv)
     meta = read_csv_text(metadata_csv)
@@ -142,6 +179,7 @@ def read_mimic(metadata_csv: Path, labels_csv: Path) -> LabelTable:
     # Parse before joining so an error names the label file's own line.
     values = _parse_observations(labels, str(labels_csv), required=True)
     parsed = labels[["subject_id", "study_id"]].assign(**values)
+    meta = meta.assign(_line=range(2, len(meta) + 2))  # the metadata line a path comes from
     joined = meta.merge(parsed, on=["subject_id", "study_id"], how="inner", validate="m:1")
     dropped = len(meta) - len(joined)
     if dropped:
@@ -171,16 +209,21 @@ def read_mimic(metadata_csv: Path, labels_csv: Path) -> LabelTable:
         view = joined["ViewPosition"].str.upper()
         frame["Frontal/Lateral"] = view.map(_MIMIC_VIEWS).fillna("")
         frame["AP/PA"] = view.where(view.isin(["AP", "PA"]), "")
-    return table_from_columns(
+    table = table_from_columns(
         frame,
         root=metadata_csv.resolve().parent,
         source=str(labels_csv),
         blank=BlankMeaning.NEGATIVE,
         label_values={o: joined[o].to_numpy() for o in values},
     )
+    return check_table_paths(
+        table, allow_outside=allow_outside_paths, source=metadata_csv, lines=list(joined["_line"])
+    )
 
 
-def read_nih(csv_path: Path, image_dir: str = "images") -> LabelTable:
+def read_nih(
+    csv_path: Path, image_dir: str = "images", *, allow_outside_paths: bool = False
+) -> LabelTable:
     """NIH ChestX-ray14 `Data_Entry_2017*.csv`."""
     csv_path = Path(csv_path)
     frame = read_csv_text(csv_path)
@@ -215,16 +258,22 @@ def read_nih(csv_path: Path, image_dir: str = "images") -> LabelTable:
             "study_id": frame["Patient ID"] + "/" + follow_up,
         }
     )
-    return table_from_columns(
+    table = table_from_columns(
         canonical,
         root=csv_path.resolve().parent,
         source=str(csv_path),
         blank=BlankMeaning.UNKNOWN,
         label_values=values,
     )
+    return check_table_paths(table, allow_outside=allow_outside_paths)
 
 
-def read_generic(csv_path: Path, blank: BlankMeaning | str = BlankMeaning.UNKNOWN) -> LabelTable:
+def read_generic(
+    csv_path: Path,
+    blank: BlankMeaning | str = BlankMeaning.UNKNOWN,
+    *,
+    allow_outside_paths: bool = False,
+) -> LabelTable:
     """A CSV with `Path` and any subset of the 14 observation columns."""
     csv_path = Path(csv_path)
     frame = read_csv_text(csv_path)
@@ -251,6 +300,7 @@ def read_generic(csv_path: Path, blank: BlankMeaning | str = BlankMeaning.UNKNOW
         blank=BlankMeaning(blank),
         label_values=values,
     )
+    check_table_paths(table, allow_outside=allow_outside_paths)
     table = ensure_ids(table, fallback="path")
     if (table.frame["patient_id"] == table.frame["Path"]).any():
         log.warning(
@@ -275,6 +325,17 @@ def detect_format(columns: Mapping[str, object] | list[str]) -> str:
     raise LabelError(f"cannot tell the label format from columns {sorted(cols)[:8]}...")
 
 
+def _detect_file_format(csv_path: Path) -> str:
+    """detect_format on a file's header; the error names the file."""
+    if not csv_path.is_file():
+        return "generic"  # read_generic reports the missing file
+    header = read_csv_text(csv_path, nrows=0).columns
+    try:
+        return detect_format(list(header))
+    except LabelError as exc:
+        raise LabelError(f"{csv_path}: {exc}") from None
+
+
 def load_table(
     csv_path: Path,
     fmt: str = "auto",
@@ -282,28 +343,32 @@ def load_table(
     mimic_metadata: Path | None = None,
     nih_image_dir: str = "images",
     blank: BlankMeaning | str | None = None,
+    allow_outside_paths: bool = False,
 ) -> LabelTable:
     """Load any supported label file as a LabelTable.
 
     `blank` overrides the format's blank meaning (e.g. a generic CSV from a dataset where
-    blank means negative).
+    blank means negative). A `Path` that leads outside the CSV's root is an OutsidePathError
+    unless `allow_outside_paths` (cxrlabel.data.csvfiles).
     """
     csv_path = Path(csv_path)
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; choose one of {FORMATS}")
     if fmt == "auto":
-        header = pd.read_csv(csv_path, nrows=0).columns if csv_path.is_file() else []
-        fmt = detect_format(list(header)) if csv_path.is_file() else "generic"
+        fmt = _detect_file_format(csv_path)
+    allow = allow_outside_paths
     if fmt == "chexpert":
-        table = read_chexpert(csv_path)
+        table = read_chexpert(csv_path, allow_outside_paths=allow)
     elif fmt == "mimic":
         if mimic_metadata is None:
             raise LabelError(f"{csv_path}: MIMIC-CXR labels need the metadata CSV as well")
-        table = read_mimic(mimic_metadata, csv_path)
+        table = read_mimic(mimic_metadata, csv_path, allow_outside_paths=allow)
     elif fmt == "nih":
-        table = read_nih(csv_path, image_dir=nih_image_dir)
+        table = read_nih(csv_path, image_dir=nih_image_dir, allow_outside_paths=allow)
     else:
-        table = read_generic(csv_path, blank=blank or BlankMeaning.UNKNOWN)
+        table = read_generic(
+            csv_path, blank=blank or BlankMeaning.UNKNOWN, allow_outside_paths=allow
+        )
     if blank is not None and BlankMeaning(blank) is not table.blank:
         table = replace(table, blank=BlankMeaning(blank))
     return table

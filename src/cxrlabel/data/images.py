@@ -38,7 +38,11 @@ the same values and a MONOCHROME1 file equals ``1 -`` its MONOCHROME2 twin):
 
 Safety: images larger than ``max_pixels`` (default :data:`MAX_PIXELS` = 8192 * 8192) are
 refused *before* any pixel is decoded, from the PNG/JPEG header size or the DICOM
-Rows x Columns. This check does not rely on, and never changes, Pillow's global
+Rows x Columns. A decoder sizes its output from the compressed stream, not from the DICOM
+header, so an encapsulated DICOM frame is also checked from its own header (JPEG/JPEG-LS SOF,
+JPEG 2000 SIZ) against the limit and against Rows, Columns and Samples per Pixel (a mismatch
+is a :class:`CorruptImageError`); a deflated data set is refused while inflating once it passes
+:func:`max_inflated_bytes`. This check does not rely on, and never changes, Pillow's global
 ``Image.MAX_IMAGE_PIXELS`` (Pillow's own, larger, limit still applies on top of ours).
 Truncated files are detected by fully decoding them; this module never sets
 ``ImageFile.LOAD_TRUNCATED_IMAGES``. If another module has set it, a structural check (the PNG
@@ -47,6 +51,10 @@ Truncated files are detected by fully decoding them; this module never sets
 Sources: a path, or the file's bytes in memory (``bytes``, ``bytearray`` or ``memoryview``, e.g.
 an HTTP upload), decoded by the same code into the same array. :func:`sniff_format` is the one
 place that tells PNG, JPEG and DICOM apart by their first bytes, for both.
+
+What the greyscale array cannot show (that the file had real colour, its DICOM Modality and
+BodyPartExamined) is reported by :func:`read_image_with_info` as an :class:`ImageInfo`, from the
+same single decode; :mod:`cxrlabel.data.sanity` judges it.
 
 Every failure raises a subclass of :class:`ImageError` (itself a ``ValueError``) whose message
 names the file (or the ``name`` given with bytes) and the cause; see the class docstrings.
@@ -58,14 +66,19 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import os
-from dataclasses import dataclass
+import struct
+import zlib
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, BinaryIO, Literal
 
 import numpy as np
 import pydicom
+import pydicom.encaps
 import pydicom.errors
+import pydicom.filereader
 import pydicom.pixels
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
@@ -101,6 +114,10 @@ _PIXEL_DATA_TAG_LE = b"\xe0\x7f\x10\x00"  # (7FE0,0010) as little-endian group/e
 # Decoder messages (Pillow, pydicom) that mean "the data stops early".
 _TRUNCATION_HINTS = ("truncat", "less than expected", "end of file", "unexpected eof")
 _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
+_GREY_MODES = frozenset({"1", "L", "LA", "La", *_SIXTEEN_BIT_MODES})
+# Colour content is measured on a strided sample of at most about this many pixels: enough to
+# see colour anywhere but in a speck, and cheap on a 4000 px film.
+_CHROMA_SAMPLE = 1 << 20
 
 # Which pip packages provide a decoder, per DICOM transfer syntax, for error messages.
 _JPEG_PACKAGES = "pylibjpeg and pylibjpeg-libjpeg (pip install pylibjpeg pylibjpeg-libjpeg)"
@@ -148,6 +165,11 @@ class MissingImageError(ImageError):
     """The path does not exist."""
 
 
+class UnreadableImageError(ImageError):
+    """The path exists but cannot be opened or read: permission denied, a symbolic-link loop,
+    an I/O error. Retrying may succeed once the file system is fixed, unlike a corrupt file."""
+
+
 class EmptyImageError(ImageError):
     """The file exists but is zero bytes long."""
 
@@ -185,6 +207,33 @@ class UnsupportedDicomError(UnsupportedImageError):
 # --------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class ImageInfo:
+    """What the reader saw of a file besides the grey pixels it returns.
+
+    Attributes:
+        format: ``"png"``, ``"jpeg"`` or ``"dicom"`` (from the content, as :func:`sniff_format`
+            says; a DICOM recognised by its suffix is ``"dicom"``); for another format Pillow
+            reads, Pillow's name in lower case.
+        width, height: of the returned array (after EXIF orientation).
+        mode: the Pillow mode (``"L"``, ``"RGB"``, ``"I;16"``...) or the DICOM Photometric
+            Interpretation (``"MONOCHROME2"``, ``"RGB"``...).
+        chroma: how coloured the pixels are: the mean over pixels of (largest - smallest
+            colour channel) / full scale, in [0, 1]; 0.0 for a greyscale file, and about 0 for
+            grey content stored as RGB (NIH's RGBA PNGs).
+        modality: DICOM Modality (``"CR"``, ``"DX"``, ``"MR"``...); None when absent or not DICOM.
+        body_part: DICOM BodyPartExamined; None when absent or not DICOM.
+    """
+
+    format: str
+    width: int
+    height: int
+    mode: str
+    chroma: float = 0.0
+    modality: str | None = None
+    body_part: str | None = None
+
+
 def read_image(
     source: ImageSource, *, name: str | None = None, max_pixels: int = MAX_PIXELS
 ) -> np.ndarray:
@@ -204,6 +253,16 @@ def read_image(
 
     Raises:
         ImageError: one of its subclasses, naming the file (or `name`) and the cause.
+    """
+    return read_image_with_info(source, name=name, max_pixels=max_pixels)[0]
+
+
+def read_image_with_info(
+    source: ImageSource, *, name: str | None = None, max_pixels: int = MAX_PIXELS
+) -> tuple[np.ndarray, ImageInfo]:
+    """:func:`read_image`'s array and an :class:`ImageInfo` about the file, from one decode.
+
+    Arguments and errors are those of :func:`read_image`; the array is identical.
     """
     src = _Source.of(source, name)
     head = src.head()
@@ -320,8 +379,9 @@ class _Source:
             raise MissingImageError(self.name, "file does not exist") from None
         except IsADirectoryError:
             raise NotAnImageError(self.name, "is a directory, not a file") from None
-        except OSError as exc:
-            raise ImageError(self.name, f"cannot open file ({exc.strerror or exc})") from exc
+        except OSError as exc:  # permission denied, a symbolic-link loop, an I/O error...
+            reason = f"cannot open or read file ({exc.strerror or exc})"
+            raise UnreadableImageError(self.name, reason) from exc
         if not head:
             raise EmptyImageError(self.name, "file is empty (0 bytes)")
         return head
@@ -347,13 +407,15 @@ def _has_dicom_preamble(head: bytes) -> bool:
     return head[_DICOM_MAGIC_OFFSET : _DICOM_MAGIC_OFFSET + 4] == _DICOM_MAGIC
 
 
-def _check_size(path: Path, width: int, height: int, max_pixels: int) -> None:
+def _check_size(
+    path: Path, width: int, height: int, max_pixels: int, *, what: str = "image"
+) -> None:
     if width <= 0 or height <= 0:
-        raise CorruptImageError(path, f"header gives an invalid size {width}x{height}")
+        raise CorruptImageError(path, f"header gives an invalid {what} size {width}x{height}")
     if width * height > max_pixels:
         raise ImageTooLargeError(
             path,
-            f"image is {width}x{height} = {width * height:,} pixels, more than the allowed "
+            f"{what} is {width}x{height} = {width * height:,} pixels, more than the allowed "
             f"{max_pixels:,} (possible decompression bomb; raise max_pixels if intended)",
         )
 
@@ -363,14 +425,17 @@ def _check_size(path: Path, width: int, height: int, max_pixels: int) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def _read_pillow(src: _Source, head: bytes, max_pixels: int) -> np.ndarray:
+def _read_pillow(src: _Source, head: bytes, max_pixels: int) -> tuple[np.ndarray, ImageInfo]:
     path = src.name
     try:
         with src.open() as handle, Image.open(handle) as im:
             # Image.open only parses the header: check the size before decoding anything.
             _check_size(path, im.width, im.height, max_pixels)
             _load_fully(src, im)
-            return _pillow_to_float(path, im)
+            image = _pillow_to_float(path, im)
+            fmt = sniff_format(head) or (im.format or "unknown").lower()
+            height, width = image.shape
+            return image, ImageInfo(fmt, width, height, im.mode, _pillow_chroma(im))
     except ImageError:
         raise
     except Image.DecompressionBombError as exc:  # Pillow's own global limit, stricter than ours
@@ -430,6 +495,24 @@ def _pillow_to_float(path: Path, im: Image.Image) -> np.ndarray:
     return np.asarray(grey, dtype=np.float32) / np.float32(255.0)
 
 
+def _pillow_chroma(im: Image.Image) -> float:
+    """ImageInfo.chroma of a decoded Pillow image (its colour before conversion to grey)."""
+    if im.mode in _GREY_MODES:
+        return 0.0
+    rgb = im if im.mode in ("RGB", "RGBA", "RGBX") else im.convert("RGB")  # P, CMYK, YCbCr...
+    return _chroma(np.asarray(rgb), 255.0)
+
+
+def _chroma(pixels: np.ndarray, full_scale: float) -> float:
+    """Mean (largest - smallest of the first three channels) / full_scale over a strided
+    sample of an (H, W, C) array."""
+    height, width = pixels.shape[:2]
+    step = max(1, math.ceil(math.sqrt(height * width / _CHROMA_SAMPLE)))
+    sample = pixels[::step, ::step, :3]
+    spread = sample.max(axis=-1).astype(np.float64) - sample.min(axis=-1)
+    return float(spread.mean() / full_scale) if spread.size else 0.0
+
+
 def _to_luminance(im: Image.Image) -> Image.Image:
     """8-bit grey by Pillow's ITU-R 601-2 luma; alpha is ignored (not composited)."""
     if im.mode == "L":
@@ -455,20 +538,30 @@ def _warn_if_translucent(path: Path, im: Image.Image) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def _dcmread(src: _Source, head: bytes, *, stop_before_pixels: bool = False) -> pydicom.Dataset:
+def _dcmread(
+    src: _Source,
+    head: bytes,
+    *,
+    stop_before_pixels: bool = False,
+    max_pixels: int = MAX_PIXELS,
+) -> pydicom.Dataset:
     """Parse a DICOM file. Files without the preamble (allowed by content or suffix) are read
-    with force."""
+    with force. A deflated data set is first checked to inflate to at most
+    :func:`max_inflated_bytes` of `max_pixels`."""
     path = src.name
     has_preamble = _has_dicom_preamble(head)
+    with src.open() as handle:
+        _check_deflated_size(path, handle, max_inflated_bytes(max_pixels))
     try:
         with src.open() as handle:
             # Nothing is deferred (pydicom's default), so the data set outlives the handle.
             ds = pydicom.dcmread(
                 handle, force=not has_preamble, stop_before_pixels=stop_before_pixels
             )
+        _convert_elements(ds)
     except pydicom.errors.InvalidDicomError as exc:
         raise NotAnImageError(path, f"not a valid DICOM file ({exc})") from exc
-    except (EOFError, OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+    except _DICOM_PARSE_ERRORS as exc:
         if has_preamble:
             raise _decode_error(path, exc) from exc
         raise NotAnImageError(path, f"not a DICOM file (no 'DICM' preamble; {exc})") from exc
@@ -477,6 +570,25 @@ def _dcmread(src: _Source, head: bytes, *, stop_before_pixels: bool = False) -> 
     ):
         raise NotAnImageError(path, "not a DICOM file (no 'DICM' preamble, no DICOM elements)")
     return ds
+
+
+# What pydicom raises on malformed input besides InvalidDicomError, as found by fuzzing: an
+# unknown VR (NotImplementedError), a value of the wrong length (BytesLengthException, a
+# plain Exception), a short element header (struct.error), a cut deflate stream (zlib.error).
+_DICOM_PARSE_ERRORS = (
+    EOFError, OSError, ValueError, KeyError, TypeError, AttributeError, IndexError,
+    NotImplementedError, RuntimeError, struct.error, zlib.error,
+    pydicom.errors.BytesLengthException,
+)  # fmt: skip
+
+
+def _convert_elements(ds: pydicom.Dataset) -> None:
+    """Convert every raw element now: pydicom converts values on first access, so a malformed
+    value would otherwise fail later, wherever some code first reads it, with a bare error."""
+    meta = getattr(ds, "file_meta", None)
+    for dataset in (meta, ds) if meta is not None else (ds,):
+        for _ in dataset.iterall():
+            pass
 
 
 def _assume_transfer_syntax(ds: pydicom.Dataset) -> None:
@@ -494,13 +606,14 @@ def _assume_transfer_syntax(ds: pydicom.Dataset) -> None:
     meta.TransferSyntaxUID = ExplicitVRLittleEndian if explicit else ImplicitVRLittleEndian
 
 
-def _read_dicom(src: _Source, head: bytes, max_pixels: int) -> np.ndarray:
+def _read_dicom(src: _Source, head: bytes, max_pixels: int) -> tuple[np.ndarray, ImageInfo]:
     path = src.name
-    ds = _dcmread(src, head)
+    ds = _dcmread(src, head, max_pixels=max_pixels)
     _check_dicom_pixels_present(src, ds)
     rows, columns = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
     _check_size(path, columns, rows, max_pixels)
     _check_decoder(path, ds)
+    _check_encapsulated_frame(path, ds, max_pixels)
     _assume_transfer_syntax(ds)
     frames = int(ds.get("NumberOfFrames") or 1)
     if frames > 1:
@@ -515,17 +628,284 @@ def _read_dicom(src: _Source, head: bytes, max_pixels: int) -> np.ndarray:
     if arr.ndim == 3 and arr.shape[-1] == 1:
         arr = arr[..., 0]
     photometric = str(ds.get("PhotometricInterpretation", "")).strip().upper()
+    info = ImageInfo(
+        "dicom",
+        int(arr.shape[1]),
+        int(arr.shape[0]),
+        photometric,
+        modality=_dicom_text(ds, "Modality"),
+        body_part=_dicom_text(ds, "BodyPartExamined"),
+    )
     if photometric in ("MONOCHROME1", "MONOCHROME2"):
         out = _dicom_monochrome_to_unit(path, arr, ds)
-        return (1.0 - out) if photometric == "MONOCHROME1" else out
+        return ((1.0 - out) if photometric == "MONOCHROME1" else out), info
     if arr.ndim == 3 and arr.shape[-1] == 3 and photometric != "PALETTE COLOR":
         # pydicom has already converted YBR_* to RGB.
         luma = arr.astype(np.float64) @ np.array([0.299, 0.587, 0.114])
         _, high = _stored_range(ds)
-        return _unit_range((luma / high).astype(np.float32))
+        info = replace(info, chroma=_chroma(arr, high))
+        return _unit_range((luma / high).astype(np.float32)), info
     raise UnsupportedDicomError(
         path, f"photometric interpretation {photometric or '(missing)'!r} is not supported"
     )
+
+
+def _dicom_text(ds: pydicom.Dataset, keyword: str) -> str | None:
+    value = ds.get(keyword)
+    return (str(value).strip() or None) if value is not None else None
+
+
+# Deflated data sets and encapsulated frames: sizes checked before anything is expanded.
+# The header's Rows x Columns bound nothing by themselves: a decoder sizes its output from the
+# compressed stream's own header (JPEG SOF, JPEG 2000 SIZ), and pydicom inflates a deflated
+# data set in full, so each is checked against the pixel limit before it is expanded.
+
+_DEFLATED = "1.2.840.10008.1.2.1.99"  # Deflated Explicit VR Little Endian
+_INFLATE_CHUNK = 1 << 18
+_BYTES_PER_ALLOWED_PIXEL = 8
+"""Inflated bytes allowed per pixel of `max_pixels`: 3 samples of 16 bits (6) plus room."""
+_INFLATED_HEADER_ALLOWANCE = 1 << 20
+
+_JPEG_FAMILY = frozenset(
+    {
+        "1.2.840.10008.1.2.4.50",  # JPEG Baseline
+        "1.2.840.10008.1.2.4.51",  # JPEG Extended
+        "1.2.840.10008.1.2.4.57",  # JPEG Lossless
+        "1.2.840.10008.1.2.4.70",  # JPEG Lossless SV1
+        "1.2.840.10008.1.2.4.80",  # JPEG-LS Lossless
+        "1.2.840.10008.1.2.4.81",  # JPEG-LS Near Lossless
+    }
+)
+_J2K_FAMILY = frozenset(
+    {
+        "1.2.840.10008.1.2.4.90",  # JPEG 2000 Lossless
+        "1.2.840.10008.1.2.4.91",  # JPEG 2000
+        "1.2.840.10008.1.2.4.92",  # JPEG 2000 Part 2 multi-component lossless
+        "1.2.840.10008.1.2.4.93",  # JPEG 2000 Part 2 multi-component
+        "1.2.840.10008.1.2.4.201",  # HTJ2K Lossless
+        "1.2.840.10008.1.2.4.202",  # HTJ2K Lossless RPCL
+        "1.2.840.10008.1.2.4.203",  # HTJ2K
+    }
+)
+# JPEG markers whose segment gives the frame size: SOF0-SOF15 (not DHT C4, JPG C8, DAC CC),
+# DHP (DE, a hierarchical image's full size) and JPEG-LS SOF55 (F7). Same layout for all.
+_JPEG_SIZE_MARKERS = frozenset(set(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC} | {0xDE, 0xF7})
+_JPEG_STANDALONE = frozenset({0x01, *range(0xD0, 0xD8)})  # TEM, RST0-7: no length field
+_JPEG_SOS, _JPEG_EOI = 0xDA, 0xD9
+_RLE = "1.2.840.10008.1.2.5"
+_RLE_HEADER_BYTES = 64  # 16 little-endian uint32: segment count, then 15 segment offsets
+_RLE_SLACK_BYTES = 1024
+_JP2_SIGNATURE = b"\x00\x00\x00\x0cjP  \r\n\x87\n"
+_J2K_SOC_SIZ = b"\xff\x4f\xff\x51"
+
+
+def max_inflated_bytes(max_pixels: int = MAX_PIXELS) -> int:
+    """The most bytes a deflated DICOM data set may inflate to under `max_pixels`."""
+    return max_pixels * _BYTES_PER_ALLOWED_PIXEL + _INFLATED_HEADER_ALLOWANCE
+
+
+def _check_deflated_size(path: Path, handle: BinaryIO, limit: int) -> None:
+    """For a Deflated Explicit VR Little Endian file, inflate the data set chunk by chunk,
+    keeping nothing, and refuse it once it passes `limit` bytes (pydicom inflates it whole)."""
+    if not _is_deflated(handle):
+        return
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    total = 0
+    while not inflater.eof and (data := handle.read(_INFLATE_CHUNK)):
+        while data and not inflater.eof:
+            try:
+                total += len(inflater.decompress(data, _INFLATE_CHUNK))
+            except zlib.error as exc:
+                raise CorruptImageError(path, f"deflated data set is corrupt ({exc})") from exc
+            if total > limit:
+                raise ImageTooLargeError(
+                    path,
+                    f"deflated data set inflates to more than {limit:,} bytes, more than "
+                    "max_pixels allows (possible decompression bomb; raise max_pixels if "
+                    "intended)",
+                )
+            data = inflater.unconsumed_tail
+    if not inflater.eof:
+        raise TruncatedImageError(path, "deflated data set ends early (file is truncated)")
+
+
+def _is_deflated(handle: BinaryIO) -> bool:
+    """Whether the file meta names the deflated syntax; leaves `handle` at the data set."""
+    try:
+        pydicom.filereader.read_preamble(handle, force=True)
+        meta = pydicom.filereader.read_dataset(
+            handle, is_implicit_VR=False, is_little_endian=True, stop_when=_past_file_meta
+        )
+        return str(meta.get("TransferSyntaxUID", "")).strip() == _DEFLATED
+    except Exception:  # a probe only: an unparsable meta is for dcmread to report, named
+        return False
+
+
+def _past_file_meta(tag: Any, vr: Any, length: int) -> bool:
+    return bool(tag.group != 0x0002)
+
+
+def _check_encapsulated_frame(path: Path, ds: pydicom.Dataset, max_pixels: int) -> None:
+    """Refuse an encapsulated first frame whose own header is over `max_pixels` or disagrees
+    with Rows, Columns or Samples per Pixel, before its decoder allocates anything."""
+    syntax = str(ds.file_meta.get("TransferSyntaxUID", "")) if hasattr(ds, "file_meta") else ""
+    if syntax in _JPEG_FAMILY:
+        kind, parse = "JPEG", _jpeg_frame_size
+    elif syntax in _J2K_FAMILY:
+        kind, parse = "JPEG 2000", _j2k_frame_size
+    elif syntax == _RLE:
+        _check_rle_frame(path, _first_frame(path, ds), int(ds.Rows) * int(ds.Columns))
+        return
+    else:
+        return  # native and deflated pixels are sized by the header
+    size = parse(_first_frame(path, ds))
+    if size is None:
+        raise CorruptImageError(
+            path, f"pixel data cannot be decoded (first frame has no valid {kind} header)"
+        )
+    width, height, samples = size
+    _check_size(path, width, height, max_pixels, what=f"{kind} frame")
+    rows, columns = int(ds.Rows), int(ds.Columns)
+    if (width, height) != (columns, rows):
+        raise CorruptImageError(
+            path,
+            f"{kind} frame is {width}x{height} but the header says {columns}x{rows} "
+            "(Columns x Rows)",
+        )
+    declared = int(ds.get("SamplesPerPixel") or 1)
+    if samples != declared:
+        raise CorruptImageError(
+            path,
+            f"{kind} frame has {samples} samples per pixel but the header says {declared}",
+        )
+
+
+def _first_frame(path: Path, ds: pydicom.Dataset) -> bytes:
+    """The first frame's compressed bytes, found as pydicom's decoders find them."""
+    offsets = None
+    if "ExtendedOffsetTable" in ds and "ExtendedOffsetTableLengths" in ds:
+        offsets = (ds.ExtendedOffsetTable, ds.ExtendedOffsetTableLengths)
+    try:
+        return pydicom.encaps.get_frame(
+            ds.PixelData,
+            0,
+            number_of_frames=int(ds.get("NumberOfFrames") or 1),
+            extended_offsets=offsets,
+        )
+    except (ValueError, KeyError, IndexError, EOFError, OSError, TypeError, struct.error) as exc:
+        raise CorruptImageError(
+            path, f"pixel data cannot be decoded (encapsulated frames are malformed: {exc})"
+        ) from exc
+
+
+def _check_rle_frame(path: Path, frame: bytes, pixels: int) -> None:
+    """Refuse an RLE frame any of whose segments decodes to far more than Rows x Columns bytes.
+
+    pydicom's RLE decoder sizes nothing from the header: it decodes each segment in full (one
+    2-byte run gives 128 bytes) and then only warns about the excess, so a 3 MB frame could
+    take 190 MB. Each segment's decoded length is counted here, stopping once over the limit.
+    """
+    if len(frame) < _RLE_HEADER_BYTES:
+        raise CorruptImageError(path, "pixel data cannot be decoded (RLE header is incomplete)")
+    count, *offsets = struct.unpack("<16I", frame[:_RLE_HEADER_BYTES])
+    if not 1 <= count <= 15:
+        raise CorruptImageError(
+            path, f"pixel data cannot be decoded (RLE header gives {count} segments)"
+        )
+    limit = 2 * pixels + _RLE_SLACK_BYTES  # a segment holds one byte per pixel, plus padding
+    ends = [*offsets[:count], len(frame)]
+    for index in range(count):
+        start, end = ends[index], min(ends[index + 1], len(frame))
+        if _rle_decoded_length(frame, start, end, limit) > limit:
+            raise CorruptImageError(
+                path,
+                f"RLE segment {index + 1} decodes to more than {limit:,} bytes but the header "
+                f"says {pixels:,} pixels (possible decompression bomb)",
+            )
+
+
+def _rle_decoded_length(data: bytes, start: int, end: int, limit: int) -> int:
+    """Bytes the PackBits runs in data[start:end] decode to, counted up to just past `limit`."""
+    total, pos = 0, start
+    while pos < end and total <= limit:
+        n = data[pos]
+        if n < 128:  # a literal run of n + 1 bytes
+            total += n + 1
+            pos += n + 2
+        elif n > 128:  # the next byte repeated 257 - n times
+            total += 257 - n
+            pos += 2
+        else:  # 128: no operation
+            pos += 1
+    return total
+
+
+def _jpeg_frame_size(data: bytes) -> tuple[int, int, int] | None:
+    """(width, height, components) from a JPEG or JPEG-LS stream's first frame header.
+
+    Parsed here rather than with Pillow: Pillow does not know JPEG-LS (SOF55) and would give
+    no size for it.
+    """
+    if data[:2] != b"\xff\xd8":
+        return None
+    pos = 2
+    while pos + 4 <= len(data):
+        if data[pos] != 0xFF:
+            return None
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte before a marker
+            pos += 1
+            continue
+        if marker in _JPEG_STANDALONE:
+            pos += 2
+            continue
+        if marker in (_JPEG_SOS, _JPEG_EOI):
+            return None  # scan data before any frame header
+        if marker in _JPEG_SIZE_MARKERS:
+            if pos + 10 > len(data):
+                return None
+            height, width = struct.unpack(">HH", data[pos + 5 : pos + 9])
+            return width, height, data[pos + 9]
+        length = int.from_bytes(data[pos + 2 : pos + 4], "big")
+        if length < 2:
+            return None
+        pos += 2 + length
+    return None
+
+
+def _j2k_frame_size(data: bytes) -> tuple[int, int, int] | None:
+    """(width, height, components) from a JPEG 2000 codestream's SIZ marker segment.
+
+    For a JP2 file this reads the codestream in its ``jp2c`` box, which is what decoders
+    decode, not the ``ihdr`` box (which Pillow reports and which can say anything).
+    """
+    codestream = _jp2_codestream(data) if data.startswith(_JP2_SIGNATURE) else data
+    if codestream is None or len(codestream) < 42 or not codestream.startswith(_J2K_SOC_SIZ):
+        return None
+    xsiz, ysiz, xosiz, yosiz = struct.unpack(">IIII", codestream[8:24])
+    (components,) = struct.unpack(">H", codestream[40:42])
+    return xsiz - xosiz, ysiz - yosiz, components
+
+
+def _jp2_codestream(data: bytes) -> bytes | None:
+    """The contents of a JP2 file's first ``jp2c`` (contiguous codestream) box."""
+    pos = 0
+    while pos + 8 <= len(data):
+        length, kind = struct.unpack(">I4s", data[pos : pos + 8])
+        header = 8
+        if length == 1:  # a 64-bit length follows the type
+            if pos + 16 > len(data):
+                return None
+            (length,) = struct.unpack(">Q", data[pos + 8 : pos + 16])
+            header = 16
+        elif length == 0:  # the box runs to the end of the file
+            length = len(data) - pos
+        if length < header:
+            return None
+        if kind == b"jp2c":
+            return data[pos + header : pos + length]
+        pos += length
+    return None
 
 
 def _check_dicom_pixels_present(src: _Source, ds: pydicom.Dataset) -> None:

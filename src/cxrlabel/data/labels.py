@@ -228,6 +228,23 @@ def resolve_labels(spec: str | Sequence[str]) -> tuple[str, ...]:
     return names
 
 
+def _invalid_value(source: str, line: int, column: str, text: str) -> LabelError:
+    return LabelError(
+        f"{source}: line {line}, column {column!r}: invalid label value "
+        f"{text!r} (expected 1.0, 0.0, -1.0 or blank)"
+    )
+
+
+def parse_label_cell(text: str, column: str, *, source: str, line: int) -> float:
+    """One raw CSV label cell -> 1.0, 0.0, -1.0 or NaN (blank); anything else is a LabelError
+    naming the file, the line and the column (the rule of `parse_label_column`, for readers
+    that stream rows)."""
+    value = _CELL_VALUES.get(text.strip())
+    if value is None:
+        raise _invalid_value(source, line, column, text.strip())
+    return value
+
+
 def parse_label_column(cells: pd.Series, column: str, *, source: str = "<table>") -> np.ndarray:
     """Parse one column of raw CSV strings into floats: 1.0, 0.0, -1.0, or NaN for blank.
 
@@ -239,10 +256,7 @@ def parse_label_column(cells: pd.Series, column: str, *, source: str = "<table>"
     bad = values.isna() & (text != "")
     if bad.any():
         pos = int(np.flatnonzero(bad.to_numpy())[0])
-        raise LabelError(
-            f"{source}: line {pos + 2}, column {column!r}: invalid label value "
-            f"{text.iloc[pos]!r} (expected 1.0, 0.0, -1.0 or blank)"
-        )
+        raise _invalid_value(source, pos + 2, column, text.iloc[pos])
     return values.to_numpy(dtype=np.float64)
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from cxrlabel.csvcells import frame_csv, restore_frame
 from cxrlabel.data.labels import LabelTable
 from cxrlabel.fileio import atomic_write_text
 
@@ -92,11 +93,11 @@ def save_split(split: Split, path: Path) -> None:
     """Write `patient_id,split` rows atomically (temporary file, then rename)."""
     rows = [(p, TRAIN) for p in sorted(split.train)] + [(p, VALID) for p in sorted(split.valid)]
     frame = pd.DataFrame(rows, columns=["patient_id", "split"])
-    atomic_write_text(Path(path), frame.to_csv(index=False))
+    atomic_write_text(Path(path), frame_csv(frame, index=False))
 
 
 def load_split(path: Path) -> Split:
-    frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    frame = restore_frame(pd.read_csv(path, dtype=str, keep_default_na=False))
     if list(frame.columns) != ["patient_id", "split"]:
         raise SplitError(f"{path}: expected columns patient_id,split")
     bad = set(frame["split"]) - {TRAIN, VALID}

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from cxrlabel.csvcells import frame_csv
 from cxrlabel.data.labels import (
     POSITIVE,
     TABLE1_ORDER,
@@ -70,7 +71,7 @@ class LabelStats:
         columns = ["Pathology"]
         for c in self._columns():
             columns += [c, f"{c} %"]
-        return self.frame[columns].to_csv(index=False, float_format="%.2f")
+        return frame_csv(self.frame[columns], index=False, float_format="%.2f")
 
     def to_text(self) -> str:
         """A plain terminal table with aligned columns."""

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from cxrlabel.csvcells import restore_frame
 from cxrlabel.data.labels import OBSERVATIONS, LabelTable, ensure_ids, filter_view
 from cxrlabel.evaluation.results import Predictions
 from cxrlabel.evaluation.scoring import describe_data, is_synthetic
@@ -99,7 +100,7 @@ def read_predictions(
     Labelled images without a prediction are left out, and the Predictions' notes say so.
     """
     path = Path(path)
-    frame = pd.read_csv(path)
+    frame = restore_frame(pd.read_csv(path))  # cells escaped by cxrlabel's writers
     key = next((c for c in ("Path", "Image Index") if c in frame.columns), None)
     if key is None:
         raise ValueError(f"{path}: predictions need a 'Path' or 'Image Index' column")

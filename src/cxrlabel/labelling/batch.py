@@ -13,8 +13,10 @@ removed:
                              blank (a label the model does not predict)
     probabilities.csv        Path + one probability per predicted label
     images.csv               per image: ids, view and where it came from, laterality, which model
-                             labelled it, flags, heatmap folder
-    errors.csv               unreadable inputs: Path, error, reason
+                             labelled it, its labelling note (`flag`), the input checks' flags
+                             (`flags`, see cxrlabel.data.sanity), heatmap folder
+    errors.csv               unreadable inputs: Path, error, reason (and, with skip_flagged,
+                             the films the input checks flagged, error FlaggedInput)
     study_labels.csv,        one row per study (max over its views), when ids come from the
     study_probabilities.csv  patient/study path layout, DICOM tags or CSV id columns
     run.json                 counts, timing, model info, arguments
@@ -41,10 +43,13 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from cxrlabel.data.images import ImageError, read_dicom_metadata, read_image
+from cxrlabel.csvcells import neutralise_row
+from cxrlabel.data.csvfiles import OutsidePathError
+from cxrlabel.data.images import ImageError, read_dicom_metadata, read_image_with_info
 from cxrlabel.data.inputs import (
     InputItem,
     _is_dicom_file,
+    check_csv_input,
     check_inputs,
     ids_from_path,
     iter_inputs,
@@ -52,6 +57,7 @@ from cxrlabel.data.inputs import (
     view_from_text,
 )
 from cxrlabel.data.labels import OBSERVATIONS
+from cxrlabel.data.sanity import describe_flags, join_flags, sanity_flags
 from cxrlabel.data.transforms import ResizeGeometry
 from cxrlabel.fileio import atomic_path, atomic_write_bytes, atomic_write_text
 from cxrlabel.labelling.heatmaps import contact_sheet_png, gradcams, heatmap_model, overlay_png
@@ -65,7 +71,11 @@ HEATMAP_DIR = "heatmaps"
 STUDY_FILES = ("study_labels.csv", "study_probabilities.csv")
 # What an earlier run in the same --out leaves that a fresh run removes (see Journal).
 EARLIER_OUTPUTS = (HEATMAP_DIR, *STUDY_FILES)
-RUN_FORMAT = 1
+# 2: images.csv gained `flags` and the manifest `skip_flagged` (a format-1 partial run is
+# refused rather than continued with a different header).
+RUN_FORMAT = 2
+# errors.csv's `error` for a film --skip-flagged kept from labelling.
+FLAGGED_ERROR = "FlaggedInput"
 # Heatmaps are drawn at most this many pixels on a side (a 3000 px DICOM overlay per label
 # would be tens of MB and no easier to read).
 HEATMAP_MAX_SIDE = 1024
@@ -79,6 +89,7 @@ IMAGE_COLUMNS = (
     "laterality",
     "labelled_by",
     "flag",
+    "flags",
     "heatmaps",
 )
 ERROR_COLUMNS = ("Path", "error", "reason")
@@ -132,6 +143,7 @@ class Film:
     view: str = ""
     view_source: str = ""
     laterality: str = ""
+    flags: tuple[str, ...] = ()  # the input checks' (cxrlabel.data.sanity)
 
 
 def _describe(film: Film, meta: dict[str, Any] | None) -> None:
@@ -156,18 +168,34 @@ def _describe(film: Film, meta: dict[str, Any] | None) -> None:
 
 
 def read_film(
-    seq: int, item: InputItem, resize_to: ResizeGeometry | None, keep_display: bool
+    seq: int,
+    item: InputItem,
+    resize_to: ResizeGeometry | None,
+    keep_display: bool,
+    skip_flagged: bool = False,
 ) -> Film:
-    """Read and describe one input; any failure becomes the film's error, never an exception."""
+    """Read, check and describe one input; any failure becomes the film's error, never an
+    exception. With `skip_flagged`, a film the input checks flag becomes an error too."""
     film = Film(seq, item)
+    if item.refused:  # a CSV path outside the CSV's root: reported, never opened
+        film.error, film.reason = OutsidePathError.__name__, item.refused
+        return film
     try:
         meta = read_dicom_metadata(item.path) if _is_dicom_file(item.path) else None
-        image = read_image(item.path)
+        image, info = read_image_with_info(item.path)
     except ImageError as exc:
         film.error, film.reason = type(exc).__name__, exc.reason
         return film
     except Exception as exc:  # a decoder bug must not stop a batch job; the file is reported
         film.error, film.reason = type(exc).__name__, f"{item.path}: {exc}"
+        return film
+    film.flags = sanity_flags(image, info)
+    if skip_flagged and film.flags:
+        film.error = FLAGGED_ERROR
+        film.reason = (
+            f"not labelled (--skip-flagged): the input checks flagged it: "
+            f"{describe_flags(film.flags)}"
+        )
         return film
     _describe(film, meta)
     film.display_image = _display_film(image) if keep_display else None
@@ -208,7 +236,9 @@ class LabelSummary:
     inputs: int = 0
     labelled: int = 0
     errors: int = 0
-    flagged: int = 0
+    flagged: int = 0  # labelled with a note in `flag` (a lateral film by the frontal model)
+    flagged_inputs: int = 0  # flagged by the input checks (`flags`), labelled or skipped
+    skipped: int = 0  # of those, reported in errors.csv instead (skip_flagged)
     studies: int = 0
     heatmaps: int = 0
     resumed_after: int = 0
@@ -224,9 +254,14 @@ class LabelSummary:
         return out
 
     def to_text(self) -> str:
+        checks = ""
+        if self.flagged_inputs:
+            checks = f", {self.flagged_inputs} flagged by the input checks"
+            checks += f" ({self.skipped} skipped: see errors.csv)" if self.skipped else ""
         lines = [
             f"{self.labelled} films labelled by {self.model} ({self.kind}), "
             f"{self.errors} unreadable, {self.flagged} flagged"
+            + checks
             + (f", {self.studies} studies" if self.studies else "")
             + (f", {self.heatmaps} heatmap PNGs" if self.heatmaps else ""),
             f"{self.images_per_s:.1f} images/s over {self.seconds:.1f} s"
@@ -322,7 +357,9 @@ class _Labeller:
         lateral_model: Predictor | None,
         out_dir: Path,
         heatmapper: _Heatmapper | None,
+        skip_flagged: bool = False,
     ) -> None:
+        self.skip_flagged = skip_flagged
         self.models = {"model": model}
         if lateral_model is not None:
             self.models["lateral model"] = lateral_model
@@ -385,6 +422,7 @@ class _Labeller:
             film.laterality,
             role,
             flag,
+            join_flags(film.flags),
             heatmaps,
             *p_cells,
             *y_cells,
@@ -397,9 +435,10 @@ class _Labeller:
         good = [f for f in films if f.pixels is not None]
         results = self.predict(good) if good else {}
         for film in films:
+            counts["flagged_inputs"] += bool(film.flags)
             if film.pixels is None:
                 errors_out.writerow([film.seq, film.item.display, film.error, film.reason])
-                counts["errors"] += 1
+                counts["skipped" if film.error == FLAGGED_ERROR else "errors"] += 1
                 continue
             role, flag, probs = results[film.seq]
             folder = ""
@@ -419,15 +458,22 @@ def _manifest(
     lateral_model: Predictor | None,
     heatmaps: bool,
     heatmap_labels: Sequence[str] | None,
+    skip_flagged: bool,
+    allow_outside_paths: bool,
 ) -> dict[str, Any]:
-    return {
+    manifest = {
         "format": RUN_FORMAT,
+        "skip_flagged": skip_flagged,
         "inputs": [str(p.resolve()) for p in inputs],
         "model": _model_fingerprint(model),
         "lateral_model": _model_fingerprint(lateral_model),
         "heatmaps": bool(heatmaps),
         "heatmap_labels": list(heatmap_labels) if heatmap_labels else None,
     }
+    # Only when on, so a run interrupted before the option existed still resumes.
+    if allow_outside_paths:
+        manifest["allow_outside_paths"] = True
+    return manifest
 
 
 def label_inputs(
@@ -441,8 +487,18 @@ def label_inputs(
     lateral_model: Predictor | None = None,
     progress: bool = True,
     on_batch: Callable[[int], None] | None = None,
+    skip_flagged: bool = False,
+    allow_outside_paths: bool = False,
 ) -> LabelSummary:
     """Label every film in `inputs` into `out_dir` (see the module doc for the files).
+
+    Every film gets the input checks of :mod:`cxrlabel.data.sanity`; their flags go to
+    images.csv's `flags` column, or, with `skip_flagged`, the film goes to errors.csv
+    (error ``FlaggedInput``, the reason naming the flags) instead of being labelled.
+
+    A CSV input's rows whose paths lead outside its root are reported in errors.csv, not
+    read, unless `allow_outside_paths` (cxrlabel.data.csvfiles). A CSV input that is not
+    UTF-8 or holds an invalid label value fails before anything is labelled.
 
     `on_batch(done)` is called after each batch is safely on disk with the number of inputs
     done so far (progress reporting, memory sampling; raising from it stops the run, which a
@@ -452,14 +508,22 @@ def label_inputs(
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     out_dir = Path(out_dir)
     paths = check_inputs(inputs)
+    for path in paths:
+        if path.is_file() and path.suffix.lower() == ".csv":
+            check_csv_input(path)
     models = {"model": model, **({"lateral model": lateral_model} if lateral_model else {})}
     heatmapper = _Heatmapper(out_dir, models, heatmap_labels) if heatmaps else None
-    labeller = _Labeller(model, lateral_model, out_dir, heatmapper)
+    labeller = _Labeller(model, lateral_model, out_dir, heatmapper, skip_flagged)
     journal = labeller.journal
-    state = journal.start(_manifest(paths, model, lateral_model, heatmaps, heatmap_labels))
+    manifest = _manifest(
+        paths, model, lateral_model, heatmaps, heatmap_labels, skip_flagged, allow_outside_paths
+    )
+    state = journal.start(manifest)
     summary = LabelSummary(resumed_after=state["done"], model=model.name, kind=model.kind)
     started = time.perf_counter()
-    processed = _label_stream(paths, out_dir, labeller, state, batch_size, progress, on_batch)
+    processed = _label_stream(
+        paths, out_dir, labeller, state, batch_size, progress, on_batch, allow_outside_paths
+    )
     elapsed = time.perf_counter() - started
     state["seconds"] += elapsed
     summary.seconds = state["seconds"]
@@ -476,13 +540,14 @@ def _label_stream(
     batch_size: int,
     progress: bool,
     on_batch: Callable[[int], None] | None,
+    allow_outside_paths: bool = False,
 ) -> int:
     """Read, predict and append batch after batch; returns how many inputs this call did."""
     from tqdm.auto import tqdm
 
     journal = labeller.journal
     done = state["done"]
-    inputs = iter_inputs(paths, exclude=out_dir)
+    inputs = iter_inputs(paths, exclude=out_dir, allow_outside_paths=allow_outside_paths)
     # Skip what an interrupted run finished, checking it is the same; numbering goes on
     # from input number `done`.
     hasher = journal.skip_done((item.path for item in inputs), state)
@@ -497,7 +562,10 @@ def _label_stream(
     ):
         writers = (csv.writer(images_f), csv.writer(errors_f))
         for batch in _batches(items, batch_size):
-            films = [read_film(s, it, labeller.resize_to, keep_display) for s, it in batch]
+            films = [
+                read_film(s, it, labeller.resize_to, keep_display, labeller.skip_flagged)
+                for s, it in batch
+            ]
             labeller.run_batch(films, writers, state["counts"])
             journal.advance(state, hasher, [item.path for _, item in batch])
             journal.commit(state, (images_f, errors_f))
@@ -514,10 +582,12 @@ def _label_stream(
 
 
 def _write_csv(path: Path, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> Path:
+    """An output CSV, every cell spreadsheet-safe (cxrlabel.csvcells; the partial files of
+    the journal keep the raw text, so resume compares what was really read)."""
     with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
-        writer.writerow(header)
-        writer.writerows(rows)
+        writer.writerow(neutralise_row(header))
+        writer.writerows(neutralise_row(row) for row in rows)
     return path
 
 
@@ -619,6 +689,7 @@ def _finish(
     summary.inputs = state["done"]
     summary.labelled, summary.errors = counts["labelled"], counts["errors"]
     summary.flagged, summary.heatmaps = counts["flagged"], counts["heatmaps"]
+    summary.flagged_inputs, summary.skipped = counts["flagged_inputs"], counts["skipped"]
     if heatmapper is not None:
         outputs["heatmaps"] = heatmapper.dir
     run_json = out_dir / "run.json"

@@ -81,7 +81,14 @@ class Journal:
             "done": 0,
             "paths_sha256": hashlib.sha256().hexdigest(),
             "bytes": self._sizes(),
-            "counts": {"labelled": 0, "errors": 0, "flagged": 0, "heatmaps": 0},
+            "counts": {
+                "labelled": 0,
+                "errors": 0,
+                "flagged": 0,
+                "flagged_inputs": 0,
+                "skipped": 0,
+                "heatmaps": 0,
+            },
             "seconds": 0.0,
         }
         atomic_write_text(self.state_file, json.dumps(state))

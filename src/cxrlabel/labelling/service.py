@@ -19,7 +19,16 @@ Uploads are checked by content, never by file name or declared type: PNG, JPEG a
 :class:`~cxrlabel.data.images.ImageError` behaves exactly as on the command line. Bad input gets a
 4xx, never a 500: 413 when the body exceeds the upload limit (enforced from Content-Length and
 while reading, before the whole body is in memory), 415 for content that is not a supported
-image, 422 for an image that cannot be decoded, 401 without the bearer token when one is set.
+image, 422 for an image that cannot be decoded (an empty body too), 401 without the bearer
+token when one is set. A decodable film is always labelled; the input checks of
+:mod:`cxrlabel.data.sanity` (tiny, odd shape, colour, blank, non-chest DICOM) are returned with
+it as ``flags`` for the client to show.
+
+Browsers are kept from misusing a service without a token (see BrowserGuard and
+BrowserHeaders): only allowed Host names are answered (400 otherwise, against DNS rebinding),
+cross-origin POSTs get 403 unless their origin is allowed (and then CORS headers), and every
+response carries a Content-Security-Policy and the other browser security headers. /model and
+heatmap reasons name checkpoints by file name, never by server path.
 
 Inference runs in a worker thread, off the event loop, and one lock per model serialises
 forward passes: PyTorch modules are not meant to run concurrently from several threads
@@ -41,6 +50,7 @@ and the full-size array is dropped before waiting for the model lock.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import json
 import logging
@@ -52,22 +62,23 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import numpy as np
 from fastapi import FastAPI, Query, Request, Security
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
-from starlette.datastructures import UploadFile
+from starlette.datastructures import MutableHeaders, UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -75,12 +86,14 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 import cxrlabel
 from cxrlabel.data.images import (
     ImageError,
+    ImageInfo,
     NotAnImageError,
     UnsupportedImageError,
-    read_image,
+    read_image_with_info,
     sniff_format,
 )
 from cxrlabel.data.pictures import encode_png
+from cxrlabel.data.sanity import DEFAULT_LIMITS, sanity_flags
 from cxrlabel.data.transforms import ResizeGeometry, scale_to_fit
 from cxrlabel.labelling.heatmaps import gradcams, heatmap_model, overlay_png
 from cxrlabel.models.predictor import Predictor, shared_resize
@@ -191,14 +204,35 @@ class PredictBody(BaseModel):
     thresholds: dict[str, Any] = Field(description="the thresholds used (rule, values, band)")
     heatmaps: HeatmapInfo
     timing_ms: dict[str, float]
+    flags: list[str] = Field(
+        default_factory=list,
+        description="input checks that say not to trust the labels (the film is labelled "
+        "anyway): small, aspect, colour, constant, modality:<M>, body_part:<B>; empty when none",
+    )
 
 
-_ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    401: {"model": ErrorBody, "description": "missing or wrong bearer token"},
-    413: {"model": ErrorBody, "description": "upload larger than the limit"},
-    415: {"model": ErrorBody, "description": "not a PNG, JPEG or DICOM image"},
-    422: {"model": ErrorBody, "description": "an image that cannot be decoded"},
+# Every error any route, middleware or handler can answer with, all as ErrorBody; each route
+# declares those it can give (see _errors), so that the schema tells clients the truth.
+_ERROR_DESCRIPTIONS: dict[int, str] = {
+    400: "a Host the service does not answer to (host_not_allowed), or no 'file' part",
+    401: "missing or wrong bearer token",
+    403: "a cross-origin request from an origin that is not allowed (cross_origin)",
+    404: "unknown or expired result, unknown label, or no heatmaps for this model",
+    408: "the upload was not received in time",
+    413: "upload larger than the limit",
+    415: "not a PNG, JPEG or DICOM image",
+    422: "an image that cannot be decoded (empty, truncated, ...), or an invalid parameter",
+    429: "too many uploads at once from this client",
+    503: "busy: too many requests; retry later",
 }
+
+
+def _errors(*statuses: int, token: bool) -> dict[int | str, dict[str, Any]]:
+    """Response declarations for `statuses`, plus 400 (the Host check answers any request)
+    and, with a token, 401."""
+    wanted = sorted({400, *statuses, *([401] if token else [])})
+    return {s: {"model": ErrorBody, "description": _ERROR_DESCRIPTIONS[s]} for s in wanted}
+
 
 _UPLOAD_BODY = {
     "requestBody": {
@@ -508,6 +542,187 @@ def _too_large(limit: int) -> JSONResponse:
     return _error_response(ServiceError(413, "too_large", _UploadTooLarge(limit).detail))
 
 
+# --------------------------------------------------------------------------------------------
+# Browser-side guards: Host and Origin checks, security headers
+# --------------------------------------------------------------------------------------------
+
+# Names a service bound to loopback is reached by. A DNS-rebinding page reaches 127.0.0.1
+# under its own name, which its requests carry in the Host header, so any other name is
+# refused (400) before a route runs.
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
+WILDCARD_BINDS = ("0.0.0.0", "::", "")
+SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
+# The page loads its script and style from /static, shows films from blob: URLs and has a
+# data: favicon; nothing inline, nothing from elsewhere, never framed.
+CONTENT_SECURITY_POLICY = (
+    "default-src 'self'; img-src 'self' blob: data:; object-src 'none'; base-uri 'none'; "
+    "form-action 'self'; frame-ancestors 'none'"
+)
+BROWSER_HEADERS = {
+    "content-security-policy": CONTENT_SECURITY_POLICY,
+    "x-frame-options": "DENY",
+    "x-content-type-options": "nosniff",
+    "referrer-policy": "no-referrer",
+}
+CORS_HEADERS = ("Authorization", "Content-Type", "X-Filename")
+
+
+def host_name(value: str) -> str:
+    """The host of a Host header or an allowed-hosts entry, lower case, without its port:
+    ``[::1]:8000`` -> ``::1``, ``Localhost:80`` -> ``localhost``, ``::1`` -> ``::1``."""
+    value = value.strip().lower()
+    if value.startswith("["):
+        host, _, rest = value[1:].partition("]")
+        return host if rest == "" or re.fullmatch(r":\d+", rest) else value
+    if value.count(":") == 1:
+        value = value.partition(":")[0]
+    return value.rstrip(".")
+
+
+def default_allowed_hosts(bound: str) -> list[str]:
+    """The Host names a service bound to address `bound` answers to by default: loopback and
+    the address itself; for every interface (0.0.0.0, ::), the machine's own names and
+    addresses, which are what clients on other machines reach it by."""
+    hosts = list(LOOPBACK_HOSTS)
+    if bound not in WILDCARD_BINDS:
+        hosts.append(host_name(bound))
+        return list(dict.fromkeys(hosts))
+    name = socket.gethostname()
+    hosts += [name, socket.getfqdn(name)]
+    try:
+        hosts += socket.gethostbyname_ex(name)[2]
+    except OSError:  # a name without an address: the names still count
+        log.debug("no address for host name %s", name)
+    return list(dict.fromkeys(host_name(h) for h in hosts if h))
+
+
+def _host_allowed(host: str, allowed: tuple[str, ...]) -> bool:
+    for pattern in allowed:
+        if pattern == "*" or host == pattern:
+            return True
+        if pattern.startswith("*.") and host.endswith(pattern[1:]):
+            return True
+    return False
+
+
+def check_origin(origin: str) -> str:
+    """An allowed origin as browsers send it (``scheme://host[:port]``, lower case) or
+    ValueError: a wildcard would let any page use a service that may have no token."""
+    text = origin.strip().lower().removesuffix("/")
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.netloc or parts.path or parts.query:
+        raise ValueError(
+            f"allowed origin {origin!r}: give scheme://host[:port], e.g. https://viewer.example.org"
+            " (no path, no wildcard)"
+        )
+    return text
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope.get("headers", []):
+        if key == name:
+            return value.decode("latin-1")
+    return None
+
+
+class BrowserGuard:
+    """ASGI middleware: answer only allowed Host names (400) and refuse state-changing
+    requests, and CORS preflights, from other origins (403), all as JSON errors.
+
+    A request is cross-origin when its Origin header is neither the service's own (the
+    host[:port] it was addressed by) nor an allowed origin, or when the browser says
+    ``Sec-Fetch-Site: cross-site`` and its origin is not allowed. Clients that are not
+    browsers send neither header and pass. GETs pass too: the browser's same-origin policy
+    keeps their answers from other pages, now that a rebinding name cannot make them
+    same-origin.
+    """
+
+    def __init__(self, app: ASGIApp, hosts: tuple[str, ...], origins: tuple[str, ...]) -> None:
+        self.app = app
+        self.hosts = hosts
+        self.origins = origins
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        refusal = self.refusal(scope)
+        if refusal is not None:
+            await _error_response(refusal)(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+    def refusal(self, scope: Scope) -> ServiceError | None:
+        host = _header(scope, b"host")
+        if host is None or not _host_allowed(host_name(host), self.hosts):
+            return ServiceError(
+                400,
+                "host_not_allowed",
+                f"this service does not answer to Host {host!r}; its operator can allow the "
+                "name with --allowed-hosts",
+            )
+        origin = _header(scope, b"origin")
+        preflight = (
+            scope["method"] == "OPTIONS"
+            and origin is not None
+            and (_header(scope, b"access-control-request-method") is not None)
+        )
+        if scope["method"] in SAFE_METHODS and not preflight:
+            return None
+        allowed = origin is not None and origin.lower() in self.origins
+        own = origin is not None and urlsplit(origin.lower()).netloc == host.lower()
+        cross_site = _header(scope, b"sec-fetch-site") == "cross-site"
+        if allowed or ((origin is None or own) and not cross_site and not preflight):
+            return None
+        return ServiceError(
+            403,
+            "cross_origin",
+            f"cross-origin {scope['method']} from {origin or 'another site'} refused; its "
+            "operator can allow the origin with --allowed-origins",
+        )
+
+
+class BrowserHeaders:
+    """ASGI middleware: the security headers on every response, and ``Cache-Control:
+    no-store`` on all but the page's static files (results, model details and errors must
+    not stay in shared or browser caches)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        cacheable = scope["path"].startswith("/static/")
+
+        async def with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = MutableHeaders(scope=message)
+                for name, value in BROWSER_HEADERS.items():
+                    headers.setdefault(name, value)
+                if not cacheable:
+                    headers["cache-control"] = "no-store"
+            await send(message)
+
+        await self.app(scope, receive, with_headers)
+
+
+def _add_browser_guards(app: FastAPI, hosts: tuple[str, ...], origins: tuple[str, ...]) -> None:
+    """Outermost first: headers on every answer (refusals too), then the Host and Origin
+    checks, then CORS for the allowed origins (only preflights from them reach it)."""
+    if origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(origins),
+            allow_methods=["GET", "POST"],
+            allow_headers=list(CORS_HEADERS),
+            expose_headers=["Retry-After"],
+        )
+    app.add_middleware(BrowserGuard, hosts=hosts, origins=origins)
+    app.add_middleware(BrowserHeaders)
+
+
 def _snake(name: str) -> str:
     return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower().removesuffix("_error")
 
@@ -519,8 +734,9 @@ def _image_error(exc: ImageError, filename: str) -> ServiceError:
     return ServiceError(status, _snake(type(exc).__name__), f"{filename}: {exc.reason}")
 
 
-def decode_upload(data: bytes, filename: str) -> tuple[np.ndarray, str]:
-    """Bytes of an uploaded file -> (float32 (H, W) image in [0, 1], format) or ServiceError.
+def decode_upload(data: bytes, filename: str) -> tuple[np.ndarray, ImageInfo]:
+    """Bytes of an uploaded file -> (float32 (H, W) image in [0, 1], what the reader saw:
+    its format, colour, DICOM tags) or ServiceError.
 
     Only PNG, JPEG and DICOM are accepted (read_image would also take what else Pillow
     reads); empty data is left to read_image, which says so (422).
@@ -530,7 +746,7 @@ def decode_upload(data: bytes, filename: str) -> tuple[np.ndarray, str]:
         reason = "not a PNG, JPEG or DICOM image (the content is checked, not the file name)"
         raise _image_error(NotAnImageError(filename, reason), filename)
     try:
-        image = read_image(data, name=filename)
+        image, info = read_image_with_info(data, name=filename)
     except ImageError as exc:
         raise _image_error(exc, filename) from exc
     except Exception as exc:
@@ -538,7 +754,7 @@ def decode_upload(data: bytes, filename: str) -> tuple[np.ndarray, str]:
         log.warning("unclassified decoding failure for %s", filename, exc_info=True)
         raise ServiceError(422, "corrupt_image", f"{filename}: cannot be decoded ({exc})") from exc
     assert fmt is not None  # only empty data has no format, and read_image refused it
-    return image, fmt
+    return image, info
 
 
 async def _read_upload(request: Request, limit: int) -> tuple[bytes, str]:
@@ -561,13 +777,8 @@ async def _read_upload(request: Request, limit: int) -> tuple[bytes, str]:
             if size > limit:
                 raise ServiceError(413, "too_large", _UploadTooLarge(limit).detail)
             chunks.append(chunk)
+        # An empty body is left to decode_upload: 422 empty_image, as for an empty file part.
         data, name = b"".join(chunks), request.headers.get("x-filename", "upload")
-        if not data and size == 0:
-            raise ServiceError(
-                400,
-                "missing_file",
-                "send the image as multipart field 'file' or as the request body",
-            )
     if len(data) > limit:
         raise ServiceError(413, "too_large", _UploadTooLarge(limit).detail)
     return data, name[:MAX_NAME]
@@ -626,6 +837,44 @@ def model_id(info: dict[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+# Absolute paths inside free text (exception messages): POSIX and Windows; the last part is
+# kept. The paths of the model's own files are replaced by name before this catch-all.
+_ABSOLUTE_PATH = re.compile(r"""(?<![\w.~:/-])(?:[A-Za-z]:[\\/]|/)(?:[^\\/\s'"`,;()]+[\\/])+""")
+
+
+def _model_files(info: Mapping[str, Any]) -> list[str]:
+    """The server-side paths an info names: each member's checkpoint and an ONNX source."""
+    paths = [str(m["path"]) for m in info.get("members", []) if m.get("path")]
+    return [*paths, *([str(info["onnx_source"])] if info.get("onnx_source") else [])]
+
+
+def redact_paths(value: Any, files: Sequence[str]) -> Any:
+    """`value` (a string, or lists and dicts of them) with each of `files` and any other
+    absolute path cut to its file name: clients get names, never the server's folders."""
+    if isinstance(value, str):
+        for path in sorted(files, key=len, reverse=True):
+            value = value.replace(path, Path(path).name)
+        return _ABSOLUTE_PATH.sub("", value)
+    if isinstance(value, list | tuple):
+        return [redact_paths(v, files) for v in value]
+    if isinstance(value, dict):
+        return {k: redact_paths(v, files) for k, v in value.items()}
+    return value
+
+
+def public_info(info: Mapping[str, Any]) -> dict[str, Any]:
+    """`model_info()` as /model shows it: members' checkpoints by file name (``file``, not
+    ``path``) and no server-side path anywhere."""
+    files = _model_files(info)
+    members = [
+        {"file": Path(str(m["path"])).name, **{k: v for k, v in m.items() if k != "path"}}
+        if m.get("path")
+        else dict(m)
+        for m in info.get("members", [])
+    ]
+    return redact_paths({**info, "members": members}, files)
+
+
 @dataclass
 class _Labelled:
     """One upload, decoded and scored; the full-size film is not kept."""
@@ -638,6 +887,7 @@ class _Labelled:
     decode_s: float
     queued_s: float
     predict_s: float
+    flags: tuple[str, ...] = ()
 
 
 class _Service:
@@ -685,6 +935,11 @@ class _Service:
         self.cam = heatmap_model(model, required=False)
         if self.cam.available:
             log.info("heatmaps: %s", self.cam.note)
+        # What clients are told: the same, without the server's paths (the log keeps them).
+        files = _model_files(self.info)
+        self.public_info = public_info(self.info)
+        self.cam_note: str = redact_paths(self.cam.note, files)
+        self.cam_reason: str | None = redact_paths(self.cam.reason, files)
         self.input_geometry = shared_resize([model])
         # The film kept for a result is scaled as the heatmap model scales it (else as the
         # model does); members that resize differently and no heatmaps get a preview size.
@@ -741,8 +996,9 @@ class _Service:
         waiting = time.perf_counter()
         with self.slots:
             started = time.perf_counter()
-            image, fmt = decode_upload(data, filename)
+            image, info = decode_upload(data, filename)
             height, width = image.shape
+            flags = sanity_flags(image, info)
             model_input = self.model_view(image)
             film = None
             if keep_film:
@@ -756,13 +1012,14 @@ class _Service:
             predicted = time.perf_counter()
         return _Labelled(
             probs=probs,
-            fmt=fmt,
+            fmt=info.format,
             width=width,
             height=height,
             film=film,
             decode_s=decoded - started,
             queued_s=started - waiting,
             predict_s=predicted - decoded,
+            flags=flags,
         )
 
     def model_view(self, image: np.ndarray) -> np.ndarray:
@@ -836,6 +1093,8 @@ def create_app(
     upload_grace: float = DEFAULT_UPLOAD_GRACE,
     max_uploads: int = DEFAULT_MAX_UPLOADS,
     max_uploads_per_client: int = DEFAULT_MAX_UPLOADS_PER_CLIENT,
+    allowed_hosts: Sequence[str] = (),
+    allowed_origins: Sequence[str] = (),
 ) -> FastAPI:
     """The HTTP API and web page for `model` (an Ensemble, an OnnxModel, or anything with
     their interface).
@@ -859,7 +1118,13 @@ def create_app(
             memory is bounded by ``max_uploads x max_upload_bytes``.
         max_uploads_per_client: bodies being received at once from one client address;
             further ones get 429 ``too_many_uploads``.
+        allowed_hosts: Host names answered besides loopback (localhost, 127.0.0.1, ::1),
+            with any port; ``*.example.org`` for subdomains, ``*`` for any name. Others: 400.
+        allowed_origins: origins (``https://viewer.example.org``) whose pages may POST and
+            get CORS headers; other cross-origin POSTs get 403.
     """
+    origins = tuple(dict.fromkeys(check_origin(o) for o in allowed_origins))
+    hosts = tuple(dict.fromkeys(host_name(h) for h in (*LOOPBACK_HOSTS, *allowed_hosts)))
     timing = BodyTiming(body_timeout, min_upload_rate, upload_grace)
     uploads = UploadGate(max_uploads, max_uploads_per_client)
     service = _Service(
@@ -888,6 +1153,7 @@ def create_app(
         timing=timing,
         gate=uploads,
     )
+    _add_browser_guards(app, hosts, origins)
     _add_error_handlers(app)
     _add_routes(app, service)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
@@ -919,46 +1185,48 @@ def _add_routes(app: FastAPI, service: _Service) -> None:
     ) -> None:
         service.check_token(credentials)
 
-    auth = [Security(authorised)]
+    # Declared (and so in the schema) only when there is a token to check.
+    token = service.token is not None
+    auth = [Security(authorised)] if token else []
 
     @app.get("/", include_in_schema=False)
     async def index() -> FileResponse:
         return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
 
-    @app.get("/health", response_model=HealthBody, summary="liveness; needs no token")
+    @app.get(
+        "/health",
+        response_model=HealthBody,
+        responses=_errors(token=False),
+        summary="liveness; needs no token",
+    )
     async def health() -> HealthBody:
         return HealthBody(status="ok", model_id=service.ref.id, version=service.ref.version)
 
-    @app.get("/model", dependencies=auth, responses=_ERROR_RESPONSES, summary="model details")
+    @app.get("/model", dependencies=auth, responses=_errors(token=token), summary="model details")
     async def model_info() -> dict[str, Any]:
         return {
-            **service.info,
+            **service.public_info,
             "tta": service.ref.tta,
             "id": service.ref.id,
             "version": service.ref.version,
             "heatmaps": {
                 "available": service.cam.available,
-                "reason": service.cam.reason,
-                "note": service.cam.note,  # which checkpoint; that they are drawn without TTA
+                "reason": service.cam_reason,
+                "note": service.cam_note,  # which checkpoint; that they are drawn without TTA
             },
             "max_upload_bytes": service.max_upload_bytes,
             "max_concurrent": service.max_concurrent,
             "max_queue": service.max_queue,
             "auth": service.token is not None,
             "uploads": _upload_limits(app),
+            "input_checks": _limits_json(),
         }
 
     @app.post(
         "/predict",
         dependencies=auth,
         response_model=PredictBody,
-        responses={
-            400: {"model": ErrorBody},
-            **_ERROR_RESPONSES,
-            408: {"model": ErrorBody, "description": "upload past its deadline or too slow"},
-            429: {"model": ErrorBody, "description": "too many uploads from this address"},
-            503: {"model": ErrorBody, "description": "busy: too many requests; retry later"},
-        },
+        responses=_errors(403, 408, 413, 415, 422, 429, 503, token=token),
         openapi_extra=_UPLOAD_BODY,
         summary="label one chest radiograph (PNG, JPEG or DICOM)",
     )
@@ -1000,12 +1268,13 @@ def _add_routes(app: FastAPI, service: _Service) -> None:
                 "queued": round(done.queued_s * 1e3, 2),
                 "predict": round(done.predict_s * 1e3, 2),
             },
+            flags=list(done.flags),
         )
 
     @app.get(
         "/results/{result_id}/film.png",
         dependencies=auth,
-        responses={200: {"content": {"image/png": {}}}, 404: {"model": ErrorBody}},
+        responses={200: {"content": {"image/png": {}}}, **_errors(404, 422, token=token)},
         summary="the film of a recent result as the model saw it",
     )
     async def film(result_id: str) -> Response:
@@ -1015,13 +1284,13 @@ def _add_routes(app: FastAPI, service: _Service) -> None:
     @app.get(
         "/heatmaps/{result_id}/{filename}",
         dependencies=auth,
-        responses={200: {"content": {"image/png": {}}}, 404: {"model": ErrorBody}},
+        responses={200: {"content": {"image/png": {}}}, **_errors(404, 422, token=token)},
         summary="Grad-CAM heatmap of one label for a recent result, e.g. Edema.png",
     )
     async def heatmap(result_id: str, filename: str) -> Response:
         label = filename.removesuffix(".png")
         if not service.cam.available:
-            raise ServiceError(404, "heatmaps_unavailable", str(service.cam.reason))
+            raise ServiceError(404, "heatmaps_unavailable", str(service.cam_reason))
         if label not in service.model.labels:
             raise ServiceError(404, "unknown_label", f"the model does not predict {label!r}")
         result = _cached(service, result_id)
@@ -1040,10 +1309,17 @@ def _upload_limits(app: FastAPI) -> dict[str, float]:
     }
 
 
+def _limits_json() -> dict[str, Any]:
+    """The input checks' thresholds, for /model."""
+    limits = dataclasses.asdict(DEFAULT_LIMITS)
+    limits["modalities"] = sorted(limits["modalities"])
+    return limits
+
+
 def _heatmap_links(service: _Service, result_id: str) -> HeatmapInfo:
     film = f"/results/{result_id}/film.png"
     if not service.cam.available:
-        return HeatmapInfo(requested=True, available=False, reason=service.cam.reason, film=film)
+        return HeatmapInfo(requested=True, available=False, reason=service.cam_reason, film=film)
     links = {label: f"/heatmaps/{result_id}/{quote(label)}.png" for label in service.model.labels}
     return HeatmapInfo(requested=True, available=True, film=film, links=links)
 
@@ -1105,15 +1381,20 @@ def serve(
     host: str = "127.0.0.1",
     port: int = 8000,
     log_level: str = "info",
+    allowed_hosts: Sequence[str] = (),
     **settings: Any,
 ) -> None:
     """Serve `model` with uvicorn until interrupted (one process: the model is loaded once).
 
-    `settings` are `create_app`'s keyword arguments (upload limit, token, heatmap cache,
-    concurrency, queue and upload limits), passed on unchanged."""
+    The service answers to the Host names of `default_allowed_hosts(host)` and to
+    `allowed_hosts`. The other `settings` are `create_app`'s keyword arguments (upload limit,
+    token, heatmap cache, concurrency, queue and upload limits, allowed origins), passed on
+    unchanged."""
     import uvicorn
 
-    app = create_app(model, **settings)
+    hosts = [*default_allowed_hosts(host), *allowed_hosts]
+    log.info("answering to Host %s (more with --allowed-hosts)", ", ".join(hosts))
+    app = create_app(model, allowed_hosts=hosts, **settings)
     uvicorn.run(app, host=host, port=port, log_level=log_level, **uvicorn_settings())
 
 

@@ -12,6 +12,12 @@ A checkpoint named ``<dir>/<stem>`` is up to three files::
 Each file is written atomically (temporary file, then rename). The JSON is written last and
 holds the SHA-256 of the tensor files, so a crash between the writes is detected on load
 instead of pairing new weights with old metadata.
+
+Loading trusts none of it: a checkpoint is often someone else's file. Every metadata field
+is checked before use, the model is rebuilt only from a backbone that needs no download
+(`factory.offline_backbone`; timm's pretrained=False), its files must sit beside the JSON
+under their own names, and any fault (bad JSON, a poisoned or mismatched tensor file) is a
+`CheckpointError` naming the file and the problem.
 """
 
 from __future__ import annotations
@@ -21,17 +27,26 @@ import json
 import logging
 import os
 from collections.abc import Mapping
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 import cxrlabel
 from cxrlabel.data.transforms import Preprocessing
 from cxrlabel.fileio import atomic_path, atomic_write_text
-from cxrlabel.models.factory import CXRModel, ModelSpec, create_model, make_keras_compatible
+from cxrlabel.models.factory import (
+    HEADS,
+    BackboneError,
+    CXRModel,
+    ModelSpec,
+    create_model,
+    make_keras_compatible,
+    offline_backbone,
+)
+from cxrlabel.models.tensor_file import WeightsError, read_safetensors
 from cxrlabel.models.thresholds import Thresholds
 
 log = logging.getLogger(__name__)
@@ -50,6 +65,11 @@ PROTECTED_KEYS = frozenset(
 )
 THRESHOLDS_KEY = "thresholds"
 EMA_PREFIX = "ema."  # the EMA model's tensors in a training-state file
+# Bounds on what a checkpoint may ask the loader to build (the method uses 220-320 px and 256
+# hidden units): a crafted size or width would otherwise allocate without limit.
+MIN_INPUT_SIZE = 16
+MAX_INPUT_SIZE = 2048
+MAX_HIDDEN = 65536
 
 
 class CheckpointError(ValueError):
@@ -225,14 +245,47 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"cannot store {type(value).__name__} in checkpoint metadata")
 
 
+def _read_json(meta_path: Path) -> dict[str, Any]:
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:  # ValueError: bad JSON or not UTF-8
+        raise CheckpointError(f"{meta_path}: not readable checkpoint metadata ({exc})") from exc
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{meta_path}: checkpoint metadata must be a JSON object")
+    return meta
+
+
+def _check_files(meta_path: Path, meta: Mapping[str, Any]) -> None:
+    """`files` names the weights (and maybe the state) file beside the metadata, by exactly the
+    names `checkpoint_paths` gives: those are the files the loaders read, so the hashes checked
+    are theirs, and no name can point elsewhere (`../x`, an absolute path)."""
+    weights, state, _ = checkpoint_paths(meta_path)
+    expected = {"weights": weights.name, "state": state.name}
+    files, hashes = meta.get("files"), meta.get("sha256")
+    if not isinstance(files, dict) or "weights" not in files or not set(files) <= set(expected):
+        raise CheckpointError(
+            f"{meta_path}: 'files' must name the weights file (and optionally the state file), "
+            f"not {files!r}"
+        )
+    for kind, name in files.items():
+        if name != expected[kind]:
+            raise CheckpointError(
+                f"{meta_path}: files.{kind} is {name!r}, but a checkpoint's {kind} file is "
+                f"{expected[kind]!r} beside its metadata"
+            )
+        if not isinstance(hashes, dict) or not isinstance(hashes.get(kind), str):
+            raise CheckpointError(f"{meta_path}: no sha256.{kind} for its {kind} file")
+
+
 def read_metadata(path: Path) -> dict[str, Any]:
     """A checkpoint's JSON metadata, after checking its tensor files match their hashes."""
     _, _, meta_path = checkpoint_paths(path)
     if not meta_path.is_file():
         raise CheckpointError(f"{meta_path}: checkpoint metadata not found")
-    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    meta = _read_json(meta_path)
     if meta.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{meta_path}: unknown checkpoint format {meta.get('format')!r}")
+    _check_files(meta_path, meta)
     for kind, name in meta["files"].items():
         file = meta_path.with_name(name)
         if not file.is_file():
@@ -310,22 +363,78 @@ def remove_checkpoint(path: Path) -> None:
         file.unlink(missing_ok=True)
 
 
-def model_from_metadata(meta: Mapping[str, Any]) -> CXRModel:
-    """A randomly initialised model of the checkpoint's architecture and preprocessing."""
-    spec = ModelSpec(**{**meta["model"], "labels": tuple(meta["model"]["labels"])})
-    prep = Preprocessing.from_dict(meta["preprocessing"])
-    model = create_model(
-        spec.backbone,
-        spec.head,
-        spec.labels,
-        weights="none",
-        hidden=spec.hidden,
-        size=prep.size,
-        resize_mode=prep.resize_mode,
-    )
+def spec_from_metadata(meta: Mapping[str, Any], where: str | Path) -> ModelSpec:
+    """The checkpoint's `model` entry, checked field by field (`where` names the file)."""
+    entry = meta.get("model")
+    names = {f.name for f in fields(ModelSpec)}
+    if not isinstance(entry, dict) or not {"backbone", "head", "labels"} <= set(entry):
+        raise CheckpointError(f"{where}: 'model' must hold backbone, head and labels")
+    if set(entry) - names:
+        raise CheckpointError(f"{where}: model has unknown key(s) {sorted(set(entry) - names)}")
+    try:
+        backbone = offline_backbone(entry["backbone"])
+    except BackboneError as exc:
+        raise CheckpointError(f"{where}: model.backbone: {exc}") from exc
+    if entry["head"] not in HEADS:
+        raise CheckpointError(f"{where}: model.head {entry['head']!r} is not one of {list(HEADS)}")
+    hidden = entry.get("hidden", 256)
+    if isinstance(hidden, bool) or not isinstance(hidden, int) or not 1 <= hidden <= MAX_HIDDEN:
+        raise CheckpointError(f"{where}: model.hidden must be an int in [1, {MAX_HIDDEN}]")
+    labels = entry["labels"]
+    if (
+        not isinstance(labels, list)
+        or not labels
+        or not all(isinstance(x, str) and x for x in labels)
+        or len(set(labels)) != len(labels)
+    ):
+        raise CheckpointError(f"{where}: model.labels must be a non-empty list of distinct names")
+    return ModelSpec(backbone=backbone, head=entry["head"], labels=tuple(labels), hidden=hidden)
+
+
+def preprocessing_from_metadata(meta: Mapping[str, Any], where: str | Path) -> Preprocessing:
+    """The checkpoint's `preprocessing`, checked (its size bounds what building the model costs)."""
+    try:
+        prep = Preprocessing.from_dict(meta["preprocessing"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{where}: unusable preprocessing ({exc})") from exc
+    if isinstance(prep.size, bool) or not isinstance(prep.size, int):
+        raise CheckpointError(f"{where}: preprocessing.size must be an int, not {prep.size!r}")
+    if not MIN_INPUT_SIZE <= prep.size <= MAX_INPUT_SIZE:
+        raise CheckpointError(
+            f"{where}: preprocessing.size {prep.size} is outside [{MIN_INPUT_SIZE}, "
+            f"{MAX_INPUT_SIZE}]"
+        )
+    return prep
+
+
+def model_from_metadata(
+    meta: Mapping[str, Any], where: str | Path = "checkpoint metadata"
+) -> CXRModel:
+    """A randomly initialised model of the checkpoint's architecture and preprocessing.
+
+    Every field is checked first and the model is built with weights='none' (timm's
+    pretrained=False) from a backbone `offline_backbone` accepts, so nothing is downloaded.
+    """
+    spec = spec_from_metadata(meta, where)
+    prep = preprocessing_from_metadata(meta, where)
+    frozen = meta.get(FROZEN_BACKBONE_KEY, {})
+    if not isinstance(frozen, dict):
+        raise CheckpointError(f"{where}: {FROZEN_BACKBONE_KEY} must be a JSON object")
+    try:
+        model = create_model(
+            spec.backbone,
+            spec.head,
+            spec.labels,
+            weights="none",
+            hidden=spec.hidden,
+            size=prep.size,
+            resize_mode=prep.resize_mode,
+        )
+    except (ValueError, RuntimeError, AssertionError) as exc:  # e.g. a size the net refuses
+        raise CheckpointError(f"{where}: cannot build model {spec.backbone!r} ({exc})") from exc
     # The saved preprocessing is what the weights were trained with; it wins over defaults.
     model.preprocessing = prep
-    if meta.get(FROZEN_BACKBONE_KEY, {}).get("keras_compat"):
+    if frozen.get("keras_compat"):
         make_keras_compatible(model.backbone)
     return model
 
@@ -337,15 +446,25 @@ def load_checkpoint(path: Path) -> tuple[CXRModel, dict[str, Any]]:
     """
     meta = read_metadata(path)
     weights_path, _, meta_path = checkpoint_paths(path)
-    model = model_from_metadata(meta)
-    state = load_file(str(weights_path))
+    model = model_from_metadata(meta, meta_path)
+    _load_weights(weights_path, model)
+    model.eval()
+    log.info(
+        "loaded checkpoint %s (epoch %s, step %s)", meta_path, meta.get("epoch"), meta.get("step")
+    )
+    return model, meta
+
+
+def _load_weights(weights_path: Path, model: torch.nn.Module) -> None:
+    """Load a checkpoint's weights file strictly; whatever is wrong with it, a CheckpointError
+    naming it (never a safetensors or torch traceback)."""
     try:
+        state = read_safetensors(weights_path, model.state_dict())
         model.load_state_dict(state, strict=True)
+    except WeightsError as exc:
+        raise CheckpointError(str(exc)) from exc
     except RuntimeError as exc:
         raise CheckpointError(f"{weights_path} does not fit its own metadata: {exc}") from exc
-    model.eval()
-    log.info("loaded checkpoint %s (epoch %s, step %s)", meta_path, meta["epoch"], meta["step"])
-    return model, meta
 
 
 def load_weights_into(path: Path, model: torch.nn.Module) -> dict[str, Any]:
@@ -354,7 +473,7 @@ def load_weights_into(path: Path, model: torch.nn.Module) -> dict[str, Any]:
     For continuing from a run's own checkpoint, e.g. its best epoch, without rebuilding it.
     """
     meta = read_metadata(path)
-    model.load_state_dict(load_file(str(checkpoint_paths(path)[0])), strict=True)
+    _load_weights(checkpoint_paths(path)[0], model)
     return meta
 
 
@@ -371,13 +490,25 @@ def load_training_state(
     weights_path, state_path, _ = checkpoint_paths(path)
     if "state" not in meta["files"]:
         raise CheckpointError(f"{path}: checkpoint has no training state to resume from")
-    model.load_state_dict(load_file(str(weights_path)), strict=True)
-    tensors = load_file(str(state_path))
-    optimizer.load_state_dict(unflatten_optimizer_state(tensors, meta["optimizer"]))
-    if ema is not None:
-        saved = {k[len(EMA_PREFIX) :]: v for k, v in tensors.items() if k.startswith(EMA_PREFIX)}
-        if not saved:
-            raise CheckpointError(f"{path}: checkpoint has no EMA weights to resume from")
-        ema.load_state_dict(saved, strict=True)
-    restore_rng(tensors)
+    _load_weights(weights_path, model)
+    try:
+        tensors = read_safetensors(state_path, what="training state")
+    except WeightsError as exc:
+        raise CheckpointError(str(exc)) from exc
+    try:
+        optimizer.load_state_dict(unflatten_optimizer_state(tensors, meta["optimizer"]))
+        if ema is not None:
+            saved = {
+                k[len(EMA_PREFIX) :]: v for k, v in tensors.items() if k.startswith(EMA_PREFIX)
+            }
+            if not saved:
+                raise CheckpointError(f"{path}: checkpoint has no EMA weights to resume from")
+            ema.load_state_dict(saved, strict=True)
+        restore_rng(tensors)
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as exc:
+        if isinstance(exc, CheckpointError):
+            raise
+        raise CheckpointError(
+            f"{state_path}: training state does not fit this run ({exc})"
+        ) from exc
     return meta

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,12 @@ import torch
 from torch import nn
 
 from cxrlabel.data.transforms import Preprocessing
+from cxrlabel.models.tensor_file import (
+    WeightsError,
+    check_dtypes,
+    describe_mismatch,
+    read_safetensors,
+)
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +54,12 @@ TINY_PREPROCESSING = Preprocessing(
 )
 
 
-class WeightsError(ValueError):
-    """A weights file that does not fit the backbone, with what did not match."""
+class BackboneError(ValueError):
+    """A backbone name that cannot be built offline (see `offline_backbone`)."""
+
+
+# A timm registry name, optionally with a pretrained tag: lower-case words, digits and `_`.
+_TIMM_NAME = re.compile(r"[a-z0-9_]+(\.[a-z0-9_]+)?")
 
 
 class TinyCNN(nn.Module):
@@ -98,36 +109,62 @@ def _timm_name(backbone: str) -> str:
 
 
 def load_weights_file(model: nn.Module, path: Path) -> None:
-    """Load a local safetensors or .pth state dict; refuse mismatches and name them."""
+    """Load a local safetensors or .pth state dict; refuse unreadable files and mismatches,
+    naming them (`WeightsError`)."""
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"{path}: weights file not found")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(str(path))
-    else:
-        # weights_only: never unpickle arbitrary objects from a file we did not write.
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        if isinstance(state, Mapping) and "state_dict" in state:
-            state = state["state_dict"]
     own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    wrong_shape = sorted(
-        f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in set(own) & set(state)
-        if tuple(state[k].shape) != tuple(own[k].shape)
-    )
-    if missing or unexpected or wrong_shape:
-        raise WeightsError(
-            f"{path} does not fit {type(model).__name__}: "
-            f"{len(missing)} missing (e.g. {missing[:3]}), "
-            f"{len(unexpected)} unexpected (e.g. {unexpected[:3]}), "
-            f"{len(wrong_shape)} wrong shape (e.g. {wrong_shape[:3]})"
-        )
+    if path.suffix == ".safetensors":
+        state = read_safetensors(path, own)
+    else:
+        state = _read_pth(path)
+        problem = describe_mismatch({k: tuple(v.shape) for k, v in state.items()}, own)
+        if problem:
+            raise WeightsError(f"{path} does not fit {type(model).__name__}: {problem}")
+        check_dtypes(path, state, own)
     model.load_state_dict(state, strict=True)
     log.info("loaded %d tensors from %s", len(state), path)
+
+
+def _read_pth(path: Path) -> dict[str, torch.Tensor]:
+    import pickle
+    import zipfile
+
+    try:
+        # weights_only: never unpickle arbitrary objects from a file we did not write.
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, OSError, RuntimeError) as exc:
+        raise WeightsError(f"{path}: not a readable .pth weights file ({exc})") from exc
+    if isinstance(state, Mapping) and "state_dict" in state:
+        state = state["state_dict"]
+    if not isinstance(state, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
+        raise WeightsError(f"{path}: holds no state dict (a mapping of names to tensors)")
+    return dict(state)
+
+
+def offline_backbone(backbone: str) -> str:
+    """`backbone` if a model can be built from it with nothing downloaded or read from disk:
+    one of BACKBONES, or a plain name in timm's registry (optionally with a pretrained tag,
+    which with pretrained=False only picks a local config). Hub ids (`hf-hub:`), `local-dir:`
+    folders, paths and URLs are refused with `BackboneError`: a checkpoint names them only to
+    make loading reach outside it."""
+    if backbone in BACKBONES:
+        return backbone
+    import timm
+    from timm.models import split_model_name_tag
+
+    if isinstance(backbone, str) and _TIMM_NAME.fullmatch(backbone):
+        arch, _ = split_model_name_tag(backbone)
+        if timm.is_model(arch):
+            return backbone
+    raise BackboneError(
+        f"{backbone!r} is not a known backbone: one of {sorted(BACKBONES)} or a plain timm "
+        "model name (hub ids, local folders, paths and URLs are refused: building a model "
+        "from a checkpoint never downloads or reads anything but the checkpoint)"
+    )
 
 
 def create_backbone(

@@ -25,7 +25,7 @@ import io
 import json
 import logging
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +83,34 @@ def shared_preprocessing(models: Sequence[CXRModel], names: Sequence[str]) -> Pr
                 "normalisation; export these checkpoints separately"
             )
     return first
+
+
+def _graph_tensors(graph: Any) -> Iterator[Any]:
+    """Every TensorProto of an ONNX graph: initializers and node attributes, subgraphs too."""
+    yield from graph.initializer
+    for sparse in graph.sparse_initializer:
+        yield from (sparse.values, sparse.indices)
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            if attr.HasField("g"):
+                yield from _graph_tensors(attr.g)
+            for sub in attr.graphs:
+                yield from _graph_tensors(sub)
+
+
+def _refuse_external_data(proto: Any, name: str) -> None:
+    """cxrlabel's exports hold every tensor inline; a graph naming external data files would
+    make ONNX Runtime read files relative to the serving process's folder, so it is refused."""
+    from onnx.external_data_helper import uses_external_data
+
+    if any(uses_external_data(t) for t in _graph_tensors(proto.graph)):
+        raise OnnxModelError(
+            f"{name}: the graph keeps tensors in external data files; cxrlabel only runs "
+            "self-contained ONNX files (re-export it with `cxrlabel export --onnx`)"
+        )
 
 
 def _check_no_equalization(prep: Preprocessing, name: str) -> None:
@@ -225,6 +253,7 @@ class OnnxModel:
             proto = onnx.load_from_string(data)
         except Exception as exc:  # onnx raises DecodeError and others from protobuf
             raise OnnxModelError(f"{self.source}: not an ONNX model ({exc})") from exc
+        _refuse_external_data(proto, self.source)
         meta = {p.key: p.value for p in proto.metadata_props}
         missing = [k for k in METADATA_KEYS if k not in meta]
         if missing:

@@ -34,11 +34,12 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import pandas as pd
 
+from cxrlabel.csvcells import frame_csv
 from cxrlabel.fileio import atomic_write_text
 from cxrlabel.models.checkpoint import WEIGHTS_SUFFIX, checkpoint_paths
 
@@ -187,6 +188,18 @@ def read_kept(folder: RunFolder) -> dict[str, Any]:
     return data
 
 
+def _inside_run(folder: RunFolder, path: Any) -> Path:
+    """A kept.json path, refused unless relative and inside the run: a crafted kept.json must
+    not make `RUN:bestK` load checkpoints from elsewhere."""
+    pure = PurePosixPath(path) if isinstance(path, str) else None
+    if pure is None or pure.is_absolute() or ".." in pure.parts or not pure.parts:
+        raise ValueError(
+            f"{folder.kept}: kept checkpoint path {path!r} is outside the run folder "
+            f"{folder.root} (paths there are relative, without '..')"
+        )
+    return Path(pure)
+
+
 def best_k(folder: RunFolder, k: int) -> list[Path]:
     """A run's `k` best checkpoints, best first, as its kept.json ranks them.
 
@@ -201,7 +214,7 @@ def best_k(folder: RunFolder, k: int) -> list[Path]:
         )
     paths = []
     for entry in kept[:k]:
-        path = folder.root / entry["path"]
+        path = folder.root / _inside_run(folder, entry.get("path"))
         if not path.is_file():
             raise FileNotFoundError(
                 f"{folder.root}: kept checkpoint {entry['rank']} ({path}) is missing"
@@ -217,7 +230,7 @@ def best_k(folder: RunFolder, k: int) -> list[Path]:
 
 def write_metrics(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
     frame = pd.DataFrame(list(rows), columns=list(METRIC_COLUMNS))
-    atomic_write_text(path, frame.to_csv(index=False))
+    atomic_write_text(path, frame_csv(frame, index=False))
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cxrlabel.csvcells import neutralise_row
 from cxrlabel.data.formats import write_synthetic_marker
 from cxrlabel.data.labels import OBSERVATIONS
 from cxrlabel.data.pictures import encode_jpeg
@@ -180,8 +181,8 @@ def _csv_rows(plans: Iterable[StudyPlan]) -> list[list[str]]:
 def _write_csv_atomic(path: Path, rows: Sequence[Sequence[str]]) -> None:
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(csv_columns())
-    writer.writerows(rows)
+    writer.writerow(neutralise_row(csv_columns()))
+    writer.writerows(neutralise_row(row) for row in rows)
     atomic_write_bytes(path, buf.getvalue().encode("utf-8"))
 
 

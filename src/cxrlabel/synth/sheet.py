@@ -11,6 +11,7 @@ from typing import Any
 
 from PIL import Image, ImageFont
 
+from cxrlabel.data.csvfiles import check_path
 from cxrlabel.data.labels import OBSERVATIONS, POSITIVE, UNCERTAIN
 from cxrlabel.data.pictures import SheetStyle, encode_png, render_sheet
 from cxrlabel.fileio import atomic_write_bytes
@@ -163,7 +164,9 @@ def contact_sheet(
     films, captions = [], []
     for row in picked:
         rel = _as_text(row["Path"])
-        with Image.open(Path(root) / rel) as im:
+        # The rule of every label-CSV reader: no path outside the dataset folder.
+        film = check_path(Path(root), rel, source=Path(root), line=None, allow_outside=False)
+        with Image.open(film) as im:
             films.append(im.convert("L").resize((tile, tile), Image.Resampling.LANCZOS))
         captions.append(_caption_lines(row, rel, font, tile))
     style = SheetStyle(

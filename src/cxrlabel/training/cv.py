@@ -50,6 +50,7 @@ import numpy as np
 import pandas as pd
 
 from cxrlabel.config import HeadConfig, RunConfig
+from cxrlabel.csvcells import frame_csv
 from cxrlabel.data.labels import LabelTable, resolve_labels
 from cxrlabel.data.splits import Split, assert_disjoint, patient_folds, patient_split, save_split
 from cxrlabel.data.stats import label_stats
@@ -170,7 +171,7 @@ def _save_folds(table: LabelTable, folds: Sequence[Fold], run_dir: Path) -> None
     patients = table.frame["patient_id"].astype(str)
     rows = sorted({(p, f.number) for f in folds for p in patients.iloc[f.held_out]})
     frame = pd.DataFrame(rows, columns=["patient_id", "fold"])
-    atomic_write_text(run_dir / SPLITS_DIR / FOLDS_FILE, frame.to_csv(index=False))
+    atomic_write_text(run_dir / SPLITS_DIR / FOLDS_FILE, frame_csv(frame, index=False))
     for fold in folds:
         save_split(fold.inner, run_dir / SPLITS_DIR / f"fold-{fold.number}.csv")
 
@@ -469,7 +470,7 @@ def run_cv(
         oof[model] = _oof_frame(pooled, preds, fold_list)
         oof_paths[model] = _write_oof(path, oof[model], pooled)
     metrics = pd.DataFrame(rows, columns=list(METRIC_COLUMNS))
-    atomic_write_text(run_dir / METRICS_FILE, metrics.to_csv(index=False))
+    atomic_write_text(run_dir / METRICS_FILE, frame_csv(metrics, index=False))
 
     report_dir = RunFolder(run_dir).report
     names = [DATASET_NAME] * len(evaluations)
@@ -504,7 +505,7 @@ def run_cv(
 
 def _write_oof(path: Path, frame: pd.DataFrame, pooled: Predictions) -> Path:
     """The OOF CSV and, beside it, the JSON `read_predictions` takes the model's name from."""
-    atomic_write_text(path, frame.to_csv(index=False))
+    atomic_write_text(path, frame_csv(frame, index=False))
     about = {"model": pooled.model, "kind": pooled.kind, "notes": list(pooled.notes)}
     atomic_write_text(path.with_suffix(".json"), json.dumps(about, indent=2))
     return path

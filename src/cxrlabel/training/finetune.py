@@ -85,9 +85,9 @@ from cxrlabel.training.saver import CheckpointSaver
 
 log = logging.getLogger(__name__)
 
-# Without an explicit `checkpoint_every_steps`, `last` is also refreshed this often mid-epoch,
-# so a killed long epoch (DenseNet at 320 px: hours) loses at most this many steps.
-DEFAULT_CHECKPOINT_EVERY_STEPS = 200
+# Config keys that change when `last` is written, not what a run computes: a resumed run may
+# use another value than the one it was started with.
+RESUME_MAY_CHANGE = frozenset({"checkpoint_every_steps"})
 
 
 @dataclass(frozen=True)
@@ -169,7 +169,7 @@ def _filtered(table: LabelTable, config: RunConfig, labels: Sequence[str]) -> La
 def filtered_table(config: RunConfig, csv: str | Path) -> LabelTable:
     """`csv` read in config.format and filtered as training filters it (view, and
     require_certain among config.labels). A HeadConfig has the same keys and works too."""
-    table = load_table(Path(csv), config.format)
+    table = load_table(Path(csv), config.format, allow_outside_paths=config.allow_outside_paths)
     return _filtered(table, config, resolve_labels(config.labels))
 
 
@@ -403,7 +403,7 @@ def _check_resumable(config: RunConfig, run_dir: Path) -> None:
     if not saved.is_file():
         return
     old, new = load_config(saved).to_dict(), config.to_dict()
-    changed = sorted(k for k in new if old.get(k) != new[k])
+    changed = sorted(k for k in new if k not in RESUME_MAY_CHANGE and old.get(k) != new[k])
     if changed:
         raise ValueError(f"{run_dir}: cannot resume with a different config (changed: {changed})")
 
@@ -697,7 +697,7 @@ def train(
     run_dir: Path | None = None,
     resume: bool = False,
     stop_after_steps: int | None = None,
-    checkpoint_every_steps: int | None = DEFAULT_CHECKPOINT_EVERY_STEPS,
+    checkpoint_every_steps: int | None = None,
     tables: tuple[LabelTable, LabelTable] | None = None,
 ) -> TrainResult:
     """Fine-tune `config`'s model end to end and write its run folder (see the module doc).
@@ -707,7 +707,8 @@ def train(
         Without `resume`, a run folder that already holds a checkpoint is an error.
     stop_after_steps: return after this many optimisation steps over the whole run, having
         saved `last` (simulates a kill; the result has ``completed=False``).
-    checkpoint_every_steps: also save `last` every this many steps (None: only at epoch ends).
+    checkpoint_every_steps: overrides config.checkpoint_every_steps (save `last` every this
+        many steps as well as at epoch ends; 0: only at epoch ends); None: the config's.
     tables: explicit (train, valid) tables, already filtered, used instead of config's CSVs
         and its patient split (cross-validation folds: training.cv); the valid table's
         `source` is what thresholds' `chosen_on` and summary.json's "validation" name. The
@@ -729,7 +730,12 @@ def train(
     run_dir.mkdir(parents=True, exist_ok=True)
     config.save(folder.config)
     with run_context(config):
-        run = _Run(config, run_dir, checkpoint_every_steps, tables)
+        every = (
+            config.checkpoint_every_steps
+            if checkpoint_every_steps is None
+            else checkpoint_every_steps
+        )
+        run = _Run(config, run_dir, every, tables)
         if resume and last_meta.is_file():
             run.resume()
         elif resume:

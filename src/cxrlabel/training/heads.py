@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from cxrlabel.config import HeadConfig
+from cxrlabel.csvcells import frame_csv
 from cxrlabel.data.labels import LabelTable, resolve_labels
 from cxrlabel.data.transforms import Preprocessing
 from cxrlabel.evaluation.metrics import metrics_table
@@ -416,7 +417,7 @@ def run_sweep(
     """`sweep` of the config's tables into its run folder, table written as CSV and markdown."""
     run = _prepare(config, run_dir)
     df = sweep(run, progress=progress)
-    atomic_write_text(run.run_dir / "sweep.csv", df.to_csv(index=False))
+    atomic_write_text(run.run_dir / "sweep.csv", frame_csv(df, index=False))
     atomic_write_text(run.run_dir / "sweep.md", format_sweep_table(df))
     return df
 

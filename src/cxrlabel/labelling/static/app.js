@@ -90,6 +90,7 @@ async function labelFile(file) {
   // The browser shows PNG and JPEG itself at once; DICOM is shown from the server's decoding.
   state.result = null;
   state.filmFailed = false;
+  $("flags").hidden = true; // no stale warning while the next film is labelled
   setObjectUrl("film", $("film"), file);
   $("dropzone-empty").hidden = true;
   $("dropzone").classList.add("has-film");
@@ -106,6 +107,7 @@ async function labelFile(file) {
     state.result = result;
     if (state.filmFailed) loadServerFilm(result);
     renderFileMeta(result);
+    renderFlags(result);
     renderFindings(result);
     setupHeatmaps(result);
     document.body.dataset.state = "done";
@@ -181,6 +183,40 @@ function findingRow(r) {
     if (event.key === "Enter") chooseHeatmap(r.label);
   });
   return li;
+}
+
+// The input checks' flags (cxrlabel.data.sanity), in words; thresholds from /model.
+function flagText(flag) {
+  const limits = (state.model && state.model.input_checks) || {};
+  const [code, value] = flag.split(":");
+  const words = {
+    small: `smallest side under ${limits.min_side ?? "the minimum"} px`,
+    aspect: `sides more than ${limits.max_aspect ?? "the maximum"}:1 (not a chest film's shape)`,
+    colour: "a colour image, not a grey radiograph",
+    constant: "nearly constant pixels (blank or binary)",
+    modality: `DICOM Modality ${value}, not a radiograph (CR/DX)`,
+    body_part: `DICOM body part ${value}, not the chest`,
+  };
+  return words[code] || flag;
+}
+
+function renderFlags(result) {
+  const box = $("flags");
+  const flags = result.flags || [];
+  document.body.dataset.flags = flags.join(";");
+  box.replaceChildren();
+  box.hidden = flags.length === 0;
+  if (!flags.length) return;
+  const title = document.createElement("strong");
+  title.textContent = "Check this film: the labels may not be trustworthy.";
+  const list = document.createElement("ul");
+  for (const flag of flags) {
+    const li = document.createElement("li");
+    li.dataset.flag = flag;
+    li.textContent = flagText(flag);
+    list.append(li);
+  }
+  box.append(title, list);
 }
 
 function renderFindings(result) {
