@@ -25,6 +25,21 @@ from cxrlabel.labelling.service import create_app, serve_in_thread
 from cxrlabel.models.ensemble import Ensemble, load_ensemble
 from tests.helpers import banded_checkpoint, local_client
 
+
+def _loopback_aliases() -> bool:
+    """Whether this machine routes all of 127/8 to loopback (Linux does; macOS only .1)."""
+    try:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.2", 0))
+    except OSError:
+        return False
+    return True
+
+
+pytestmark = pytest.mark.skipif(
+    not _loopback_aliases(), reason="needs client addresses 127.0.0.2 and up (Linux loopback)"
+)
+
 TOKEN = "s3cret-token"
 GENUINE_BOUND_S = 10.0  # a genuine /predict on a loaded 2-core machine, stalled clients aside
 
