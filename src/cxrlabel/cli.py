@@ -388,6 +388,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_upload_bytes=int(args.max_upload_mb * 2**20), heatmap_cache=args.heatmap_cache,
         max_concurrent=args.max_concurrent, max_queue=args.max_queue,
         allowed_hosts=args.allowed_hosts or [], allowed_origins=args.allowed_origins or [],
+        body_timeout=args.body_timeout, min_upload_rate=int(args.min_upload_rate * 1024),
+        upload_grace=args.upload_grace, max_uploads=args.max_uploads,
+        max_uploads_per_client=args.max_uploads_per_client,
     )  # fmt: skip
     return 0
 
@@ -594,6 +597,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--max-queue", type=int, default=16,
         help="requests waiting beyond those; more get 503 busy (keep the sum under 40)",
+    )  # fmt: skip
+    p.add_argument(
+        "--body-timeout", type=float, default=30.0, metavar="S",
+        help="seconds for a whole upload after its headers; slower ones get 408",
+    )  # fmt: skip
+    p.add_argument(
+        "--min-upload-rate", type=float, default=8.0, metavar="KIB_S",
+        help="KiB/s an upload must average after --upload-grace; slower ones get 408 (0: off)",
+    )  # fmt: skip
+    p.add_argument(
+        "--upload-grace", type=float, default=5.0, metavar="S",
+        help="seconds before --min-upload-rate applies",
+    )  # fmt: skip
+    p.add_argument(
+        "--max-uploads", type=int, default=32,
+        help="uploads being received at once; more get 503 busy (memory: this x the upload limit)",
+    )  # fmt: skip
+    p.add_argument(
+        "--max-uploads-per-client", type=int, default=4,
+        help="uploads being received at once from one client address; more get 429",
     )  # fmt: skip
     p.add_argument(
         "--token-env",

@@ -38,7 +38,10 @@ outside the lock.
 Memory is bounded, not proportional to the number of clients: a small upload can decode to a
 huge array (a 130 KB 8192 x 8192 PNG is 256 MB as float32). So at most `max_concurrent`
 requests decode and predict at once (a semaphore), at most `max_queue` more wait for their
-turn, and any further request gets 503 ``busy`` at once, before its body is read. Right after
+turn, and any further request gets 503 ``busy`` at once. Only a complete body takes one of
+those places: bodies still arriving are bounded by :class:`UploadLimit` instead (a deadline, a
+minimum rate, and caps on uploads in flight per client address and in all), so stalled
+uploads cannot lock genuine ones out. Right after
 decoding, in the same worker thread, the film is replaced by its copy scaled to the model's
 input (which the model's own resize then leaves unchanged, so the probabilities are the same)
 and the full-size array is dropped before waiting for the model lock.
@@ -46,6 +49,7 @@ and the full-size array is dropped before waiting for the model lock.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import hashlib
 import json
@@ -76,6 +80,7 @@ from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import MutableHeaders, UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import cxrlabel
@@ -103,6 +108,14 @@ DEFAULT_HEATMAP_CACHE = 64
 # (one decodes while the other holds the lock) without multiplying peak memory.
 DEFAULT_MAX_CONCURRENT = 2
 DEFAULT_MAX_QUEUE = 16
+# Request bodies (see UploadLimit): a deadline for the whole body from the end of the headers,
+# a minimum average rate once a grace period has passed, and how many bodies may be arriving
+# at once, per client address and in all (memory: DEFAULT_MAX_UPLOADS x the upload limit).
+DEFAULT_BODY_TIMEOUT = 30.0  # seconds
+DEFAULT_MIN_UPLOAD_RATE = 8 * 1024  # bytes/s
+DEFAULT_UPLOAD_GRACE = 5.0  # seconds
+DEFAULT_MAX_UPLOADS = 32
+DEFAULT_MAX_UPLOADS_PER_CLIENT = 4
 TOKEN_ENV = "CXRLABEL_TOKEN"
 STATIC_DIR = Path(__file__).with_name("static")
 
@@ -243,25 +256,212 @@ _UPLOAD_BODY = {
 # --------------------------------------------------------------------------------------------
 
 
-class _UploadTooLarge(StarletteHTTPException):
+class _BodyRefused(StarletteHTTPException):
     """Raised from `receive` mid-body; an HTTPException so FastAPI's body parsing passes it on
-    unchanged (it turns other exceptions into a generic 400)."""
+    unchanged (it turns other exceptions into a generic 400). `code` is the JSON error code."""
+
+    code = "bad_body"
+
+
+class _UploadTooLarge(_BodyRefused):
+    code = "too_large"
 
     def __init__(self, limit: int) -> None:
         super().__init__(413, f"upload is larger than the limit of {limit:,} bytes")
 
 
-class UploadLimit:
-    """ASGI middleware: refuse request bodies over `max_bytes` before reading them whole.
+class _UploadRefused(_BodyRefused):
+    """Too many uploads in progress (from this client, 429, or in all, 503)."""
 
-    A declared Content-Length over the limit is answered at once, without reading the body;
-    otherwise bytes are counted as they arrive and reading stops at the first byte too many.
+    def __init__(self, refusal: ServiceError) -> None:
+        super().__init__(refusal.status, refusal.detail, refusal.headers)
+        self.code = refusal.code
+
+
+class _UploadTimeout(_BodyRefused):
+    code = "upload_timeout"
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(408, detail)
+
+
+@dataclass(frozen=True)
+class BodyTiming:
+    """How long a request body may take: `timeout` seconds in all from the end of the headers,
+    and, once `grace` seconds have passed, at least `min_rate` bytes/s on average (0: no
+    minimum). Without them one stalled upload would hold its place (and its bytes) forever."""
+
+    timeout: float = DEFAULT_BODY_TIMEOUT
+    min_rate: float = DEFAULT_MIN_UPLOAD_RATE
+    grace: float = DEFAULT_UPLOAD_GRACE
+
+    def __post_init__(self) -> None:
+        if not self.timeout > 0:
+            raise ValueError(f"body_timeout must be positive, not {self.timeout}")
+        if self.min_rate < 0:
+            raise ValueError(f"min_upload_rate must not be negative, not {self.min_rate}")
+        if self.grace < 0:
+            raise ValueError(f"upload_grace must not be negative, not {self.grace}")
+
+    def wait_s(self, elapsed: float, received: int) -> tuple[float, bool]:
+        """Seconds the next chunk may take, and whether the minimum rate (not the deadline)
+        sets them: the average falls below `min_rate` at ``received / min_rate`` seconds."""
+        until = self.timeout
+        by_rate = False
+        if self.min_rate > 0:
+            rate_until = max(self.grace, received / self.min_rate)
+            by_rate = rate_until < until
+            until = min(until, rate_until)
+        return until - elapsed, by_rate
+
+    def refusal(self, elapsed: float, received: int, by_rate: bool) -> _UploadTimeout:
+        if by_rate:
+            return _UploadTimeout(
+                f"the upload is too slow: {received:,} bytes in {elapsed:.1f} s (at least "
+                f"{self.min_rate:,.0f} bytes/s are needed after the first {self.grace:g} s)"
+            )
+        return _UploadTimeout(
+            f"the upload was not complete within {self.timeout:g} s ({received:,} bytes received)"
+        )
+
+
+class UploadGate:
+    """Request bodies being received now, per client address and in all.
+
+    Memory for bodies in flight is bounded by ``max_uploads x`` the upload limit, and one
+    client cannot take every place with stalled uploads. Thread-safe: TestClient may run
+    requests on several event loops.
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int, file_limit: int) -> None:
+    def __init__(
+        self,
+        max_uploads: int = DEFAULT_MAX_UPLOADS,
+        max_per_client: int = DEFAULT_MAX_UPLOADS_PER_CLIENT,
+    ) -> None:
+        if max_uploads < 1:
+            raise ValueError(f"max_uploads must be at least 1, not {max_uploads}")
+        if max_per_client < 1:
+            raise ValueError(f"max_uploads_per_client must be at least 1, not {max_per_client}")
+        self.max_uploads = max_uploads
+        self.max_per_client = max_per_client
+        self._by_client: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def enter(self, client: str) -> ServiceError | None:
+        """Take a place for `client`'s upload, or say why not (the caller answers with it)."""
+        with self._lock:
+            if self._by_client.get(client, 0) >= self.max_per_client:
+                return ServiceError(
+                    429,
+                    "too_many_uploads",
+                    f"{client} already has {self.max_per_client} uploads in progress (the "
+                    "limit per client address); finish one first",
+                    headers={"Retry-After": "1"},
+                )
+            if sum(self._by_client.values()) >= self.max_uploads:
+                return ServiceError(
+                    503,
+                    "busy",
+                    f"the service is busy ({self.max_uploads} uploads in progress); try "
+                    "again shortly",
+                    headers={"Retry-After": "1"},
+                )
+            self._by_client[client] = self._by_client.get(client, 0) + 1
+        return None
+
+    def leave(self, client: str) -> None:
+        with self._lock:
+            left = self._by_client.get(client, 0) - 1
+            if left > 0:
+                self._by_client[client] = left
+            else:
+                self._by_client.pop(client, None)
+
+    @property
+    def in_flight(self) -> int:
+        with self._lock:
+            return sum(self._by_client.values())
+
+
+class _Body:
+    """One request's `receive`, counted and timed until the body is complete."""
+
+    def __init__(
+        self,
+        receive: Receive,
+        max_bytes: int,
+        file_limit: int,
+        timing: BodyTiming | None,
+        place: _Place,
+    ) -> None:
+        self._receive = receive
+        self.place = place
+        self.max_bytes = max_bytes
+        self.file_limit = file_limit
+        self.timing = timing
+        self.received = 0
+        self.complete = False
+        self.started = time.monotonic()
+
+    async def receive(self) -> Message:
+        if self.complete:
+            # Body read: later calls only listen for a disconnect, which has no deadline.
+            return await self._receive()
+        self.place.take()
+        message = await self._next()
+        if message["type"] == "http.request":
+            self.received += len(message.get("body", b""))
+            if self.received > self.max_bytes:
+                raise _UploadTooLarge(self.file_limit)
+            self.complete = not message.get("more_body", False)
+        else:  # http.disconnect: nothing more will come
+            self.complete = True
+        if self.complete:
+            self.place.release()
+        return message
+
+    async def _next(self) -> Message:
+        if self.timing is None:
+            return await self._receive()
+        elapsed = time.monotonic() - self.started
+        wait, by_rate = self.timing.wait_s(elapsed, self.received)
+        try:
+            if wait <= 0:
+                raise TimeoutError
+            # asyncio.timeout, not wait_for: no extra task, so a body that has already
+            # arrived is returned without yielding, and holds its place for no time at all.
+            async with asyncio.timeout(wait):
+                return await self._receive()
+        except TimeoutError:
+            elapsed = time.monotonic() - self.started
+            raise self.timing.refusal(elapsed, self.received, by_rate) from None
+
+
+class UploadLimit:
+    """ASGI middleware for request bodies: size, time and how many are received at once.
+
+    A declared Content-Length over `max_bytes` is answered at once, without reading the body;
+    otherwise bytes are counted as they arrive and reading stops at the first byte too many
+    (413). With `timing`, a body that misses its deadline or minimum rate gets 408; with
+    `gate`, an upload beyond the per-client or total cap gets 429 or 503 when the app first
+    reads it (see _Place). Every refusal closes the connection. A client that disconnects
+    mid-upload is one info line (address and bytes received; never the file name, which may
+    identify a patient), not a traceback.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        max_bytes: int,
+        file_limit: int,
+        timing: BodyTiming | None = None,
+        gate: UploadGate | None = None,
+    ) -> None:
         self.app = app
         self.max_bytes = max_bytes
         self.file_limit = file_limit
+        self.timing = timing
+        self.gate = gate
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
@@ -271,17 +471,10 @@ class UploadLimit:
         if declared is not None and declared > self.max_bytes:
             await _too_large(self.file_limit)(scope, receive, send)
             return
-        received = 0
+        client = _client_address(scope)
+        place = _Place(self.gate, client)
+        body = _Body(receive, self.max_bytes, self.file_limit, self.timing, place)
         started = False
-
-        async def limited_receive() -> Message:
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_bytes:
-                    raise _UploadTooLarge(self.file_limit)
-            return message
 
         async def watched_send(message: Message) -> None:
             nonlocal started
@@ -289,11 +482,50 @@ class UploadLimit:
             await send(message)
 
         try:
-            await self.app(scope, limited_receive, watched_send)
-        except _UploadTooLarge:
+            await self.app(scope, body.receive, watched_send)
+        except _BodyRefused as exc:
             if started:
                 raise
-            await _too_large(self.file_limit)(scope, receive, send)
+            refusal = ServiceError(exc.status_code, exc.code, exc.detail, exc.headers)
+            await _error_response(refusal)(scope, receive, send)
+        except ClientDisconnect:
+            log.info(
+                "client %s disconnected during an upload after %d bytes", client, body.received
+            )
+        finally:
+            place.release()
+
+
+class _Place:
+    """One upload's place in the gate: taken when the app first reads the body (not when the
+    request starts, so a burst of quick uploads from one client is not refused while its
+    requests wait for their turn to read), given back once the body is complete (it is in
+    memory then, and the scoring admission bounds it) or the request ends."""
+
+    def __init__(self, gate: UploadGate | None, client: str) -> None:
+        self._gate = gate
+        self._client = client
+        self._held = False
+
+    def take(self) -> None:
+        if self._gate is None or self._held:
+            return
+        refused = self._gate.enter(self._client)
+        if refused is not None:
+            self._gate = None  # nothing to give back
+            raise _UploadRefused(refused)
+        self._held = True
+
+    def release(self) -> None:
+        if self._gate is not None and self._held:
+            self._gate.leave(self._client)
+        self._gate = None
+
+
+def _client_address(scope: Scope) -> str:
+    """The address uvicorn reports (X-Forwarded-For only from its trusted proxies)."""
+    client = scope.get("client")
+    return str(client[0]) if client else "unknown"
 
 
 def _content_length(scope: Scope) -> int | None:
@@ -732,8 +964,9 @@ class _Service:
     def admit(self) -> Iterator[None]:
         """A place among the requests working or waiting, or 503 at once when all are taken.
 
-        Never blocks: it runs on the event loop, before the upload is read, so a refused
-        request costs neither its body in memory nor a worker thread.
+        Never blocks: it runs on the event loop once the body is complete, so a refused
+        request costs no worker thread, and a slow upload holds no place (UploadLimit bounds
+        bodies still arriving).
         """
         limit = self.max_concurrent + self.max_queue
         with self._admit_lock:
@@ -840,9 +1073,9 @@ def _results(probs: np.ndarray, thresholds: Thresholds) -> list[LabelResult]:
 def _error_response(exc: ServiceError) -> JSONResponse:
     body = ErrorBody(error=exc.code, detail=exc.detail).model_dump()
     headers = dict(exc.headers or {})
-    if exc.status in (413, 503):
-        # Close the connection rather than read and discard the rest of a huge body (413) or
-        # of a body refused unread because the service is busy (503).
+    if exc.status in (408, 413, 429, 503):
+        # Close the connection rather than read and discard the rest of a body refused
+        # unread or part-read: too slow (408), too large (413), too many uploads (429, 503).
         headers["Connection"] = "close"
     return JSONResponse(body, status_code=exc.status, headers=headers)
 
@@ -855,6 +1088,11 @@ def create_app(
     heatmap_cache: int = DEFAULT_HEATMAP_CACHE,
     max_concurrent: int = DEFAULT_MAX_CONCURRENT,
     max_queue: int = DEFAULT_MAX_QUEUE,
+    body_timeout: float = DEFAULT_BODY_TIMEOUT,
+    min_upload_rate: float = DEFAULT_MIN_UPLOAD_RATE,
+    upload_grace: float = DEFAULT_UPLOAD_GRACE,
+    max_uploads: int = DEFAULT_MAX_UPLOADS,
+    max_uploads_per_client: int = DEFAULT_MAX_UPLOADS_PER_CLIENT,
     allowed_hosts: Sequence[str] = (),
     allowed_origins: Sequence[str] = (),
 ) -> FastAPI:
@@ -871,6 +1109,15 @@ def create_app(
         max_queue: further /predict requests that may wait for their turn; beyond that they
             get 503 ``busy``. Waiting requests hold a worker thread each, so keep
             ``max_concurrent + max_queue`` under the thread pool's size (40 by default).
+            Only requests whose body is complete are admitted: a slow upload holds no place.
+        body_timeout: seconds for a whole request body, from the end of its headers; 408
+            beyond.
+        min_upload_rate: bytes/s a body must average once `upload_grace` seconds have
+            passed (0: no minimum); 408 below.
+        max_uploads: bodies being received at once; further uploads get 503 ``busy``. Upload
+            memory is bounded by ``max_uploads x max_upload_bytes``.
+        max_uploads_per_client: bodies being received at once from one client address;
+            further ones get 429 ``too_many_uploads``.
         allowed_hosts: Host names answered besides loopback (localhost, 127.0.0.1, ::1),
             with any port; ``*.example.org`` for subdomains, ``*`` for any name. Others: 400.
         allowed_origins: origins (``https://viewer.example.org``) whose pages may POST and
@@ -878,6 +1125,8 @@ def create_app(
     """
     origins = tuple(dict.fromkeys(check_origin(o) for o in allowed_origins))
     hosts = tuple(dict.fromkeys(host_name(h) for h in (*LOOPBACK_HOSTS, *allowed_hosts)))
+    timing = BodyTiming(body_timeout, min_upload_rate, upload_grace)
+    uploads = UploadGate(max_uploads, max_uploads_per_client)
     service = _Service(
         model,
         max_upload_bytes=max_upload_bytes,
@@ -895,8 +1144,14 @@ def create_app(
         redoc_url=None,
     )
     app.state.service = service
+    app.state.uploads = uploads
+    app.state.upload_timing = timing
     app.add_middleware(
-        UploadLimit, max_bytes=max_upload_bytes + MULTIPART_SLACK, file_limit=max_upload_bytes
+        UploadLimit,
+        max_bytes=max_upload_bytes + MULTIPART_SLACK,
+        file_limit=max_upload_bytes,
+        timing=timing,
+        gate=uploads,
     )
     _add_browser_guards(app, hosts, origins)
     _add_error_handlers(app)
@@ -912,7 +1167,7 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = "too_large" if exc.status_code == 413 else f"http_{exc.status_code}"
+        code = exc.code if isinstance(exc, _BodyRefused) else f"http_{exc.status_code}"
         headers = getattr(exc, "headers", None)
         return _error_response(ServiceError(exc.status_code, code, str(exc.detail), headers))
 
@@ -963,6 +1218,7 @@ def _add_routes(app: FastAPI, service: _Service) -> None:
             "max_concurrent": service.max_concurrent,
             "max_queue": service.max_queue,
             "auth": service.token is not None,
+            "uploads": _upload_limits(app),
             "input_checks": _limits_json(),
         }
 
@@ -979,11 +1235,12 @@ def _add_routes(app: FastAPI, service: _Service) -> None:
         heatmaps: bool = Query(False, description="also return heatmap and film links"),
     ) -> PredictBody:
         started = time.perf_counter()
-        # Admitted (or refused with 503) before the body is read: waiting requests are
-        # bounded, and so are the uploads held in memory.
+        # The body first (UploadLimit bounds its time, size and how many arrive at once), then
+        # a place among the requests scoring or waiting (or 503): a slow upload must not hold
+        # a place that a complete one could use.
+        data, filename = await _read_upload(request, service.max_upload_bytes)
+        read_s = time.perf_counter() - started
         with service.admit():
-            data, filename = await _read_upload(request, service.max_upload_bytes)
-            read_s = time.perf_counter() - started
             done = await run_in_threadpool(service.label, data, filename, heatmaps)
         result_id = uuid.uuid4().hex
         heatmap_info = HeatmapInfo(requested=heatmaps, available=False)
@@ -1041,6 +1298,17 @@ def _add_routes(app: FastAPI, service: _Service) -> None:
         return Response(png, media_type="image/png")
 
 
+def _upload_limits(app: FastAPI) -> dict[str, float]:
+    timing: BodyTiming = app.state.upload_timing
+    return {
+        "body_timeout_s": timing.timeout,
+        "min_upload_rate": timing.min_rate,
+        "upload_grace_s": timing.grace,
+        "max_uploads": app.state.uploads.max_uploads,
+        "max_uploads_per_client": app.state.uploads.max_per_client,
+    }
+
+
 def _limits_json() -> dict[str, Any]:
     """The input checks' thresholds, for /model."""
     limits = dataclasses.asdict(DEFAULT_LIMITS)
@@ -1088,6 +1356,25 @@ def token_from_env(name: str | None, environ: Mapping[str, str] | None = None) -
     return value
 
 
+def uvicorn_settings() -> dict[str, Any]:
+    """The uvicorn settings `serve` and `serve_in_thread` share, chosen rather than left to
+    whatever uvicorn picks:
+
+    * ``http="h11"``: the protocol the limits are tested with (uvicorn would switch to
+      httptools, with other limits, whenever it happens to be installed).
+    * ``timeout_keep_alive=5``: an idle keep-alive connection is closed after 5 s.
+    * ``h11_max_incomplete_event_size=16 KiB``: request line and headers above it get 400.
+    * no ``limit_concurrency``: it counts open connections, so idle or stalled ones would
+      turn every genuine request into a 503; UploadLimit and the admission bound the work.
+
+    uvicorn (0.54) has no timeout for a connection that never completes its headers: such a
+    connection never reaches the app, so it takes no upload or scoring place, but it holds
+    a socket (and at most 16 KiB of headers) until the client goes. Put a reverse proxy with
+    a header timeout in front of a service exposed beyond trusted clients.
+    """
+    return {"http": "h11", "timeout_keep_alive": 5, "h11_max_incomplete_event_size": 16 * 1024}
+
+
 def serve(
     model: Predictor,
     *,
@@ -1101,13 +1388,14 @@ def serve(
 
     The service answers to the Host names of `default_allowed_hosts(host)` and to
     `allowed_hosts`. The other `settings` are `create_app`'s keyword arguments (upload limit,
-    token, heatmap cache, concurrency and queue limits, allowed origins), passed on unchanged."""
+    token, heatmap cache, concurrency, queue and upload limits, allowed origins), passed on
+    unchanged."""
     import uvicorn
 
     hosts = [*default_allowed_hosts(host), *allowed_hosts]
     log.info("answering to Host %s (more with --allowed-hosts)", ", ".join(hosts))
     app = create_app(model, allowed_hosts=hosts, **settings)
-    uvicorn.run(app, host=host, port=port, log_level=log_level)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, **uvicorn_settings())
 
 
 @contextmanager
@@ -1124,7 +1412,8 @@ def serve_in_thread(
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+    config = uvicorn.Config(app, log_level="warning", lifespan="off", **uvicorn_settings())
+    server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     try:
