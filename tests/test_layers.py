@@ -17,6 +17,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "cxrlabel"
 LAYERS = {
     "__init__": 0,
     "fileio": 0,
+    "csvcells": 0,  # the CSV cell rule, used by every stage that writes or reads CSVs
     "data": 1,
     "synth": 2,
     "models": 3,

@@ -107,6 +107,21 @@ def test_a_name_that_is_not_utf8_is_labelled_written_losslessly_and_resumes(
     assert read_rows(out / "errors.csv") == []
 
 
+def test_labels_csv_with_an_escaped_name_reads_back_as_an_input(
+    model, film: Path, tmp_path: Path
+) -> None:
+    """labels.csv's `\\xHH` cells name the exact files again when the CSV is an input."""
+    folder = tmp_path / "films"
+    folder.mkdir()
+    shutil.copy(film, folder / BAD_NAME)
+    first, again = tmp_path / "first", tmp_path / "again"
+    label_inputs([folder], model, first, progress=False)
+    shutil.copy(first / "labels.csv", folder / "labels.csv")  # its paths are inside `folder`
+    summary = label_inputs([folder / "labels.csv"], model, again, progress=False)
+    assert (summary.labelled, summary.errors) == (1, 0)
+    assert [r["Path"] for r in read_rows(again / "labels.csv")] == [f"{folder}/bad_\\xff.jpg"]
+
+
 def test_label_command_succeeds_on_a_name_that_is_not_utf8(
     checkpoint: Path, film: Path, tmp_path: Path
 ) -> None:

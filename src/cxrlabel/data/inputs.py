@@ -23,7 +23,13 @@ from pathlib import Path
 
 from cxrlabel.csvcells import restore
 from cxrlabel.data.csvfiles import OutsidePathError, PathGuard, not_utf8_error, outside_message
-from cxrlabel.data.images import DICOM_SUFFIXES, ImageError, ImageTooLargeError, MissingImageError
+from cxrlabel.data.images import (
+    DICOM_SUFFIXES,
+    ImageError,
+    ImageTooLargeError,
+    MissingImageError,
+    UnreadableImageError,
+)
 from cxrlabel.data.labels import OBSERVATIONS, LabelError, chexpert_ids, parse_label_cell
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg"}) | DICOM_SUFFIXES
@@ -61,10 +67,6 @@ class UnreadableEntryError(InputError):
 
 class LinkedFolderError(InputError):
     """A symbolic link to a folder inside a walked folder: not followed (links can loop)."""
-
-
-class UnreadableFileError(InputError):
-    """A file that exists but cannot be opened (no permission, a symlink loop, I/O error)."""
 
 
 class NotARegularFileError(InputError):
@@ -189,7 +191,7 @@ def _open_regular(path: Path) -> int:
     except FileNotFoundError:
         raise MissingImageError(path, "file does not exist") from None
     except OSError as exc:
-        raise UnreadableFileError(path, f"cannot open the file ({_why(exc)})") from exc
+        raise UnreadableImageError(path, f"cannot open the file ({_why(exc)})") from exc
     try:
         _check_regular(path, os.fstat(fd).st_mode)
     except BaseException:
@@ -203,7 +205,7 @@ def read_film_bytes(path: Path, max_bytes: int = DEFAULT_MAX_FILE_BYTES) -> byte
     at most `max_bytes` bytes (so a pipe, /dev/zero or a huge file can never stall a job).
 
     Raises:
-        MissingImageError, UnreadableFileError, NotARegularFileError, FileTooLargeError.
+        MissingImageError, UnreadableImageError, NotARegularFileError, FileTooLargeError.
     """
     fd = _open_regular(path)
     try:
@@ -218,7 +220,7 @@ def read_film_bytes(path: Path, max_bytes: int = DEFAULT_MAX_FILE_BYTES) -> byte
                 raise FileTooLargeError(path, f"file grew past the {max_bytes} byte limit")
         return b"".join(chunks)
     except OSError as exc:
-        raise UnreadableFileError(path, f"cannot read the file ({_why(exc)})") from exc
+        raise UnreadableImageError(path, f"cannot read the file ({_why(exc)})") from exc
     finally:
         os.close(fd)
 
@@ -228,7 +230,7 @@ def _has_dicom_preamble(path: Path) -> bool:
     try:
         return os.read(fd, _DICOM_HEAD_BYTES)[128:] == b"DICM"
     except OSError as exc:
-        raise UnreadableFileError(path, f"cannot read the file ({_why(exc)})") from exc
+        raise UnreadableImageError(path, f"cannot read the file ({_why(exc)})") from exc
     finally:
         os.close(fd)
 
