@@ -65,16 +65,22 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _start_server(checkpoint: Path, port: int) -> subprocess.Popen[bytes]:
+def _start_server(
+    checkpoint: Path, port: int, log_path: Path | None = None
+) -> subprocess.Popen[bytes]:
+    """`cxrlabel serve` on `port`, once it answers /health; its log goes to `log_path` (a file,
+    not a pipe nobody reads, which would stall the server once full) or is dropped."""
     command = [sys.executable, "-m", "cxrlabel.cli", "serve", "--model", str(checkpoint)]
     command += ["--port", str(port), "--device", "cpu"]
     env = {k: v for k, v in os.environ.items() if k != "CXRLABEL_TOKEN"}
-    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    log_path = log_path or Path(os.devnull)
+    with log_path.open("wb") as log_file:
+        process = subprocess.Popen(command, env=env, stdout=log_file, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"server exited: {process.stderr.read().decode()[-2000:]}")
+            raise RuntimeError(f"server exited with status {process.returncode} (log: {log_path})")
         try:
             if httpx.get(f"{url}/health", timeout=1).status_code == 200:
                 return process

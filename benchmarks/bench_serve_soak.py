@@ -27,8 +27,6 @@ import json
 import os
 import select
 import socket
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -40,7 +38,7 @@ from typing import Any
 import httpx
 import numpy as np
 import torch
-from bench_serve import _checkpoint, _film, _free_port
+from bench_serve import _checkpoint, _film, _free_port, _start_server
 
 from cxrlabel.fileio import atomic_write_text
 from cxrlabel.training.execution import cpu_name
@@ -69,27 +67,6 @@ class Tally:
 # --------------------------------------------------------------------------------------------
 # The server
 # --------------------------------------------------------------------------------------------
-
-
-def start_server(checkpoint: Path, port: int, log_path: Path) -> subprocess.Popen[bytes]:
-    command = [sys.executable, "-m", "cxrlabel.cli", "serve", "--model", str(checkpoint)]
-    command += ["--port", str(port), "--device", "cpu"]
-    env = {k: v for k, v in os.environ.items() if k != "CXRLABEL_TOKEN"}
-    # The log goes to a file, not a pipe nobody reads (a full pipe would stall the server).
-    with log_path.open("wb") as log_file:
-        process = subprocess.Popen(command, env=env, stdout=log_file, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited: {log_path.read_text()[-2000:]}")
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return process
-        except httpx.TransportError:
-            time.sleep(0.2)
-    process.terminate()
-    raise RuntimeError("server did not answer /health within 120 s")
 
 
 def rss_mib(pid: int) -> float:
@@ -287,7 +264,7 @@ def main() -> None:
         print(f"model           {args.model} (weights none), {args.size} px; film {film.name}, "
               f"{film.stat().st_size:,} bytes; {args.seconds:g} s")  # fmt: skip
         port, log_path = _free_port(), Path(tmp) / "server.log"
-        server = start_server(checkpoint, port, log_path)
+        server = _start_server(checkpoint, port, log_path)
         url = f"http://127.0.0.1:{port}"
         try:
             # Warm up with the same clients (thread pool, allocator arenas), not counted.
