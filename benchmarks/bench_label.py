@@ -15,12 +15,18 @@ partial files, fsync per batch). Accuracy: each path's largest probability diffe
 eager fp32, and mean AUROC against the NIH labels. A randomly initialised network's AUROC says
 nothing about chest films; only its difference between paths is meaningful here.
 
+Reader: `label_inputs` with each film read in the time-limited reader process (the default,
+`--read-timeout 120`) against reading in the main process (`--read-timeout 0`), with the tiny
+CNN so that reading and decoding dominate; the two take turns, run by run, and the table shows
+each one's median and range over the repeats.
+
 Memory: `label_inputs` over N synthetic 64 px films (hard links to a few hundred distinct
 synthetic films, so making them is cheap) with the tiny CNN, sampling the process's resident
 memory after every batch.
 
     .venv/bin/python benchmarks/bench_label.py                       # 200 NIH films, 5,000
     .venv/bin/python benchmarks/bench_label.py --images 48 --memory-images 1000
+    .venv/bin/python benchmarks/bench_label.py --part reader --images 497 --repeats 3
 """
 
 from __future__ import annotations
@@ -197,6 +203,47 @@ def memory(n: int, workdir: Path) -> dict:
     }
 
 
+def reader(n: int, repeats: int, workdir: Path) -> dict:
+    """images/s of label_inputs with the reader process against reading in-process."""
+    paths, _, description = films(n, workdir)
+    torch.manual_seed(0)
+    tiny = create_model("tiny", "linear", OBSERVATIONS, weights="none", size=224)
+    ckpt = save_checkpoint(workdir / "tiny" / "best.safetensors", tiny, config={}, epoch=0, step=0)
+    model = load_model([ckpt], backend="auto", device="cpu")
+    modes = {"in-process (--read-timeout 0)": None, "reader process (default)": 120.0}
+    rates: dict[str, list[float]] = {name: [] for name in modes}
+    for rep in range(repeats + 1):  # the first round warms caches and is not counted
+        for name, timeout in modes.items():
+            out = workdir / f"reader-{rep}-{timeout}"
+            summary = label_inputs(
+                paths, model, out, batch_size=BATCH, progress=False, read_timeout=timeout
+            )
+            if rep:
+                rates[name].append(summary.images_per_s)
+    base = float(np.median(rates["in-process (--read-timeout 0)"]))
+    return {
+        "data": description,
+        "repeats": repeats,
+        "modes": {
+            name: {
+                "median_images_per_s": float(np.median(r)),
+                "min": min(r),
+                "max": max(r),
+                "ratio": float(np.median(r)) / base,
+            }
+            for name, r in rates.items()
+        },
+    }
+
+
+def print_reader(r: dict) -> None:
+    print(f"\nreading films: tiny CNN 224 px, batch {BATCH}, {r['data']}, {r['repeats']} runs each")
+    print(f"{'mode':<32}{'images/s (median)':>18}{'range':>18}{'vs in-process':>15}")
+    for name, row in r["modes"].items():
+        spread = f"{row['min']:.1f}-{row['max']:.1f}"
+        print(f"{name:<32}{row['median_images_per_s']:>18.1f}{spread:>18}{row['ratio']:>14.2f}x")
+
+
 def print_speed(s: dict) -> None:
     print(f"\nDenseNet121 320 px, batch {BATCH}, {s['data']}, end to end (decode included)")
     print(f"ONNX export in memory: {s['onnx_export_s']:.1f} s (once per model load)")
@@ -227,12 +274,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=200, help="NIH films for the speed part")
     parser.add_argument("--memory-images", type=int, default=5000)
-    parser.add_argument("--part", choices=["all", "speed", "memory"], default="all")
+    parser.add_argument("--part", choices=["all", "speed", "memory", "reader"], default="all")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per mode (reader part)")
     parser.add_argument("--out", type=Path, help="also write the results as JSON")
     args = parser.parse_args()
     results: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
-        if args.part == "memory":
+        if args.part == "reader":
+            results["reader"] = reader(args.images, args.repeats, Path(tmp))
+            print_reader(results["reader"])
+        elif args.part == "memory":
             # Run alone so the peak resident memory is this job's, not the speed part's.
             results["memory"] = memory(args.memory_images, Path(tmp))
             print_memory(results["memory"])
