@@ -329,7 +329,7 @@ def test_client_disconnect_mid_upload_logs_one_info_line(
         r.getMessage() for r in records
     ]
     (line,) = [r for r in caplog.records if "disconnect" in r.getMessage()]
-    assert line.levelno == logging.INFO and line.name == "cxrlabel.labelling.service"
+    assert line.levelno == logging.INFO and line.name == "cxrlabel.labelling.guards"
     received = re.search(r"after (\d+) bytes", line.getMessage())
     assert "127.0.0.2" in line.getMessage() and received is not None
     assert int(received[1]) <= len(first)  # what had arrived when the client went

@@ -80,7 +80,7 @@ def test_configured_hosts_replace_nothing_but_add_to_loopback(ensemble: Ensemble
 
 
 def test_default_hosts_are_the_bound_address_and_loopback() -> None:
-    from cxrlabel.labelling.service import default_allowed_hosts
+    from cxrlabel.labelling.guards import default_allowed_hosts
 
     assert default_allowed_hosts("127.0.0.1") == ["localhost", "127.0.0.1", "::1"]
     assert default_allowed_hosts("10.1.2.3") == ["localhost", "127.0.0.1", "::1", "10.1.2.3"]
