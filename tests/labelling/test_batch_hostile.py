@@ -18,6 +18,7 @@ import pytest
 
 from cxrlabel.cli import main
 from cxrlabel.data.inputs import name_bytes
+from cxrlabel.data.labels import LabelError
 from cxrlabel.labelling import batch
 from cxrlabel.labelling.batch import label_inputs
 from cxrlabel.labelling.journal import PARTIAL_DIR
@@ -249,6 +250,14 @@ def test_a_named_pipe_given_as_an_input_is_reported(model, tmp_path: Path) -> No
     summary = finishes(lambda: label_inputs([pipe], model, tmp_path / "out", progress=False))
     (row,) = read_rows(tmp_path / "out" / "errors.csv")
     assert row["error"] == "NotARegularFileError" and summary.errors == 1
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes on this platform")
+def test_a_named_pipe_given_as_a_csv_input_is_refused_naming_it(model, tmp_path: Path) -> None:
+    pipe = tmp_path / "labels.csv"
+    os.mkfifo(pipe)
+    with pytest.raises(LabelError, match=r"labels\.csv: not a regular file \(FIFO"):
+        finishes(lambda: label_inputs([pipe], model, tmp_path / "out", progress=False))
 
 
 def test_a_film_over_the_size_cap_is_reported(model, film: Path, tmp_path: Path) -> None:

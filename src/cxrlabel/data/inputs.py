@@ -315,9 +315,14 @@ def _csv_value(row: dict[str, str], *names: str) -> str:
 
 def _csv_rows(csv_path: Path) -> Iterator[tuple[int, dict[str, str]]]:
     """(line, row) of a CSV input with a `Path` column, lazily; text that is not UTF-8 is a
-    NotUtf8Error naming the file and line."""
+    NotUtf8Error naming the file and line. Only a regular file is opened (a named pipe
+    called `x.csv` would block the job forever)."""
     try:
-        with open(csv_path, newline="", encoding="utf-8-sig") as f:
+        fd = _open_regular(csv_path)
+    except ImageError as exc:
+        raise LabelError(f"{csv_path}: {exc.reason}") from None
+    try:
+        with open(fd, newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)
             if reader.fieldnames is None or "Path" not in reader.fieldnames:
                 raise LabelError(f"{csv_path}: a CSV input needs a 'Path' column")

@@ -553,7 +553,7 @@ def label_inputs(
     out_dir = Path(out_dir)
     paths = check_inputs(inputs)
     for path in paths:
-        if path.is_file() and path.suffix.lower() == ".csv":
+        if not path.is_dir() and path.suffix.lower() == ".csv":
             check_csv_input(path)
     models = {"model": model, **({"lateral model": lateral_model} if lateral_model else {})}
     heatmapper = _Heatmapper(out_dir, models, heatmap_labels) if heatmaps else None
