@@ -107,3 +107,30 @@ def local_client(app: Any, **kwargs: Any) -> Any:
     from fastapi.testclient import TestClient
 
     return TestClient(app, base_url="http://localhost", **kwargs)
+
+
+def write_dicom(
+    path: Path,
+    pixels: Any,
+    *,
+    photometric: str = "MONOCHROME2",
+    bits_stored: int | None = None,
+    **elements: object,
+) -> Path:
+    """A minimal secondary-capture DICOM file of `pixels` (None: no pixel data) with the given
+    data elements (keyword=value), written with its file meta."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    meta = FileMetaDataset()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = SecondaryCaptureImageStorage
+    ds.SOPInstanceUID = generate_uid()
+    if pixels is not None:
+        ds.set_pixel_data(pixels, photometric, bits_stored or pixels.dtype.itemsize * 8)
+    for keyword, value in elements.items():
+        setattr(ds, keyword, value)
+    ds.save_as(path, enforce_file_format=True)
+    return path

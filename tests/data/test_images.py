@@ -24,18 +24,16 @@ import pydicom
 import pydicom.pixels
 import pytest
 from PIL import Image, ImageFile
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate
 from pydicom.uid import (
     JPEG2000,
     MPEG2MPML,
     DeflatedExplicitVRLittleEndian,
-    ExplicitVRLittleEndian,
     JPEG2000Lossless,
     JPEGBaseline8Bit,
     JPEGLSLossless,
     RLELossless,
-    SecondaryCaptureImageStorage,
     generate_uid,
 )
 
@@ -55,6 +53,7 @@ from cxrlabel.data.images import (
     read_image,
     sniff_format,
 )
+from tests.helpers import write_dicom
 
 SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 FIXTURES = SHARED_DATA / "fixtures"
@@ -144,30 +143,15 @@ def _mediastinum_brighter_than_lungs(img: np.ndarray) -> bool:
 # --------------------------------------------------------------------------------------------
 
 
-def _write_dicom(
-    path: Path,
-    pixels: np.ndarray | None,
-    *,
-    photometric: str = "MONOCHROME2",
-    bits_stored: int | None = None,
-    **elements: object,
-) -> Path:
-    meta = FileMetaDataset()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID = SecondaryCaptureImageStorage
-    ds.SOPInstanceUID = generate_uid()
-    ds.StudyInstanceUID = generate_uid()
-    ds.Modality = "CR"
-    ds.PatientID = "SYNTH-1"
-    ds.ViewPosition = "AP"
-    if pixels is not None:
-        ds.set_pixel_data(pixels, photometric, bits_stored or pixels.dtype.itemsize * 8)
-    for keyword, value in elements.items():
-        setattr(ds, keyword, value)
-    ds.save_as(path, enforce_file_format=True)
-    return path
+def _write_dicom(path: Path, pixels: np.ndarray | None, **kwargs: Any) -> Path:
+    """A CR film DICOM with ids and a view (overridable), as the readers' tests expect."""
+    defaults = {
+        "StudyInstanceUID": generate_uid(),
+        "Modality": "CR",
+        "PatientID": "SYNTH-1",
+        "ViewPosition": "AP",
+    }
+    return write_dicom(path, pixels, **{**defaults, **kwargs})
 
 
 def _ramp(height: int = 48, width: int = 64, high: int = 4095) -> np.ndarray:

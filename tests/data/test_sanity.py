@@ -7,8 +7,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
 from cxrlabel.data.images import ImageInfo, read_image, read_image_with_info
 from cxrlabel.data.sanity import (
@@ -19,7 +17,7 @@ from cxrlabel.data.sanity import (
     sanity_flags,
 )
 from cxrlabel.synth import generate_image
-from tests.helpers import SHARED_DATA
+from tests.helpers import SHARED_DATA, write_dicom
 
 FIXTURES = SHARED_DATA / "fixtures"
 
@@ -36,20 +34,6 @@ def flags_of(path: Path, limits: SanityLimits = DEFAULT_LIMITS) -> tuple[str, ..
 
 def save_png(path: Path, pixels: np.ndarray) -> Path:
     Image.fromarray(pixels).save(path)
-    return path
-
-
-def write_dicom(path: Path, pixels: np.ndarray, **elements: object) -> Path:
-    meta = FileMetaDataset()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID = SecondaryCaptureImageStorage
-    ds.SOPInstanceUID = generate_uid()
-    ds.set_pixel_data(pixels, "MONOCHROME2", 8)
-    for keyword, value in elements.items():
-        setattr(ds, keyword, value)
-    ds.save_as(path, enforce_file_format=True)
     return path
 
 
@@ -125,15 +109,7 @@ def test_colour_is_real_colour_content_not_grey_stored_as_rgb(tmp_path: Path) ->
 def test_colour_dicom_is_measured_too(tmp_path: Path) -> None:
     film = synth_film()
     rgb = np.stack([film, film // 2, film // 3], -1)
-    meta = FileMetaDataset()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID = SecondaryCaptureImageStorage
-    ds.SOPInstanceUID = generate_uid()
-    ds.Modality = "CR"
-    ds.set_pixel_data(rgb, "RGB", 8)
-    ds.save_as(tmp_path / "rgb.dcm", enforce_file_format=True)
+    write_dicom(tmp_path / "rgb.dcm", rgb, photometric="RGB", Modality="CR")
     image, info = read_image_with_info(tmp_path / "rgb.dcm")
     assert info.mode == "RGB" and info.chroma > 0.1
     assert sanity_flags(image, info) == ("colour",)
