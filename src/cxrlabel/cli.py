@@ -211,6 +211,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from cxrlabel.config import build_config, load_config, parse_overrides
+    from cxrlabel.distributed import dist_env
     from cxrlabel.training.finetune import train
 
     if args.config is not None:
@@ -219,6 +220,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         config = build_config(args.preset, args.overrides)
     result = train(config, run_dir=args.run_dir, resume=args.resume)
+    if not dist_env().is_main:  # under torchrun, rank 0 reports for the job
+        return 0
     summary = result.metrics
     print(f"run folder: {result.run_dir}")
     print(f"best epoch {summary.get('best_epoch')}: validation AUROC per label")

@@ -155,3 +155,51 @@ def shard(n: int, env: DistEnv) -> range:
     base, extra = divmod(n, env.world_size)
     start = env.rank * base + min(env.rank, extra)
     return range(start, start + base + (1 if env.rank < extra else 0))
+
+
+def all_reduce_sum(env: DistEnv, values: list[float]) -> list[float]:
+    """The sum over ranks of each of `values` (float64; `values` itself for one process)."""
+    if not env.distributed:
+        return list(values)
+    import torch.distributed as dist
+
+    tensor = torch.tensor(values, dtype=torch.float64)
+    if dist.get_backend() == "nccl":  # NCCL reduces device tensors only
+        tensor = tensor.cuda()
+    dist.all_reduce(tensor)
+    return tensor.cpu().tolist()
+
+
+def per_process_batch(global_batch: int, env: DistEnv) -> int:
+    """Each rank's share of a global batch; the global batch must split evenly."""
+    if global_batch % env.world_size:
+        raise DistributedError(
+            f"batch_size {global_batch} (the global batch) does not split evenly over "
+            f"{env.world_size} processes: use a multiple of {env.world_size}"
+        )
+    return global_batch // env.world_size
+
+
+@dataclass(frozen=True)
+class StepBatch:
+    """One rank's images for one optimisation step; `placeholder`: the rank has none of the
+    global batch (a last batch smaller than the world) and runs one image with weight 0, so
+    every rank still takes part in the step's gradient all-reduce."""
+
+    indices: list[int]
+    placeholder: bool = False
+
+
+def step_batches(
+    order: list[int], global_batch: int, env: DistEnv, start_step: int = 0
+) -> list[StepBatch]:
+    """This rank's batches of an epoch `order`: step s covers ``order[s*B:(s+1)*B]`` (B the
+    global batch) and rank r takes its contiguous :func:`shard` of it, so N processes see the
+    samples that one process with batch B sees, step for step. Steps before `start_step`
+    (done before a resume) are left out."""
+    out = []
+    for start in range(start_step * global_batch, len(order), global_batch):
+        chunk = order[start : start + global_batch]
+        mine = [chunk[i] for i in shard(len(chunk), env)]
+        out.append(StepBatch(mine) if mine else StepBatch([chunk[0]], placeholder=True))
+    return out

@@ -30,6 +30,7 @@ cxrlabel.training.recipe; every default leaves the method's plain Adam + masked 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import logging
 import math
@@ -43,7 +44,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
 from cxrlabel.config import RunConfig, load_config
 from cxrlabel.data.cache import ImageCache, prepare_cache
@@ -58,11 +59,31 @@ from cxrlabel.data.labels import (
 )
 from cxrlabel.data.splits import patient_split, save_split
 from cxrlabel.data.transforms import AugmentConfig, augment_config, zoom_range
+from cxrlabel.distributed import (
+    DistEnv,
+    DistributedError,
+    all_gather_objects,
+    all_reduce_sum,
+    barrier,
+    destroy_process_group,
+    dist_env,
+    init_process_group,
+    per_process_batch,
+    process_device,
+    shard,
+    step_batches,
+)
 from cxrlabel.evaluation.figures import loss_plot_png
 from cxrlabel.evaluation.metrics import METRIC_NAMES, metrics_table
 from cxrlabel.fileio import atomic_write_bytes
 from cxrlabel.models.checkpoint import checkpoint_paths, load_weights_into
-from cxrlabel.models.factory import CXRModel, create_model, freeze_stages, masked_bce_loss
+from cxrlabel.models.factory import (
+    CXRModel,
+    create_model,
+    freeze_stages,
+    masked_bce_loss,
+    resolve_device,
+)
 from cxrlabel.models.run_folder import (
     RunFolder,
     json_value,
@@ -110,10 +131,12 @@ def train_step(
     optimizer: torch.optim.Optimizer,
     plan: ExecutionPlan,
     loss_fn: LossFn = masked_bce_loss,
+    loss_scale: float = 1.0,
 ) -> float:
-    """One optimisation step on a batch already on the device; returns the loss.
+    """One optimisation step on a batch already on the device; returns the (unscaled) loss.
 
     loss_fn(logits, targets, mask): the method's masked BCE unless a recipe says otherwise.
+    loss_scale: multiplies the loss before backward (a DDP rank's share of the global batch).
     """
     model.train()
     optimizer.zero_grad(set_to_none=True)
@@ -121,7 +144,7 @@ def train_step(
         logits = model(batch["image"])
     # The loss in fp32: bf16 logits would round the small per-label terms away.
     loss = loss_fn(logits.float(), batch["target"], batch["mask"])
-    loss.backward()
+    (loss * loss_scale if loss_scale != 1.0 else loss).backward()
     optimizer.step()
     return float(loss.detach())
 
@@ -131,8 +154,21 @@ def predict(
     model: torch.nn.Module, loader: DataLoader, plan: ExecutionPlan
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
     """Probabilities, targets and masks over a loader, and the mean masked BCE per image."""
+    scores, targets, masks, loss_sum, count = predict_parts(model, loader, plan)
+    if not count:
+        raise ValueError("validation set is empty")
+    return scores, targets, masks, loss_sum / count
+
+
+@torch.no_grad()
+def predict_parts(
+    model: torch.nn.Module, loader: DataLoader, plan: ExecutionPlan
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, float, int]:
+    """`predict`'s arrays (empty when the loader is), the summed masked BCE and the image
+    count: what a DDP rank contributes to the whole validation set's predictions."""
     model.eval()
-    scores, targets, masks = [], [], []
+    labels = len(model.spec.labels) if hasattr(model, "spec") else 0
+    scores, targets, masks = [np.zeros((0, labels), np.float32)], [], []
     loss_sum, count = 0.0, 0
     for raw in loader:
         if raw is None:  # every image of the batch was unreadable (and reported)
@@ -146,13 +182,13 @@ def predict(
         scores.append(torch.sigmoid(logits).cpu().numpy())
         targets.append(raw["target"].numpy())
         masks.append(raw["mask"].numpy())
-    if not count:
-        raise ValueError("validation set is empty")
+    empty = np.zeros((0, labels), np.float32)
     return (
         np.concatenate(scores),
-        np.concatenate(targets),
-        np.concatenate(masks),
-        loss_sum / count,
+        np.concatenate(targets or [empty]),
+        np.concatenate(masks or [empty]),
+        loss_sum,
+        count,
     )
 
 
@@ -173,8 +209,11 @@ def filtered_table(config: RunConfig, csv: str | Path) -> LabelTable:
     return _filtered(table, config, resolve_labels(config.labels))
 
 
-def load_tables(config: RunConfig, run_dir: Path) -> tuple[LabelTable, LabelTable]:
-    """Training and validation tables, filtered; a split of train is saved under splits/."""
+def load_tables(
+    config: RunConfig, run_dir: Path, *, save: bool = True
+) -> tuple[LabelTable, LabelTable]:
+    """Training and validation tables, filtered; a split of train is saved under splits/
+    (unless `save` is False: the ranks of a torchrun job other than 0)."""
     if not config.train_csv:
         raise ValueError("config.train_csv is empty: nothing to train on")
     train_table = filtered_table(config, config.train_csv)
@@ -182,7 +221,8 @@ def load_tables(config: RunConfig, run_dir: Path) -> tuple[LabelTable, LabelTabl
         valid_table = filtered_table(config, config.valid_csv)
     else:
         split = patient_split(train_table, config.valid_fraction, config.seed)
-        save_split(split, RunFolder(run_dir).split)
+        if save:
+            save_split(split, RunFolder(run_dir).split)
         train_table, valid_table = split.apply(train_table)
     return _checked_tables((train_table, valid_table), "after filtering")
 
@@ -309,10 +349,21 @@ def make_loader(
     plan: ExecutionPlan,
     *,
     seed: int = 0,
+    batches: Sequence[Sequence[int]] | None = None,
 ) -> DataLoader:
-    """A loader over `order` (a list of dataset indices), or over the dataset in sequence."""
+    """A loader over `order` (a list of dataset indices), or over the dataset in sequence;
+    or, given `batches` (lists of dataset indices), those batches in turn."""
     # Its own generator: otherwise each new iterator draws its worker base seed from the
     # global RNG, and a resumed run (one more iterator) would drift from an uninterrupted one.
+    if batches is not None:
+        return DataLoader(
+            dataset,
+            batch_sampler=[list(b) for b in batches],
+            num_workers=config.workers,
+            collate_fn=collate_skipping,
+            pin_memory=plan.device == "cuda",
+            generator=torch.Generator().manual_seed(seed),
+        )
     return DataLoader(
         dataset,
         batch_size=config.batch_size,
@@ -417,7 +468,13 @@ class _Run:
         run_dir: Path,
         every: int | None,
         tables: tuple[LabelTable, LabelTable] | None = None,
+        env: DistEnv | None = None,
     ) -> None:
+        self.env = env = env or DistEnv.single()
+        if env.distributed:
+            if config.aucm_epochs:
+                raise DistributedError("aucm_epochs is not supported under torchrun yet")
+            self.rank_batch = per_process_batch(config.batch_size, env)
         self.config = config
         self.run_dir = run_dir
         self.folder = RunFolder(run_dir)
@@ -425,7 +482,7 @@ class _Run:
         self.plan = choose_execution(config.device, config.precision)
         log.info("execution: %s", self.plan.to_dict())
         if tables is None:
-            train_table, valid_table = load_tables(config, run_dir)
+            train_table, valid_table = load_tables(config, run_dir, save=env.is_main)
             self.valid_source = validation_source(config)
         else:
             train_table, valid_table = _checked_tables(tables)
@@ -444,12 +501,27 @@ class _Run:
             self.model = self.model.to(memory_format=torch.channels_last)
         freeze_stages(self.model, config.freeze_stages)
         cache_root = self.folder.cache_root
+        # Rank 0 builds the preprocessing caches; the others wait, then find them up to date.
+        if not env.is_main:
+            barrier(env)
         self.train_set = make_dataset(
             train_table, self.model, config, cache_root, augmentation=augmentation_from(config)
         )
         self.valid_set = make_dataset(
             valid_table, self.model, config, cache_root, augmentation=None, train=False
         )
+        if env.is_main:
+            barrier(env)
+        # What the steps run: DDP around the model under torchrun (it all-reduces the
+        # gradients); checkpoints, EMA and validation use the model itself.
+        self.step_model: torch.nn.Module = self.model
+        if env.distributed:
+            from torch.nn.parallel import DistributedDataParallel
+
+            device = process_device(env, self.plan.device)
+            self.step_model = DistributedDataParallel(
+                self.model, device_ids=[device.index] if device.type == "cuda" else None
+            )
         self.optimizer = torch.optim.Adam(
             param_groups(self.model, config.backbone_lr_scale),
             lr=config.lr,
@@ -481,7 +553,7 @@ class _Run:
             self.folder, self.model, self.optimizer, select_best=config.select_best,
             keep_best=config.keep_best, config=config.to_dict(),
             extra={"execution": self.plan.to_dict()},
-            ema=self.ema.module if self.ema is not None else None,
+            ema=self.ema.module if self.ema is not None else None, writer=env.is_main,
         )  # fmt: skip
 
     def make_ema(self) -> Any:
@@ -519,8 +591,15 @@ class _Run:
         )  # fmt: skip
 
     def resume(self) -> None:
-        """Continue from `last` (see CheckpointSaver.resume), metrics.csv trimmed to match."""
+        """Continue from `last` (see CheckpointSaver.resume), metrics.csv trimmed to match.
+
+        Under torchrun rank 0 resumes (and settles the checkpoints) first; then every other
+        rank reads the same `last`."""
+        if not self.env.is_main:
+            barrier(self.env)
         self.progress = Progress(**self.saver.resume())
+        if self.env.is_main:
+            barrier(self.env)
         self.rows = read_metrics_until(self.folder.metrics, self.progress.step, self.progress.epoch)
         log.info(
             "resumed %s at epoch %d, batch %d (step %d)",
@@ -533,7 +612,8 @@ class _Run:
     def save_last(self) -> None:
         # metrics.csv first: a resume trims it to what `last` covers (read_metrics_until),
         # whereas rows written after `last` would be lost to a kill in between.
-        write_metrics(self.folder.metrics, self.rows)
+        if self.env.is_main:
+            write_metrics(self.folder.metrics, self.rows)
         self.saver.save_last(self.progress.to_dict())
 
     def run_epoch(self, stop_after_steps: int | None) -> bool:
@@ -542,16 +622,23 @@ class _Run:
         order = train_order(self.train_set, config, p.epoch)
         # Augmentation is seeded per (dataset seed, row): a per-epoch seed varies it by epoch.
         self.train_set.seed = epoch_seed(config.seed, p.epoch)
+        steps = None
+        if self.env.distributed:
+            steps = step_batches(order, config.batch_size, self.env, start_step=p.batch)
         loader = make_loader(
             self.train_set,
             order[p.batch * config.batch_size :],
             config,
             self.plan,
             seed=self.train_set.seed,
+            batches=None if steps is None else [s.indices for s in steps],
         )
         waited = time.perf_counter()
-        for raw in loader:
+        for i, raw in enumerate(loader):
             loaded = time.perf_counter()
+            scale, n_global = 1.0, None
+            if steps is not None:
+                raw, scale, n_global = self.rank_share(raw, steps[i].placeholder)
             if raw is None:  # every image of the batch was unreadable (and reported)
                 p.batch += 1  # keeps a resume's position in the epoch's order right
                 waited = time.perf_counter()
@@ -568,9 +655,15 @@ class _Run:
                     warmup_steps=self.warmup_steps,
                 )  # fmt: skip
                 set_lr(self.optimizer, lr)
-                loss = train_step(self.model, batch, self.optimizer, self.plan, self.loss_fn)
+                loss = train_step(
+                    self.step_model, batch, self.optimizer, self.plan, self.loss_fn, scale
+                )
             done = time.perf_counter()
             n = int(raw["image"].shape[0])
+            if n_global is not None:
+                # The global batch's mean loss: what one process with batch B records.
+                n_local = 0 if steps is not None and steps[i].placeholder else n
+                loss = all_reduce_sum(self.env, [loss * n_local])[0] / n_global
             p.batch += 1
             p.step += 1
             if self.ema is not None:
@@ -599,12 +692,49 @@ class _Run:
             waited = time.perf_counter()
         return True
 
+    def rank_share(
+        self, raw: Mapping[str, torch.Tensor] | None, placeholder: bool
+    ) -> tuple[Mapping[str, torch.Tensor] | None, float, int]:
+        """(this rank's batch, its loss scale, the global batch's image count) for one step.
+
+        The masked BCE is a mean over a rank's images and DDP averages gradients over ranks,
+        so scaling each rank's loss by n_rank * world / n_global makes the step's gradient the
+        global batch's mean, also when the ranks' shares differ (the epoch's last batch,
+        unreadable images). A placeholder share (no image of this step) gets scale 0.
+        """
+        n_local = 0 if raw is None or placeholder else int(raw["image"].shape[0])
+        n_global = int(all_reduce_sum(self.env, [float(n_local)])[0])
+        if n_global == 0:
+            return None, 1.0, 0  # every rank skips this step alike
+        if raw is None:
+            raise DistributedError(
+                f"rank {self.env.rank}: every image of its share of step {self.progress.step + 1}"
+                " was unreadable; under torchrun each rank needs one readable image per step"
+            )
+        return raw, n_local * self.env.world_size / n_global, n_global
+
+    def validate(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+        """`predict` over the whole validation set; under torchrun each rank predicts its
+        shard and every rank gets all the predictions, in dataset order."""
+        config, env = self.config, self.env
+        if not env.distributed:
+            loader = make_loader(self.valid_set, None, config, self.plan)
+            return predict(self.eval_model, loader, self.plan)
+        part = Subset(self.valid_set, list(shard(len(self.valid_set), env)))
+        loader = make_loader(
+            part, None, dataclasses.replace(config, batch_size=self.rank_batch), self.plan
+        )
+        parts = all_gather_objects(env, predict_parts(self.eval_model, loader, self.plan))
+        count = sum(c for *_, c in parts)
+        if not count:
+            raise ValueError("validation set is empty")
+        scores, targets, masks = (np.concatenate([p[k] for p in parts]) for k in range(3))
+        return scores, targets, masks, sum(p[3] for p in parts) / count
+
     def end_epoch(self) -> None:
         """Validate, record, keep the best, and move `last` to the next epoch's start."""
-        p, config = self.progress, self.config
-        scores, targets, masks, val_loss = predict(
-            self.eval_model, make_loader(self.valid_set, None, config, self.plan), self.plan
-        )
+        p = self.progress
+        scores, targets, masks, val_loss = self.validate()
         labels = self.model.spec.labels
         thresholds = self.choose_thresholds(scores, targets, masks)
         table = metrics_table(targets, scores, masks, labels, thresholds)
@@ -647,9 +777,12 @@ class _Run:
         if self.aucm is not None:
             self.aucm.end_epoch()
         # metrics.csv before the saver commits the epoch in `last` (see save_last).
-        write_metrics(self.folder.metrics, self.rows)
+        if self.env.is_main:
+            write_metrics(self.folder.metrics, self.rows)
         self.saver.end_epoch(ended, metrics, thresholds, p.to_dict())
-        atomic_write_bytes(self.folder.loss_plot, loss_plot_png(self.rows))
+        if self.env.is_main:
+            atomic_write_bytes(self.folder.loss_plot, loss_plot_png(self.rows))
+        barrier(self.env)  # the epoch's checkpoints are written before any rank reads them
 
     def choose_thresholds(
         self, scores: np.ndarray, targets: np.ndarray, masks: np.ndarray
@@ -717,7 +850,38 @@ def train(
     throughout) or "cosine" (decay to 0 over the run), after config.warmup_epochs of linear
     warm-up (see :func:`cxrlabel.training.recipe.scheduled_lr`). With config.aucm_epochs, that
     many AUC-margin epochs follow the BCE ones, from the best BCE epoch's weights.
+
+    Under torchrun (see cxrlabel.distributed) every process calls this: they join one
+    process group (gloo on CPU, NCCL on CUDA), train with DDP on their shares of each global
+    batch of config.batch_size, and only rank 0 writes the run folder.
     """
+    env = dist_env()
+    owns_group = False
+    if env.distributed:
+        import torch.distributed as dist
+
+        owns_group = not dist.is_initialized()
+        init_process_group(env, resolve_device(config.device))
+    try:
+        return _train(
+            config, env, run_dir=run_dir, resume=resume, stop_after_steps=stop_after_steps,
+            checkpoint_every_steps=checkpoint_every_steps, tables=tables,
+        )  # fmt: skip
+    finally:
+        if owns_group:
+            destroy_process_group()
+
+
+def _train(
+    config: RunConfig,
+    env: DistEnv,
+    *,
+    run_dir: Path | None,
+    resume: bool,
+    stop_after_steps: int | None,
+    checkpoint_every_steps: int | None,
+    tables: tuple[LabelTable, LabelTable] | None,
+) -> TrainResult:
     if config.lr_schedule not in LR_SCHEDULES:
         raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, not {config.lr_schedule!r}")
     run_dir = Path(run_dir) if run_dir is not None else Path(config.runs_dir) / config.name
@@ -727,15 +891,17 @@ def train(
         _check_resumable(config, run_dir)
     elif last_meta.is_file():
         raise FileExistsError(f"{run_dir} holds a run already: resume it (--resume) or rename")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    config.save(folder.config)
+    if env.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        config.save(folder.config)
+    barrier(env)  # the run folder exists before any rank reads from it
     with run_context(config):
         every = (
             config.checkpoint_every_steps
             if checkpoint_every_steps is None
             else checkpoint_every_steps
         )
-        run = _Run(config, run_dir, every, tables)
+        run = _Run(config, run_dir, every, tables, env)
         if resume and last_meta.is_file():
             run.resume()
         elif resume:
@@ -743,7 +909,8 @@ def train(
         completed = _train_epochs(run, stop_after_steps)
     summary = run.summary()
     summary["completed"] = completed
-    write_summary(folder, summary)
+    if env.is_main:
+        write_summary(folder, summary)
     if completed:
         log.info("run %s done: best epoch %s", run_dir, summary["best_epoch"])
     return TrainResult(run_dir, folder.best, folder.last, summary, completed)

@@ -115,6 +115,8 @@ class CheckpointSaver:
     extra: stored under each checkpoint's "extra" too (e.g. the execution plan).
     ema: a moving average of `model`'s weights (a CXRModel, e.g. timm ModelEmaV3's module):
         best and kept checkpoints then hold it, and `last` holds both for resuming.
+    writer: False for the ranks of a torchrun job other than 0: they keep the same ranking
+        and read `last` on resume, but write, rewrite and delete nothing.
     """
 
     def __init__(
@@ -128,6 +130,7 @@ class CheckpointSaver:
         config: Mapping[str, Any],
         extra: Mapping[str, Any] | None = None,
         ema: CXRModel | None = None,
+        writer: bool = True,
     ) -> None:
         if select_best not in SELECT_BEST:
             raise ValueError(f"select_best must be one of {SELECT_BEST}, not {select_best!r}")
@@ -141,6 +144,7 @@ class CheckpointSaver:
         self.config = dict(config)
         self.extra = dict(extra or {})
         self.ema = ema
+        self.writer = writer
         # What inference checkpoints hold: the EMA weights when there are any.
         self.inference_model = ema if ema is not None else model
         self.ranking = Ranking()
@@ -154,6 +158,9 @@ class CheckpointSaver:
 
     def save_last(self, progress: Mapping[str, Any]) -> None:
         """Save `last` (weights, optimizer and RNG state, `progress` and the ranking)."""
+        if not self.writer:
+            self.committed = dict(progress)
+            return
         if self.last_whole:
             self._keep_previous_last()
         save_checkpoint(
@@ -209,6 +216,9 @@ class CheckpointSaver:
         r.kept = rank_kept(r.kept, entry, self.keep_best, self.select_best)
         kept = any(e["epoch"] == epoch for e in r.kept)
         step = int(progress["step"])
+        if not self.writer:
+            self.committed = dict(progress)
+            return better
         if kept and self.keep_best > 1:
             # A new file: nothing recorded is touched before the ranking is.
             path = self.folder.epoch_checkpoint(epoch)
@@ -288,7 +298,8 @@ class CheckpointSaver:
         try:
             meta = load_training_state(self.folder.last, self.model, self.optimizer, ema=self.ema)
             self.last_whole = True
-            remove_checkpoint(self.folder.last_prev)  # not needed: what a kill left of it goes
+            if self.writer:  # not needed: what a kill left of it goes
+                remove_checkpoint(self.folder.last_prev)
         except CheckpointError as exc:
             # Killed while `last` was being rewritten: its files disagree, the previous is whole.
             if not checkpoint_paths(self.folder.last_prev)[2].is_file():
@@ -299,7 +310,8 @@ class CheckpointSaver:
             )
         self.ranking, progress = Ranking.split(meta["extra"]["progress"])
         self.committed = dict(progress)
-        self.settle(progress)
+        if self.writer:
+            self.settle(progress)
         return progress
 
     def settle(self, progress: Mapping[str, Any]) -> None:
