@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import atexit
 import json
+import logging
 import os
 import sys
 
@@ -44,6 +45,8 @@ def main() -> int:
         return cli_main(sys.argv[1:])
     from cxrlabel.config import build_config, parse_overrides
     from cxrlabel.training.finetune import train
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
     args = sys.argv[1:]
     config = build_config("tiny-cpu", parse_overrides(args))

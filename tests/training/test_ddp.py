@@ -64,6 +64,7 @@ def _torchrun(values: dict[str, object], *args: str, env: dict[str, str] | None 
         command, env={**environ, **(env or {})}, capture_output=True, text=True, timeout=240
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "rank 1 of 2 joined (gloo)" in done.stderr  # the job did run distributed
     return done.stdout
 
 
@@ -104,21 +105,28 @@ def test_global_batch_must_split_evenly() -> None:
         per_process_batch(6, DistEnv(rank=0, world_size=4))
 
 
-@pytest.mark.usefixtures("one_thread")
-def test_two_processes_equal_one_and_only_rank0_writes(tiny_dataset: Path, tmp_path: Path) -> None:
-    single = train(build_config("tiny-cpu", _values(tiny_dataset, tmp_path / "one")))
-    assert single.metrics["train_images"] % 6, "the test wants a partial last batch"
-    runs = tmp_path / "two"
+@pytest.fixture(scope="module")
+def two_runs(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple:
+    """(a 1-process run, an uninterrupted 2-process run's folder, rank 1's file writes)."""
+    tmp = tmp_path_factory.mktemp("ddp")
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        single = train(build_config("tiny-cpu", _values(tiny_dataset, tmp / "one")))
+    finally:
+        torch.set_num_threads(previous)
+    runs = tmp / "two"
     out = _torchrun(
-        _values(tiny_dataset, runs),
-        "train",
-        "--preset",
-        "tiny-cpu",
-        env={"CXR_AUDIT_ROOT": str(tmp_path)},
-    )
-    audits = _audits(out)
+        _values(tiny_dataset, runs), "train", "--preset", "tiny-cpu",
+        env={"CXR_AUDIT_ROOT": str(runs)},
+    )  # fmt: skip
+    return single, runs / "run", _audits(out)
+
+
+def test_two_processes_equal_one_and_only_rank0_writes(two_runs: tuple) -> None:
+    single, two, audits = two_runs
+    assert single.metrics["train_images"] % 6, "the test wants a partial last batch"
     assert audits == [[]], f"rank 1 wrote files: {audits}"
-    two = runs / "run"
     _assert_close(single.last_checkpoint, two / "checkpoints" / "last")
     _assert_close(single.best_checkpoint, two / "checkpoints" / "best")
     # The same run folder, and validation on the whole set: same AUROCs, same best epoch.
@@ -130,3 +138,27 @@ def test_two_processes_equal_one_and_only_rank0_writes(tiny_dataset: Path, tmp_p
     a, b = pd.read_csv(single.run_dir / "metrics.csv"), pd.read_csv(two / "metrics.csv")
     for column in ("step", "epoch", "lr", "train_loss", "val_loss"):
         pd.testing.assert_series_equal(a[column], b[column], atol=TOLERANCE, check_exact=False)
+
+
+def test_two_processes_killed_mid_epoch_resume_exactly(
+    two_runs: tuple, tiny_dataset: Path, tmp_path: Path
+) -> None:
+    _, uninterrupted, _ = two_runs
+    values = _values(tiny_dataset, tmp_path)
+    run = tmp_path / "run"
+    # 17 training images in global batches of 6: 3 steps an epoch; step 4 is inside epoch 1,
+    # and `last` was saved at step 2 (epoch 0) and at the stop.
+    _torchrun(values, env={"CXR_STOP_AFTER_STEPS": "4", "CXR_EVERY": "2"})
+    progress = json.loads((run / "checkpoints" / "last.json").read_text())["extra"]["progress"]
+    assert (progress["epoch"], progress["batch"], progress["step"]) == (1, 1, 4)
+    _torchrun(values, "train", "--preset", "tiny-cpu", "--resume")
+    a = _weights(uninterrupted / "checkpoints" / "last")
+    b = _weights(run / "checkpoints" / "last")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    speed = ["images_per_s", "loader_images_per_s"]
+    pd.testing.assert_frame_equal(
+        pd.read_csv(uninterrupted / "metrics.csv").drop(columns=speed),
+        pd.read_csv(run / "metrics.csv").drop(columns=speed),
+    )
