@@ -1,0 +1,3 @@
+from cxrlabel.cli import main
+
+raise SystemExit(main())
