@@ -32,7 +32,7 @@ def main(argv: list[str]) -> int:
         model = load_model([checkpoint], backend="torch", device="cpu")
         label_inputs(
             inputs, model, Path(out), batch_size=2, progress=False, on_batch=on_batch,
-            heatmaps=True, read_timeout=None, env=env,
+            read_timeout=None, env=env,
         )  # fmt: skip
     finally:
         distributed.destroy_process_group()
