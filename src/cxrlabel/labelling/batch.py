@@ -26,6 +26,9 @@ removed:
 
 Memory stays flat: only one batch of films is held at a time (study aggregation at the end
 keeps one row per study).
+
+Under torchrun (`env` of `label_inputs`) each rank labels its share into its own journal and
+rank 0 merges the journals by input number, so the files above are the one-process run's.
 """
 
 from __future__ import annotations
