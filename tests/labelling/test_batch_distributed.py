@@ -136,3 +136,25 @@ def test_a_single_process_run_refuses_an_interrupted_torchrun_run(
     model = load_model([checkpoint], backend="torch", device="cpu")
     with pytest.raises(ValueError, match="interrupted torchrun labelling run"):
         label_inputs([films], model, tmp_path, progress=False, env=DistEnv.single())
+
+
+def test_a_rank_journal_refuses_another_number_of_processes(checkpoint: Path, tmp_path: Path):
+    """A rank's manifest names its share, so continuing with 3 processes what 2 started (the
+    shares would differ) is refused by the journal, naming what changed."""
+    from cxrlabel.labelling import batch
+    from cxrlabel.models.predictor import load_model
+
+    model = load_model([checkpoint], backend="torch", device="cpu")
+
+    def start(world: int) -> None:
+        env = DistEnv(rank=0, world_size=world)
+        labeller = batch._Labeller(model, None, tmp_path, None, env=env)
+        assert labeller.journal.dir == tmp_path / rank_partial_dir(0)
+        labeller.journal.start(
+            batch._manifest([tmp_path], model, None, False, None, False, False, env)
+        )
+
+    start(2)
+    start(2)  # the same share resumes
+    with pytest.raises(ValueError, match="shard differ"):
+        start(3)
