@@ -399,6 +399,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_label(args: argparse.Namespace) -> int:
+    from cxrlabel import distributed
+    from cxrlabel.models.factory import resolve_device
+
+    # Under torchrun (dist_env finds its variables) each rank labels its share and rank 0
+    # merges; the process group is joined first, so every rank's CUDA device is its own.
+    env = distributed.dist_env()
+    distributed.init_process_group(env, resolve_device(args.device))
+    try:
+        summary = _label(args, env)
+    finally:
+        distributed.destroy_process_group()
+    if env.is_main:
+        print(summary.to_text())
+    return 0
+
+
+def _label(args: argparse.Namespace, env: Any) -> Any:
     from cxrlabel.data.labels import resolve_labels
     from cxrlabel.labelling.batch import label_inputs
     from cxrlabel.models.predictor import load_model
@@ -416,11 +433,10 @@ def cmd_label(args: argparse.Namespace) -> int:
         args.inputs, model, args.out, batch_size=args.batch_size,
         heatmaps=args.heatmaps or chosen is not None, heatmap_labels=chosen,
         lateral_model=lateral, progress=not args.no_progress, skip_flagged=args.skip_flagged,
-        allow_outside_paths=args.allow_outside_paths,
+        allow_outside_paths=args.allow_outside_paths, env=env,
         **_read_limits(args),
     )  # fmt: skip
-    print(summary.to_text())
-    return 0
+    return summary
 
 
 def _read_limits(args: argparse.Namespace) -> dict[str, Any]:

@@ -26,6 +26,9 @@ removed:
 
 Memory stays flat: only one batch of films is held at a time (study aggregation at the end
 keeps one row per study).
+
+Under torchrun (`env` of `label_inputs`) each rank labels its share into its own journal and
+rank 0 merges the journals by input number, so the files above are the one-process run's.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ import json
 import logging
 import math
 import re
+import shutil
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -68,9 +72,16 @@ from cxrlabel.data.inputs import (
 from cxrlabel.data.labels import OBSERVATIONS
 from cxrlabel.data.sanity import describe_flags, join_flags, sanity_flags
 from cxrlabel.data.transforms import ResizeGeometry
+from cxrlabel.distributed import DistEnv, all_gather_objects, barrier, broadcast_object
 from cxrlabel.fileio import atomic_path, atomic_write_bytes, atomic_write_text
 from cxrlabel.labelling.heatmaps import contact_sheet_png, gradcams, heatmap_model, overlay_png
-from cxrlabel.labelling.journal import Journal
+from cxrlabel.labelling.journal import (
+    PARTIAL_DIR,
+    PARTS_DIR,
+    Journal,
+    MergedRows,
+    rank_partial_dir,
+)
 from cxrlabel.labelling.reader import DEFAULT_READ_TIMEOUT, FilmReader
 from cxrlabel.models.predictor import Predictor, shared_resize
 from cxrlabel.models.thresholds import combine_thresholds
@@ -103,6 +114,14 @@ IMAGE_COLUMNS = (
     "heatmaps",
 )
 ERROR_COLUMNS = ("Path", "error", "reason")
+
+
+class RowSource(Protocol):
+    """Where the final files' rows come from: one Journal, or every rank's (MergedRows)."""
+
+    def image_rows(self) -> Iterator[dict[str, str]]: ...
+
+    def error_rows(self) -> Iterator[dict[str, str]]: ...
 
 
 class CsvWriter(Protocol):
@@ -391,8 +410,10 @@ class _Labeller:
         out_dir: Path,
         heatmapper: _Heatmapper | None,
         skip_flagged: bool = False,
+        env: DistEnv | None = None,
     ) -> None:
         self.skip_flagged = skip_flagged
+        self.env = env or DistEnv.single()
         self.models = {"model": model}
         if lateral_model is not None:
             self.models["lateral model"] = lateral_model
@@ -403,11 +424,24 @@ class _Labeller:
             *(f"p:{k}" for k in self.labels),
             *(f"y:{k}" for k in self.labels),
         )
-        self.journal = Journal(
-            out_dir, header, ("seq", *ERROR_COLUMNS), earlier_outputs=EARLIER_OUTPUTS
-        )
+        self.journal = self.rank_journal(out_dir, header, self.env.rank)
         self.heatmapper = heatmapper
         self.resize_to = shared_resize(list(self.models.values()))
+
+    def rank_journal(self, out_dir: Path, header: Sequence[str], rank: int) -> Journal:
+        """Rank `rank`'s journal (the one journal of a single process). Only rank 0 removes
+        an earlier run's outputs, before the others start writing (a barrier follows)."""
+        if not self.env.distributed:
+            return Journal(out_dir, header, ("seq", *ERROR_COLUMNS), EARLIER_OUTPUTS)
+        earlier = EARLIER_OUTPUTS if rank == 0 else ()
+        return Journal(
+            out_dir, header, ("seq", *ERROR_COLUMNS), earlier, partial_dir=rank_partial_dir(rank)
+        )
+
+    def all_journals(self, out_dir: Path) -> list[Journal]:
+        """Every rank's journal, in rank order (rank 0 merges them)."""
+        header = self.journal.image_header
+        return [self.rank_journal(out_dir, header, k) for k in range(self.env.world_size)]
 
     def route(self, film: Film) -> tuple[str, str]:
         """Which model labels a film, and the flag to record."""
@@ -495,8 +529,9 @@ def _manifest(
     heatmap_labels: Sequence[str] | None,
     skip_flagged: bool,
     allow_outside_paths: bool,
+    env: DistEnv,
 ) -> dict[str, Any]:
-    manifest = {
+    manifest: dict[str, Any] = {
         "format": RUN_FORMAT,
         "skip_flagged": skip_flagged,
         "inputs": [str(p.resolve()) for p in inputs],
@@ -508,7 +543,23 @@ def _manifest(
     # Only when on, so a run interrupted before the option existed still resumes.
     if allow_outside_paths:
         manifest["allow_outside_paths"] = True
+    # Under torchrun: which share this rank labels, so a rerun with another number of
+    # processes is refused rather than resumed with different shares.
+    if env.distributed:
+        manifest["shard"] = {"rank": env.rank, "world_size": env.world_size}
     return manifest
+
+
+def _check_layout(out_dir: Path, env: DistEnv) -> None:
+    """Refuse to start a single-process run over an interrupted torchrun run and the reverse
+    (neither could continue the other's journal)."""
+    other = out_dir / (PARTIAL_DIR if env.distributed else PARTS_DIR)
+    if other.is_dir():
+        kind = "single-process" if env.distributed else "torchrun"
+        raise ValueError(
+            f"{out_dir} holds an interrupted {kind} labelling run ({other}); rerun it the same "
+            f"way to continue it, or choose another --out, or delete {other} to start over"
+        )
 
 
 def label_inputs(
@@ -526,6 +577,7 @@ def label_inputs(
     allow_outside_paths: bool = False,
     max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
     read_timeout: float | None = DEFAULT_READ_TIMEOUT,
+    env: DistEnv | None = None,
 ) -> LabelSummary:
     """Label every film in `inputs` into `out_dir` (see the module doc for the files).
 
@@ -545,24 +597,34 @@ def label_inputs(
     `read_timeout` seconds, enforced by reading in a child process that is killed when it runs
     over (`cxrlabel.labelling.reader`; None: read in this process, no time limit). Neither
     limit is part of the resume check: a rerun may change them.
+
+    `env` (cxrlabel.distributed.dist_env(), with the process group initialised): under
+    torchrun each rank labels every world_size-th input (input number ``seq % world_size ==
+    rank``) into its own journal, ``<out>/.cxrlabel-parts/rank-K/``; rank 0 then merges the
+    parts by input number and writes the final files, byte-identical to a one-process run.
+    Every rank returns the merged summary.
     """
+    env = env or DistEnv.single()
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     if max_file_bytes < 1:
         raise ValueError(f"max_file_bytes must be at least 1, got {max_file_bytes}")
     out_dir = Path(out_dir)
+    _check_layout(out_dir, env)
     paths = check_inputs(inputs)
     for path in paths:
         if not path.is_dir() and path.suffix.lower() == ".csv":
             check_csv_input(path)
     models = {"model": model, **({"lateral model": lateral_model} if lateral_model else {})}
     heatmapper = _Heatmapper(out_dir, models, heatmap_labels) if heatmaps else None
-    labeller = _Labeller(model, lateral_model, out_dir, heatmapper, skip_flagged)
+    labeller = _Labeller(model, lateral_model, out_dir, heatmapper, skip_flagged, env)
     journal = labeller.journal
     manifest = _manifest(
-        paths, model, lateral_model, heatmaps, heatmap_labels, skip_flagged, allow_outside_paths
-    )
+        paths, model, lateral_model, heatmaps, heatmap_labels, skip_flagged, allow_outside_paths,
+        env,
+    )  # fmt: skip
     state = journal.start(manifest)
+    barrier(env)  # rank 0 has removed an earlier run's heatmaps before any rank writes one
     summary = LabelSummary(resumed_after=state["done"], model=model.name, kind=model.kind)
     started = time.perf_counter()
     read = partial(
@@ -579,10 +641,50 @@ def label_inputs(
         )  # fmt: skip
     elapsed = time.perf_counter() - started
     state["seconds"] += elapsed
-    summary.seconds = state["seconds"]
-    summary.images_per_s = processed / elapsed if elapsed > 0 else 0.0
-    _finish(out_dir, labeller, state, summary, heatmapper)
-    return summary
+    if not env.distributed:
+        summary.seconds = state["seconds"]
+        summary.images_per_s = processed / elapsed if elapsed > 0 else 0.0
+        _finish(out_dir, labeller, journal, state, summary, heatmapper)
+        journal.remove()
+        return summary
+    # Every rank's committed state (this is also the barrier before the merge).
+    ranks = all_gather_objects(env, {"state": state, "processed": processed, "seconds": elapsed})
+    if env.is_main:
+        _merge_ranks(out_dir, labeller, ranks, summary, heatmapper)
+    return broadcast_object(env, summary)
+
+
+def _merge_ranks(
+    out_dir: Path,
+    labeller: _Labeller,
+    ranks: Sequence[dict[str, Any]],
+    summary: LabelSummary,
+    heatmapper: _Heatmapper | None,
+) -> None:
+    """Rank 0: the final files from every rank's journal; counts summed, timing per rank."""
+    states = [r["state"] for r in ranks]
+    total: dict[str, Any] = {
+        "done": sum(s["done"] for s in states),
+        "counts": {k: sum(s["counts"][k] for s in states) for k in states[0]["counts"]},
+    }
+    summary.resumed_after = sum(r["state"]["done"] - r["processed"] for r in ranks)
+    # The ranks ran side by side: the run took as long as its slowest rank.
+    summary.seconds = max(s["seconds"] for s in states)
+    slowest = max(r["seconds"] for r in ranks)
+    processed = sum(r["processed"] for r in ranks)
+    summary.images_per_s = processed / slowest if slowest > 0 else 0.0
+    per_rank = [
+        {
+            "rank": k,
+            "inputs": r["state"]["done"],
+            "seconds": r["state"]["seconds"],
+            "images_per_s": r["processed"] / r["seconds"] if r["seconds"] > 0 else 0.0,
+        }
+        for k, r in enumerate(ranks)
+    ]
+    rows = MergedRows(labeller.all_journals(out_dir))
+    _finish(out_dir, labeller, rows, total, summary, heatmapper, per_rank)
+    shutil.rmtree(out_dir / PARTS_DIR)
 
 
 def _label_stream(
@@ -602,10 +704,13 @@ def _label_stream(
     journal = labeller.journal
     done = state["done"]
     inputs = iter_inputs(paths, exclude=out_dir, allow_outside_paths=allow_outside_paths)
-    # Skip what an interrupted run finished, checking it is the same; numbering goes on
-    # from input number `done`.
-    hasher = journal.skip_done((item.path for item in inputs), state)
-    items = enumerate(inputs, start=done)
+    # This rank's inputs, numbered in the whole input order: every world_size-th one, so the
+    # walk stays lazy (no count first) and the ranks' shares differ by at most one film.
+    env = labeller.env
+    items = ((s, it) for s, it in enumerate(inputs) if s % env.world_size == env.rank)
+    # Skip what an interrupted run finished, checking it is the same (the path generator
+    # takes exactly `done` items from `items`; the batches go on with the rest).
+    hasher = journal.skip_done((item.path for _, item in items), state)
     processed = 0
     bar = tqdm(desc="label", unit="img", initial=done, disable=not progress, dynamic_ncols=True)
     with (
@@ -645,10 +750,10 @@ def _prob_cell(text: str) -> str:
     return f"{float(text):.6f}" if text else ""
 
 
-def _study_rows(journal: Journal, labels: Sequence[str]) -> dict[str, list[Any]]:
+def _study_rows(rows: RowSource, labels: Sequence[str]) -> dict[str, list[Any]]:
     """study -> [patient, number of films, per-label max probability (NaN: not predicted)]."""
     studies: dict[str, list[Any]] = {}
-    for row in journal.image_rows():
+    for row in rows.image_rows():
         study = row["study_id"]
         if not study:
             continue
@@ -669,10 +774,12 @@ def _study_label_row(
     return [study, *cells]
 
 
-def _write_studies(out_dir: Path, labeller: _Labeller) -> tuple[dict[str, Path], int]:
+def _write_studies(
+    out_dir: Path, labeller: _Labeller, rows: RowSource
+) -> tuple[dict[str, Path], int]:
     """Study-level files (max over each study's films); none when no film has a study id."""
     labels = labeller.labels
-    studies = _study_rows(labeller.journal, labels)
+    studies = _study_rows(rows, labels)
     if not studies:
         return {}, 0
     # Per label, the thresholds of the first model that predicts it (the frontal model first).
@@ -702,11 +809,14 @@ def _write_studies(out_dir: Path, labeller: _Labeller) -> tuple[dict[str, Path],
 def _finish(
     out_dir: Path,
     labeller: _Labeller,
+    journal: RowSource,
     state: dict[str, Any],
     summary: LabelSummary,
     heatmapper: _Heatmapper | None,
+    ranks: list[dict[str, Any]] | None = None,
 ) -> None:
-    journal = labeller.journal
+    """The output files from `journal`'s rows (one Journal, or all ranks' merged) and run.json
+    from `state`'s counts; `ranks`: each rank's timing, under torchrun."""
     labels = labeller.labels
     outputs = {
         "labels": _write_csv(
@@ -733,7 +843,7 @@ def _finish(
             ([r[c] for c in ERROR_COLUMNS] for r in journal.error_rows()),
         ),
     }
-    study_outputs, summary.studies = _write_studies(out_dir, labeller)
+    study_outputs, summary.studies = _write_studies(out_dir, labeller, journal)
     outputs.update(study_outputs)
     counts = state["counts"]
     summary.inputs = state["done"]
@@ -744,8 +854,9 @@ def _finish(
         outputs["heatmaps"] = heatmapper.dir
     run_json = out_dir / "run.json"
     summary.outputs = {**outputs, "run": run_json}
-    manifest = journal.arguments()
-    record = {
+    manifest = labeller.journal.arguments()
+    manifest.pop("shard", None)  # this rank's share; `ranks` below says how the run was split
+    record: dict[str, Any] = {
         "summary": summary.to_dict(),
         "arguments": manifest,
         "model": labeller.models["model"].model_info(),
@@ -759,5 +870,6 @@ def _finish(
             "study rows: the maximum probability over the study's films",
         ],
     }
+    if ranks is not None:
+        record["ranks"] = ranks
     atomic_write_text(run_json, json.dumps(record, indent=2, default=str))
-    journal.remove()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import heapq
 import json
 import logging
 import os
@@ -27,6 +28,8 @@ from cxrlabel.fileio import atomic_write_text
 log = logging.getLogger(__name__)
 
 PARTIAL_DIR = ".cxrlabel-partial"
+# Under torchrun each rank keeps its own journal in PARTS_DIR/rank-K (see `rank_partial_dir`).
+PARTS_DIR = ".cxrlabel-parts"
 RUN_FILE = "run.json"  # what a finished run leaves in its --out folder
 
 
@@ -41,6 +44,8 @@ class Journal:
 
     `earlier_outputs` names what an earlier run left in the output folder that a fresh run
     must remove rather than mix with its own (files or folders, relative to it).
+    `partial_dir` is the journal's folder relative to `out_dir` (one rank's part, under
+    torchrun).
     """
 
     def __init__(
@@ -49,8 +54,10 @@ class Journal:
         image_header: Sequence[str],
         error_header: Sequence[str],
         earlier_outputs: Sequence[str] = (),
+        partial_dir: str | Path = PARTIAL_DIR,
     ) -> None:
-        self.dir = Path(out_dir) / PARTIAL_DIR
+        self.out_dir = Path(out_dir)
+        self.dir = self.out_dir / partial_dir
         self.images = self.dir / "images.csv"
         self.errors = self.dir / "errors.csv"
         self.manifest = self.dir / "manifest.json"
@@ -66,7 +73,7 @@ class Journal:
             if old != manifest:
                 diff = sorted(k for k in set(old) | set(manifest) if old.get(k) != manifest.get(k))
                 raise ValueError(
-                    f"{self.dir.parent} holds an interrupted labelling run with different "
+                    f"{self.out_dir} holds an interrupted labelling run with different "
                     f"arguments ({', '.join(diff)} differ); rerun with the same arguments to "
                     f"continue it, or choose another --out, or delete {self.dir} to start over"
                 )
@@ -101,7 +108,7 @@ class Journal:
         removes that run's `earlier_outputs` (heatmaps are named by input number, so they would
         mix with the new ones; a run whose films have no study ids writes no study files, and
         the old ones must not pass for its own). Someone else's files are left alone."""
-        out_dir = self.dir.parent
+        out_dir = self.out_dir
         if not ((out_dir / RUN_FILE).is_file() or self.dir.is_dir()):
             return
         for name in self.earlier_outputs:
@@ -173,6 +180,31 @@ class Journal:
     def remove(self) -> None:
         """Delete the partial folder once the final files are written."""
         shutil.rmtree(self.dir)
+
+
+def rank_partial_dir(rank: int) -> Path:
+    """Rank `rank`'s journal folder, relative to the output folder."""
+    return Path(PARTS_DIR) / f"rank-{rank}"
+
+
+class MergedRows:
+    """The rows of several ranks' journals as one run's, in input order (by `seq`).
+
+    Each rank's partial files are in `seq` order already, so a streaming merge keeps memory
+    flat; the final-file writers read this exactly as they read one :class:`Journal`."""
+
+    def __init__(self, journals: Sequence[Journal]) -> None:
+        self.journals = tuple(journals)
+
+    def image_rows(self) -> Iterator[dict[str, str]]:
+        return heapq.merge(*(j.image_rows() for j in self.journals), key=_seq)
+
+    def error_rows(self) -> Iterator[dict[str, str]]:
+        return heapq.merge(*(j.error_rows() for j in self.journals), key=_seq)
+
+
+def _seq(row: dict[str, str]) -> int:
+    return int(row["seq"])
 
 
 def _read_rows(path: Path) -> Iterator[dict[str, str]]:
