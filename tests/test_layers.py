@@ -27,6 +27,7 @@ LAYERS = {
     "training": 6,  # validation metrics and loss plots come from evaluation
     "labelling": 7,
     "cli": 8,
+    "__main__": 8,  # `python -m cxrlabel` (torchrun -m cxrlabel): the command line
     "demo": 8,
 }
 
