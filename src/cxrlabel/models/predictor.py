@@ -19,7 +19,7 @@ import torch
 
 from cxrlabel.data.transforms import Preprocessing, ResizeGeometry
 from cxrlabel.models.thresholds import Thresholds
-from cxrlabel.training.execution import cpu_has_fast_bf16
+from cxrlabel.training.execution import cpu_has_amx_bf16
 
 if TYPE_CHECKING:
     from cxrlabel.models.factory import CXRModel
@@ -83,13 +83,20 @@ def inference_plan(
     device: str = "auto", precision: str = "auto", *, flags: frozenset[str] | None = None
 ) -> InferencePlan:
     """The backend and precision `--backend auto` labels checkpoints with: the fastest path
-    measured for the device (benchmarks/bench_label.py).
+    measured for the device (benchmarks/bench_label.py, DenseNet121 320 px, batch 16).
 
-    CPU with AMX/AVX512-BF16 (cpu flags amx_bf16 / avx512_bf16, the training plan's test):
-    PyTorch bf16 autocast + channels_last; other CPUs: ONNX Runtime fp32 (bf16 is emulated
-    there and slower); CUDA: PyTorch fp32. `precision` fp32 or bf16 overrides the measured
-    choice (fp32 -> ONNX Runtime on CPU, bf16 -> PyTorch). `flags` are the CPU's feature flags
-    (tests inject them; by default /proc/cpuinfo's).
+    - CPU with AMX (cpu flag amx_bf16): PyTorch bf16 autocast + channels_last. On an Intel
+      Xeon with AMX (issue 12) it ran 58.0 images/s in-process against 24.6 for channels_last
+      fp32, and the whole ONNX Runtime label job 38.7; rerun bench_label.py on such a CPU to
+      see the two side by side.
+    - Every other CPU, AVX512-BF16 without AMX included: ONNX Runtime fp32. On an AMD EPYC
+      with AVX512-BF16 (2 cores) bf16 ran 9.7 images/s, ONNX Runtime 12.1; on AVX2-only CPUs
+      bf16 is emulated and slower still.
+    - CUDA: PyTorch fp32.
+
+    `precision` fp32 or bf16 overrides the measured choice (fp32 -> ONNX Runtime on CPU, bf16
+    -> PyTorch). `flags` are the CPU's feature flags (tests inject them, as for the training
+    plan; by default /proc/cpuinfo's).
     """
     from cxrlabel.models.factory import resolve_device
 
@@ -99,9 +106,9 @@ def inference_plan(
         return InferencePlan("torch", "bf16", "precision bf16 was asked for")
     if resolve_device(device).type != "cpu":
         return InferencePlan("torch", "fp32", "CUDA")
-    if precision == "auto" and cpu_has_fast_bf16(flags):
-        return InferencePlan("torch", "bf16", "CPU has AMX/AVX512-BF16")
-    return InferencePlan("onnx", "fp32", "CPU without AMX/AVX512-BF16: ONNX Runtime fp32")
+    if precision == "auto" and cpu_has_amx_bf16(flags):
+        return InferencePlan("torch", "bf16", "CPU has AMX: bf16 measured fastest")
+    return InferencePlan("onnx", "fp32", "CPU without AMX: ONNX Runtime fp32 measured fastest")
 
 
 def default_backend(device: str = "auto", *, flags: frozenset[str] | None = None) -> str:
@@ -122,12 +129,12 @@ def load_model(
 
     backend: 'torch' (an Ensemble; on CPU its members run channels_last, measured faster),
     'onnx' (ONNX Runtime fp32; checkpoints are exported in memory first), 'auto' (see
-    `inference_plan`: PyTorch bf16 on CPUs with AMX/AVX512-BF16, ONNX Runtime elsewhere on
-    CPU; falls back to PyTorch, with a warning, when the in-memory export fails, e.g. members
-    that cannot share one ONNX graph) or 'native' (each on the runtime it was saved for:
-    checkpoints with PyTorch, an .onnx file with ONNX Runtime; nothing is exported in memory,
-    so a checkpoint's heatmaps come from the very model that labels; `cxrlabel serve` uses
-    it). Whatever the backend, an .onnx file runs with ONNX Runtime ('torch' refuses it).
+    `inference_plan`: PyTorch bf16 on CPUs with AMX, ONNX Runtime elsewhere on CPU; falls
+    back to PyTorch, with a warning, when the in-memory export fails, e.g. members that cannot
+    share one ONNX graph) or 'native' (each on the runtime it was saved for: checkpoints with
+    PyTorch, an .onnx file with ONNX Runtime; nothing is exported in memory, so a checkpoint's
+    heatmaps come from the very model that labels; `cxrlabel serve` uses it). Whatever the
+    backend, an .onnx file runs with ONNX Runtime ('torch' refuses it).
 
     precision: 'auto' (with backend 'auto', see `inference_plan`; with 'torch' or 'native',
     fp32), 'fp32' or 'bf16' (bf16 autocast, PyTorch only; runs, emulated and slowly, on any
