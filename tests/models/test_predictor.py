@@ -31,7 +31,7 @@ from cxrlabel.models.thresholds import Thresholds
 from tests.helpers import copy_checkpoint
 
 LABELS = ("Atelectasis", "Cardiomegaly", "Edema")
-INFO_KEYS = {"name", "kind", "labels", "thresholds", "package", "members"}
+INFO_KEYS = {"name", "kind", "labels", "thresholds", "package", "precision", "members"}
 MEMBER_KEYS = {"path", "backbone", "head", "preprocessing", "epoch", "sha256"}
 # CPU feature flags injected so that no test depends on the CPU that runs it.
 AVX2_ONLY = frozenset({"fpu", "sse4_2", "avx", "avx2", "fma"})

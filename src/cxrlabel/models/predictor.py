@@ -57,8 +57,9 @@ class Predictor(Protocol):
         ...
 
     def model_info(self) -> dict[str, Any]:
-        """JSON-ready description: name, kind, labels, thresholds, package and members (each
-        with its path, backbone, head, preprocessing, epoch and weights sha256)."""
+        """JSON-ready description: name, kind, labels, thresholds, package, precision (fp32 or
+        bf16) and members (each with its path, backbone, head, preprocessing, epoch and weights
+        sha256)."""
         ...
 
     def torch_model(self) -> tuple[CXRModel, Path]:
