@@ -6,7 +6,9 @@ reads and decodes the same files itself, so images/s are end to end; the paths t
 by batch, so a change in machine load hits them alike and their ratios stay meaningful:
 
 - eager fp32 (baseline): read_image -> preprocess -> model(x) under no_grad, contiguous tensors
-- torch channels_last: `load_model(backend="torch")` (channels_last fp32 + inference_mode)
+- torch channels_last fp32: `load_model(backend="torch", precision="fp32")` (+ inference_mode)
+- torch bf16 + channels_last: `load_model(backend="torch", precision="bf16")` (bf16 autocast;
+  native on CPUs with AMX/AVX512-BF16, emulated and slow elsewhere)
 - ONNX Runtime fp32: `load_model(backend="onnx")` (the checkpoint exported in memory)
 - default: `load_model(backend="auto")`, i.e. what `cxrlabel label` uses on this machine
 
@@ -53,7 +55,7 @@ from cxrlabel.fileio import atomic_write_text
 from cxrlabel.labelling.batch import label_inputs
 from cxrlabel.models.checkpoint import save_checkpoint
 from cxrlabel.models.factory import CXRModel, create_model
-from cxrlabel.models.predictor import default_backend, load_model
+from cxrlabel.models.predictor import inference_plan, load_model
 from cxrlabel.training.execution import cpu_flags, cpu_name
 
 NIH = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "nih-cxr14"
@@ -123,16 +125,22 @@ def speed(n: int, workdir: Path) -> dict:
     began = time.perf_counter()
     onnx_model = load_model([ckpt], backend="onnx", device="cpu")
     export_s = time.perf_counter() - began
-    torch_model = load_model([ckpt], backend="torch", device="cpu")
-    chosen = default_backend("cpu")
-    default = onnx_model if chosen == "onnx" else torch_model  # what backend="auto" loads
-    names = {"torch": "torch channels_last", "onnx": "onnxruntime fp32"}
-    names[chosen] += " (default)"
-    predictors = {
-        "eager fp32": eager_fp32(net),
-        names["torch"]: torch_model.predict_images,
-        names["onnx"]: onnx_model.predict_images,
+    models = {
+        ("torch", "fp32"): load_model([ckpt], backend="torch", device="cpu", precision="fp32"),
+        ("torch", "bf16"): load_model([ckpt], backend="torch", device="cpu", precision="bf16"),
+        ("onnx", "fp32"): onnx_model,
     }
+    names = {
+        ("torch", "fp32"): "torch channels_last fp32",
+        ("torch", "bf16"): "torch bf16 + channels_last",
+        ("onnx", "fp32"): "onnxruntime fp32",
+    }
+    plan = inference_plan("cpu")  # what backend="auto" loads on this machine
+    chosen = (plan.backend, plan.precision)
+    default = models[chosen]
+    names[chosen] += " (default)"
+    predictors = {"eager fp32": eager_fp32(net)}
+    predictors |= {names[key]: model.predict_images for key, model in models.items()}
     seconds, probs = timed_paths(paths, predictors)
     base = probs["eager fp32"]
     base_auroc = mean_auroc(table, base, OBSERVATIONS)
@@ -152,6 +160,7 @@ def speed(n: int, workdir: Path) -> dict:
     return {
         "data": description,
         "onnx_export_s": export_s,
+        "default": {"backend": plan.backend, "precision": plan.precision, "reason": plan.reason},
         "paths": rows,
         "label_inputs_default": {
             "images_per_s": summary.images_per_s,
@@ -247,11 +256,13 @@ def print_reader(r: dict) -> None:
 def print_speed(s: dict) -> None:
     print(f"\nDenseNet121 320 px, batch {BATCH}, {s['data']}, end to end (decode included)")
     print(f"ONNX export in memory: {s['onnx_export_s']:.1f} s (once per model load)")
-    header = f"{'path':<32}{'images/s':>10}{'vs eager':>10}{'max |dp|':>12}{'AUROC':>8}"
+    d = s["default"]
+    print(f"default (--backend auto): {d['backend']} {d['precision']} ({d['reason']})")
+    header = f"{'path':<38}{'images/s':>10}{'vs eager':>10}{'max |dp|':>12}{'AUROC':>8}"
     print(f"{header}{'|dAUROC|':>10}")
     for name, row in s["paths"].items():
         print(
-            f"{name:<32}{row['images_per_s']:>10.2f}{row['ratio']:>9.2f}x"
+            f"{name:<38}{row['images_per_s']:>10.2f}{row['ratio']:>9.2f}x"
             f"{row['max_abs_prob_diff']:>12.2e}{row['mean_auroc']:>8.3f}{row['auroc_diff']:>10.1e}"
         )
     e2e = s["label_inputs_default"]

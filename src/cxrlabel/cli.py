@@ -671,7 +671,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument(
         "--backend", default="auto", choices=["auto", "torch", "onnx"],
-        help="auto: ONNX Runtime on CPU (fastest measured), PyTorch on CUDA",
+        help="auto: the fastest measured path (bf16 PyTorch on CPUs with AMX, else ONNX Runtime "
+        "on CPU; PyTorch on CUDA); torch and onnx run fp32",
     )  # fmt: skip
     p.add_argument("--heatmaps", action="store_true", help="Grad-CAM PNGs of positive labels")
     p.add_argument("--heatmap-labels", help="draw heatmaps for these labels (comma list or set)")

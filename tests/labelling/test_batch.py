@@ -230,6 +230,29 @@ def test_restart_with_different_arguments_is_refused(
         label_inputs([tiny_dataset / "train"], other, tmp_path, progress=False)
 
 
+def test_bf16_is_recorded_in_run_json_and_refused_on_an_fp32_resume(
+    tiny_dataset: Path, checkpoint: Path, tmp_path: Path
+) -> None:
+    """bf16 and fp32 probabilities differ (within the stated tolerance), so a run is never
+    resumed in the other precision; run.json says which one labelled."""
+    import json
+
+    def stop(done: int) -> None:
+        raise KeyboardInterrupt
+
+    bf16 = load_model([checkpoint], backend="torch", device="cpu", precision="bf16")
+    fp32 = load_model([checkpoint], backend="torch", device="cpu", precision="fp32")
+    inputs = [tiny_dataset / "train"]
+    with pytest.raises(KeyboardInterrupt):
+        label_inputs(inputs, bf16, tmp_path, batch_size=2, progress=False, on_batch=stop)
+    with pytest.raises(ValueError, match=r"different arguments.*model"):
+        label_inputs(inputs, fp32, tmp_path, progress=False)
+    label_inputs(inputs, bf16, tmp_path, batch_size=2, progress=False)
+    assert json.loads((tmp_path / "run.json").read_text())["model"]["precision"] == "bf16"
+    # fp32 leaves the fingerprint as it was, so runs from before bf16 inference still resume.
+    assert "precision" not in predict._model_fingerprint(fp32)
+
+
 def test_missing_input_fails_before_labelling(model, tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="nope"):
         label_inputs([tmp_path / "nope"], model, tmp_path / "out", progress=False)

@@ -12,14 +12,18 @@ import torch
 from cxrlabel.data.images import read_image
 from cxrlabel.data.transforms import Preprocessing
 from cxrlabel.labelling.heatmaps import find_target_layer, gradcams, heatmap_model
+from cxrlabel.labelling.service import public_info
 from cxrlabel.models.checkpoint import checkpoint_paths, save_checkpoint
 from cxrlabel.models.ensemble import Ensemble, load_ensemble
 from cxrlabel.models.factory import CXRModel, create_model
 from cxrlabel.models.onnx import OnnxModel, export_onnx
 from cxrlabel.models.predictor import (
     BACKENDS,
+    PRECISIONS,
+    InferencePlan,
     Predictor,
     default_backend,
+    inference_plan,
     load_model,
     shared_resize,
 )
@@ -27,8 +31,14 @@ from cxrlabel.models.thresholds import Thresholds
 from tests.helpers import copy_checkpoint
 
 LABELS = ("Atelectasis", "Cardiomegaly", "Edema")
-INFO_KEYS = {"name", "kind", "labels", "thresholds", "package", "members"}
+INFO_KEYS = {"name", "kind", "labels", "thresholds", "package", "precision", "members"}
 MEMBER_KEYS = {"path", "backbone", "head", "preprocessing", "epoch", "sha256"}
+# CPU feature flags injected so that no test depends on the CPU that runs it.
+AVX2_ONLY = frozenset({"fpu", "sse4_2", "avx", "avx2", "fma"})
+AVX512_BF16 = AVX2_ONLY | {"avx512f", "avx512_bf16"}
+AMX = AVX2_ONLY | {"amx_tile", "amx_bf16"}
+# How far bf16 autocast may move a probability from fp32 (README, benchmarks/bench_label.py).
+BF16_TOLERANCE = 0.005
 
 
 def _checkpoint(path: Path, *, seed: int, size: int = 64) -> Path:
@@ -135,16 +145,84 @@ def test_load_model_backends(checkpoints: dict[str, Path], tmp_path: Path) -> No
     a = checkpoints["a"]
     onnx_path = export_onnx([a], tmp_path / "model.onnx")
     assert BACKENDS == ("auto", "torch", "onnx", "native")
-    assert default_backend("cpu") == "onnx"
+    assert default_backend("cpu", flags=AVX2_ONLY) == "onnx"
     assert type(load_model([a], backend="torch", device="cpu")) is Ensemble
     assert type(load_model([a], backend="onnx", device="cpu")) is OnnxModel
-    assert type(load_model(a, backend="auto", device="cpu")) is OnnxModel  # one spec, not a list
+    auto = load_model(a, backend="auto", device="cpu", flags=AVX2_ONLY)  # one spec, not a list
+    assert type(auto) is OnnxModel
     for backend in ("auto", "onnx", "native"):
         assert type(load_model([onnx_path], backend=backend, device="cpu")) is OnnxModel
     with pytest.raises(ValueError, match="not torch"):
         load_model([onnx_path], backend="torch", device="cpu")
     with pytest.raises(ValueError, match="backend must be one of"):
         load_model([a], backend="tensorflow", device="cpu")
+
+
+def test_auto_plan_follows_the_cpu_flags() -> None:
+    """bf16 autocast + channels_last where AMX is present (measured faster there than ONNX
+    Runtime); ONNX Runtime fp32 elsewhere, AVX512-BF16 without AMX included (measured slower
+    in bf16); an explicit precision wins."""
+    assert PRECISIONS == ("auto", "fp32", "bf16")
+    for flags in (AMX, AVX512_BF16 | AMX):
+        plan = inference_plan("cpu", flags=flags)
+        assert (plan.backend, plan.precision) == ("torch", "bf16"), flags
+        assert "AMX" in plan.reason
+        assert default_backend("cpu", flags=flags) == "torch"
+        exact = inference_plan("cpu", "fp32", flags=flags)
+        assert (exact.backend, exact.precision) == ("onnx", "fp32"), flags
+    onnx_plan = InferencePlan("onnx", "fp32", "CPU without AMX: ONNX Runtime fp32 measured fastest")
+    for flags in (AVX2_ONLY, AVX512_BF16):
+        assert inference_plan("cpu", flags=flags) == onnx_plan, flags
+        assert default_backend("cpu", flags=flags) == "onnx"
+        asked = inference_plan("cpu", "bf16", flags=flags)
+        assert (asked.backend, asked.precision) == ("torch", "bf16")
+    with pytest.raises(ValueError, match="precision must be one of"):
+        inference_plan("cpu", "fp16")
+
+
+def test_load_model_takes_the_planned_path(checkpoints: dict[str, Path]) -> None:
+    a = checkpoints["a"]
+    fast = load_model([a], backend="auto", device="cpu", flags=AMX)
+    assert type(fast) is Ensemble and fast.precision == "bf16"
+    conv = next(p for p in fast.members[0].model.parameters() if p.dim() == 4)
+    assert conv.is_contiguous(memory_format=torch.channels_last)
+    info = fast.model_info()
+    assert info["precision"] == "bf16" and public_info(info)["precision"] == "bf16"  # /model
+    for flags in (AVX2_ONLY, AVX512_BF16):
+        slow = load_model([a], backend="auto", device="cpu", flags=flags)
+        assert type(slow) is OnnxModel and slow.model_info()["precision"] == "fp32"
+    exact = load_model([a], backend="auto", device="cpu", precision="fp32", flags=AMX)
+    assert type(exact) is OnnxModel
+    # --backend torch and the service's native backend stay fp32 unless bf16 is asked for.
+    for backend in ("torch", "native"):
+        plain = load_model([a], backend=backend, device="cpu", flags=AMX)
+        assert plain.model_info()["precision"] == "fp32", backend
+        asked = load_model([a], backend=backend, device="cpu", precision="bf16")
+        assert asked.model_info()["precision"] == "bf16", backend
+    with pytest.raises(ValueError, match="ONNX Runtime runs in fp32"):
+        load_model([a], backend="onnx", device="cpu", precision="bf16")
+    with pytest.raises(ValueError, match="precision must be one of"):
+        load_model([a], backend="torch", device="cpu", precision="half")
+    with pytest.raises(ValueError, match="precision must be one of"):
+        load_ensemble([a], device="cpu", precision="half")
+
+
+def test_bf16_probabilities_stay_within_the_tolerance_of_fp32(
+    checkpoints: dict[str, Path], tiny_dataset: Path
+) -> None:
+    """bf16 autocast runs on any CPU (emulated where it is not native), so this holds on
+    every machine; the two really differ, so bf16 was in effect."""
+    films = _films(tiny_dataset, 6)
+    specs = [checkpoints["a"], checkpoints["small"]]  # a mixed-size ensemble too
+    fp32 = load_model(specs, backend="torch", device="cpu", precision="fp32")
+    bf16 = load_model(specs, backend="torch", device="cpu", precision="bf16")
+    want, got = fp32.predict_images(films), bf16.predict_images(films)
+    assert got.dtype == np.float32 and got.shape == want.shape
+    diff = np.abs(got - want).max()
+    assert 0 < diff <= BF16_TOLERANCE, diff
+    np.testing.assert_allclose(
+        want, load_ensemble(specs, device="cpu").predict_images(films), atol=1e-6
+    )
 
 
 def test_native_backend_keeps_each_file_on_its_own_runtime(

@@ -147,6 +147,9 @@ def _model_fingerprint(model: Predictor | None) -> dict[str, Any] | None:
     # Only with TTA on, so a run interrupted before --tta existed still resumes.
     if info.get("tta", 1) != 1:
         fingerprint["tta"] = info["tta"]
+    # Only when not fp32, likewise: a run from before bf16 inference still resumes.
+    if info.get("precision", "fp32") != "fp32":
+        fingerprint["precision"] = info["precision"]
     return fingerprint
 
 

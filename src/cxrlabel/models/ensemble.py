@@ -8,6 +8,7 @@ paper's figures come from a 30-checkpoint ensemble; `kind` says which kind a fig
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -31,6 +32,10 @@ from cxrlabel.models.thresholds import combine_thresholds
 
 log = logging.getLogger(__name__)
 
+# What an Ensemble computes in: fp32, or bf16 autocast (the weights stay fp32; matmuls and
+# convolutions run in bf16, the sigmoid in fp32). See cxrlabel.models.predictor.inference_plan.
+PRECISIONS = ("fp32", "bf16")
+
 
 @dataclass(frozen=True)
 class Member:
@@ -40,11 +45,19 @@ class Member:
 
 
 class Ensemble:
-    """One or more checkpoints predicting the same labels; probabilities are averaged."""
+    """One or more checkpoints predicting the same labels; probabilities are averaged.
 
-    def __init__(self, members: Sequence[Member], device: torch.device) -> None:
+    precision: 'fp32' or 'bf16' (autocast; native and fast only on CUDA and on CPUs with
+    AMX/AVX512-BF16, emulated and slow elsewhere, but it runs anywhere).
+    """
+
+    def __init__(
+        self, members: Sequence[Member], device: torch.device, *, precision: str = "fp32"
+    ) -> None:
         if not members:
             raise ValueError("an ensemble needs at least one checkpoint")
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
         labels = members[0].model.spec.labels
         for m in members[1:]:
             if m.model.spec.labels != labels:
@@ -55,6 +68,7 @@ class Ensemble:
         self.members = tuple(members)
         self.labels: tuple[str, ...] = tuple(labels)
         self.device = device
+        self.precision = precision
         self.thresholds = combine_thresholds(
             [thresholds_from_metadata(m.meta).subset(labels) for m in members], labels
         )
@@ -91,10 +105,16 @@ class Ensemble:
         first = self.members[0]
         return first.model, first.path
 
-    @torch.no_grad()
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+
+    @torch.inference_mode()
     def _member_probs(self, member: Member, batch: torch.Tensor) -> np.ndarray:
-        logits = member.model(batch.to(self.device)).float()
-        return torch.sigmoid(logits).cpu().numpy()
+        with self._autocast():
+            logits = member.model(batch.to(self.device))
+        return torch.sigmoid(logits.float()).cpu().numpy()
 
     def predict_images(self, images: Sequence[np.ndarray]) -> np.ndarray:
         """(H, W) [0, 1] films -> (N, K) probabilities averaged over the members.
@@ -133,6 +153,7 @@ class Ensemble:
             "labels": list(self.labels),
             "thresholds": self.thresholds.to_dict(),
             "package": {"name": "cxrlabel", "version": cxrlabel.__version__},
+            "precision": self.precision,
             "members": [
                 {
                     "path": str(m.path),
@@ -147,12 +168,14 @@ class Ensemble:
         }
 
 
-def load_ensemble(specs: Sequence[str | Path], *, device: str = "auto") -> Ensemble:
+def load_ensemble(
+    specs: Sequence[str | Path], *, device: str = "auto", precision: str = "fp32"
+) -> Ensemble:
     """Load every checkpoint named by `specs` (see run_folder.resolve_model_paths) in eval mode."""
     target = resolve_device(device)
     members = []
     for path in resolve_model_paths(specs):
         model, meta = load_checkpoint(path)
         members.append(Member(path, model.to(target).eval(), meta))
-    log.info("loaded %d checkpoint(s) on %s", len(members), target)
-    return Ensemble(members, target)
+    log.info("loaded %d checkpoint(s) on %s (%s)", len(members), target, precision)
+    return Ensemble(members, target, precision=precision)

@@ -347,4 +347,6 @@ class OnnxModel:
         return self.predict_batch(np.stack([geometry.apply(img) for img in images]))
 
     def model_info(self) -> dict[str, Any]:
-        return {**self._info, "backend": "onnxruntime", "onnx_source": self.source}
+        # The graph is exported in fp32 whatever the ensemble computed in.
+        info = {**self._info, "backend": "onnxruntime", "precision": "fp32"}
+        return {**info, "onnx_source": self.source}
