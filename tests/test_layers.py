@@ -18,6 +18,7 @@ LAYERS = {
     "__init__": 0,
     "fileio": 0,
     "csvcells": 0,  # the CSV cell rule, used by every stage that writes or reads CSVs
+    "hardware": 0,  # CPU flags and name, for the training and inference plans
     "distributed": 0,  # which torchrun process this is; used by training and labelling
     "data": 1,
     "synth": 2,

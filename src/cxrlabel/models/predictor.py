@@ -18,8 +18,8 @@ import numpy as np
 import torch
 
 from cxrlabel.data.transforms import Preprocessing, ResizeGeometry
+from cxrlabel.hardware import cpu_has_amx_bf16
 from cxrlabel.models.thresholds import Thresholds
-from cxrlabel.training.execution import cpu_has_amx_bf16
 
 if TYPE_CHECKING:
     from cxrlabel.models.factory import CXRModel

@@ -14,12 +14,25 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
+from cxrlabel.hardware import cpu_flags, cpu_has_amx_bf16, cpu_has_fast_bf16, cpu_name
 from cxrlabel.models.factory import resolve_device
+
+# cpu_flags, cpu_name and the bf16 checks live in cxrlabel.hardware (inference plans use them
+# too); they are re-exported here for the training plan's callers.
+__all__ = [
+    "ExecutionPlan",
+    "autocast",
+    "choose_execution",
+    "cpu_flags",
+    "cpu_has_amx_bf16",
+    "cpu_has_fast_bf16",
+    "cpu_name",
+    "to_device",
+]
 
 
 @dataclass(frozen=True)
@@ -42,53 +55,6 @@ class ExecutionPlan:
             "channels_last": self.channels_last,
             "reason": self.reason,
         }
-
-
-def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str]:
-    """The CPU feature flags Linux reports (empty where /proc/cpuinfo does not exist)."""
-    try:
-        text = cpuinfo.read_text()
-    except OSError:
-        return frozenset()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return frozenset(line.partition(":")[2].split())
-    return frozenset()
-
-
-def cpu_name(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
-    import platform
-
-    try:
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.partition(":")[2].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def cpu_has_fast_bf16(flags: frozenset[str] | None = None) -> bool:
-    """True where bf16 matmuls/convolutions are native (AMX or AVX512-BF16).
-
-    Elsewhere bf16 on a CPU is emulated and slower than fp32, so "auto" must not pick it.
-    """
-    flags = cpu_flags() if flags is None else flags
-    if flags & {"amx_bf16", "avx512_bf16"}:
-        return True
-    # Without /proc/cpuinfo (macOS, Windows) oneDNN's own view is the best available.
-    if not flags:
-        with contextlib.suppress(Exception):
-            return torch.backends.cpu.get_cpu_capability() == "AVX512_BF16"
-    return False
-
-
-def cpu_has_amx_bf16(flags: frozenset[str] | None = None) -> bool:
-    """True where the CPU has AMX bf16 tiles (Intel Sapphire Rapids and later), the only CPUs
-    where bf16 inference measured faster than ONNX Runtime fp32 (see
-    cxrlabel.models.predictor.inference_plan)."""
-    flags = cpu_flags() if flags is None else flags
-    return "amx_bf16" in flags
 
 
 def choose_execution(
