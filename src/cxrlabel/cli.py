@@ -7,11 +7,15 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tqdm import tqdm
 
 from cxrlabel.data.labels import BlankMeaning, LabelTable
+
+if TYPE_CHECKING:  # only for annotations: the commands import lazily, for a fast --help
+    from cxrlabel.distributed import DistEnv
+    from cxrlabel.labelling.batch import LabelSummary
 
 log = logging.getLogger("cxrlabel")
 
@@ -415,7 +419,7 @@ def cmd_label(args: argparse.Namespace) -> int:
     return 0
 
 
-def _label(args: argparse.Namespace, env: Any) -> Any:
+def _label(args: argparse.Namespace, env: DistEnv) -> LabelSummary:
     from cxrlabel.data.labels import resolve_labels
     from cxrlabel.labelling.batch import label_inputs
     from cxrlabel.models.predictor import load_model
