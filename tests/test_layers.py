@@ -26,10 +26,11 @@ LAYERS = {
     "config": 4,  # RunConfig validates threshold rules from models.thresholds
     "evaluation": 5,
     "training": 6,  # validation metrics and loss plots come from evaluation
-    "labelling": 7,
-    "cli": 8,
-    "__main__": 8,  # `python -m cxrlabel` (torchrun -m cxrlabel): the command line
-    "demo": 8,
+    "hospital": 7,  # SR / secondary capture / FHIR from StudyFindings; sending to a PACS
+    "labelling": 8,
+    "cli": 9,
+    "__main__": 9,  # `python -m cxrlabel` (torchrun -m cxrlabel): the command line
+    "demo": 9,
 }
 
 

@@ -52,8 +52,6 @@ for the model lock.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import logging
 import os
 import re
@@ -115,7 +113,7 @@ from cxrlabel.labelling.guards import (
     host_name,
 )
 from cxrlabel.labelling.heatmaps import gradcams, heatmap_model, overlay_png
-from cxrlabel.models.predictor import Predictor, shared_resize
+from cxrlabel.models.predictor import Predictor, model_id, shared_resize
 from cxrlabel.models.thresholds import Thresholds
 
 log = logging.getLogger(__name__)
@@ -349,13 +347,6 @@ class ResultCache:
 # --------------------------------------------------------------------------------------------
 # The service
 # --------------------------------------------------------------------------------------------
-
-
-def model_id(info: dict[str, Any]) -> str:
-    """A short stable id: sha256 over the members' weight hashes (else over the info)."""
-    hashes = [str(m.get("sha256")) for m in info.get("members", []) if m.get("sha256")]
-    text = "\n".join(hashes) if hashes else json.dumps(info, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 # Absolute paths inside free text (exception messages): POSIX and Windows; the last part is

@@ -8,8 +8,10 @@ are set up by `cxrlabel.labelling.heatmaps.heatmap_model`.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
@@ -69,6 +71,14 @@ class Predictor(Protocol):
         at hand or no longer the one the model was built from.
         """
         ...
+
+
+def model_id(info: Mapping[str, Any]) -> str:
+    """A short stable id of a model_info(): sha256 over the members' weight hashes (else over
+    the info), first 16 hex. `/model`, run.json readers and the SR/FHIR outputs all show it."""
+    hashes = [str(m.get("sha256")) for m in info.get("members", []) if m.get("sha256")]
+    text = "\n".join(hashes) if hashes else json.dumps(info, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)
