@@ -302,7 +302,7 @@ def _batches(count: int, batch_size: int) -> list[range]:
     return [range(s, min(s + batch_size, count)) for s in range(0, count, batch_size)]
 
 
-def _run_own_batches(
+def _run_backbone(
     model: nn.Module,
     dataset: CXRDataset,
     batches: list[range],
@@ -417,7 +417,7 @@ def extract_features(
     batches = _batches(len(dataset), batch_size)
     tags = [_part_tag(key, batch_size, b) for b in range(len(batches))]
     parts_dir = cache_dir / PARTS_DIR
-    _run_own_batches(model, dataset, batches, parts_dir, tags, env, on_batch,
+    _run_backbone(model, dataset, batches, parts_dir, tags, env, on_batch,
                      progress and env.is_main, backbone_name)  # fmt: skip
     barrier(env)  # every rank's parts are on disk
     if not env.is_main:
