@@ -418,7 +418,7 @@ def extract_features(
     tags = [_part_tag(key, batch_size, b) for b in range(len(batches))]
     parts_dir = cache_dir / PARTS_DIR
     _run_backbone(model, dataset, batches, parts_dir, tags, env, on_batch,
-                     progress and env.is_main, backbone_name)  # fmt: skip
+                  progress and env.is_main, backbone_name)  # fmt: skip
     barrier(env)  # every rank's parts are on disk
     if not env.is_main:
         barrier(env)  # rank 0 has written the cache
