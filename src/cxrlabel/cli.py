@@ -182,9 +182,12 @@ def _head_config(args: argparse.Namespace):
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
+    from cxrlabel.distributed import dist_env
     from cxrlabel.training.heads import run_extract
 
     found = run_extract(_head_config(args), args.run_dir, overwrite=args.overwrite)
+    if not dist_env().is_main:  # under torchrun, rank 0 reports for the job
+        return 0
     for backbone, parts in found.items():
         for part, features in zip(("train", "valid"), parts, strict=True):
             state = "reused" if features.reused else "extracted"

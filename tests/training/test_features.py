@@ -16,9 +16,13 @@ from cxrlabel.models.factory import TINY_PREPROCESSING, TinyCNN
 from cxrlabel.training.features import (
     FEATURES_FILE,
     FEATURES_META,
+    PARTS_DIR,
     StaleFeatureCacheError,
     extract_features,
+    feature_fingerprint,
     load_features,
+    part_path,
+    read_part,
 )
 
 # Module-wide: see conftest.one_thread.
@@ -111,3 +115,68 @@ def test_bad_image_is_skipped_and_reported(train_table, tmp_path):
     assert feats.rows.tolist() == [0, 1, 2]
     assert len(feats.skipped) == 1 and "broken.jpg" in feats.skipped[0].path
     assert load_features(tmp_path / "c").skipped == feats.skipped
+
+
+class Stopped(RuntimeError):
+    """Raised from on_batch to stop an extraction as a kill would."""
+
+
+def _stop_after(batch: int, seen: list[int]):
+    def on_batch(b: int) -> None:
+        seen.append(b)
+        if b == batch:
+            raise Stopped(f"stopped after batch {b}")
+
+    return on_batch
+
+
+def _cache_bytes(cache: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in cache.iterdir() if p.is_file()}
+
+
+def test_stopped_extraction_resumes_from_its_journal(train_table, tmp_path):
+    whole = extract_features(
+        train_table, "tiny", "none", _prep(32), tmp_path / "whole", batch_size=4, progress=False
+    )
+    cache, seen = tmp_path / "c", []
+    with pytest.raises(Stopped):
+        extract_features(train_table, "tiny", "none", _prep(32), cache, batch_size=4,
+                         progress=False, on_batch=_stop_after(1, seen))  # fmt: skip
+    assert not (cache / FEATURES_META).exists()
+    assert sorted(p.name for p in (cache / PARTS_DIR).iterdir()) == [
+        "batch-000000.safetensors", "batch-000001.safetensors"]  # fmt: skip
+    seen.clear()
+    again = extract_features(train_table, "tiny", "none", _prep(32), cache, batch_size=4,
+                             progress=False, on_batch=seen.append)  # fmt: skip
+    batches = -(-len(train_table) // 4)
+    assert seen == list(range(2, batches))  # the journaled batches were not recomputed
+    assert not again.reused and again.rows.tolist() == whole.rows.tolist()
+    assert _cache_bytes(cache) == _cache_bytes(tmp_path / "whole")  # no parts folder left
+
+
+def test_journal_of_another_batch_size_is_recomputed(train_table, tmp_path):
+    whole = tmp_path / "whole"
+    extract_features(train_table, "tiny", "none", _prep(32), whole, batch_size=4, progress=False)
+    cache, seen = tmp_path / "c", []
+    with pytest.raises(Stopped):
+        extract_features(train_table, "tiny", "none", _prep(32), cache, batch_size=3,
+                         progress=False, on_batch=_stop_after(1, seen))  # fmt: skip
+    seen.clear()
+    extract_features(train_table, "tiny", "none", _prep(32), cache, batch_size=4,
+                     progress=False, on_batch=seen.append)  # fmt: skip
+    assert seen == list(range(-(-len(train_table) // 4)))  # batch b covers other rows now
+    assert _cache_bytes(cache) == _cache_bytes(whole)
+
+
+def test_merge_refuses_a_part_of_another_extraction(train_table, tmp_path):
+    cache = tmp_path / "c"
+    with pytest.raises(Stopped):
+        extract_features(train_table, "tiny", "none", _prep(32), cache, batch_size=4,
+                         progress=False, on_batch=_stop_after(0, []))  # fmt: skip
+    part = part_path(cache / PARTS_DIR, 0)
+    key = feature_fingerprint(train_table, "tiny", "none", _prep(32))
+    tag = {"fingerprint": key, "batch_size": "4", "batch": "0"}
+    assert read_part(part, tag).rows.tolist() == [0, 1, 2, 3]
+    for other in ({**tag, "fingerprint": "other"}, {**tag, "batch_size": "3"}):
+        with pytest.raises(RuntimeError, match=r"batch-000000.safetensors: feature part of batch"):
+            read_part(part, other)

@@ -13,6 +13,17 @@ Feature cache layout (one directory per table x backbone configuration):
 `rows` are the positions in the table of the M images that were read; unreadable images are
 skipped, listed in meta.json and left out of the matrix.
 
+While it runs, an extraction journals each finished batch as its own file,
+`<cache_dir>/.cxrlabel-parts/batch-NNNNNN.safetensors` (features, rows and the batch's skipped
+images, tagged with the fingerprint and batch size), written atomically. Batch b is the
+dataset's positions [b*B, (b+1)*B) for batch size B, whatever the number of processes. A run
+started again skips the batches already on disk with its tag (others are recomputed), so a
+killed extraction continues where it stopped. Under torchrun (cxrlabel.distributed) batch b goes
+to rank b % N, so every batch has the shape and contents it has in one process and the features
+are bit-identical; after a barrier rank 0 merges the parts in batch order into the two cache
+files, byte-identical to a one-process run, and removes the parts folder. Other ranks write only
+their parts.
+
 The fingerprint is a sha256 of: the cache format version; the dataset (every image's path, byte
 size and mtime, via `cache.fingerprint`, plus all 14 label columns of the table); the backbone
 name; the weights identity ('imagenet', 'none', or a file's resolved path, size and mtime); an
@@ -28,15 +39,16 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+import shutil
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from cxrlabel.data.cache import ImageCache, Skipped
@@ -50,6 +62,7 @@ from cxrlabel.data.labels import (
     resolve_labels,
 )
 from cxrlabel.data.transforms import Preprocessing
+from cxrlabel.distributed import DistEnv, barrier
 from cxrlabel.fileio import atomic_path, atomic_write_text
 from cxrlabel.models.factory import TINY_PREPROCESSING, create_backbone, make_keras_compatible
 
@@ -57,6 +70,7 @@ log = logging.getLogger(__name__)
 
 FEATURE_CACHE_VERSION = 1
 FEATURES_FILE, FEATURES_META = "features.safetensors", "meta.json"
+PARTS_DIR = ".cxrlabel-parts"  # the journal of an unfinished extraction, inside its cache_dir
 
 WeightsSpec = str | Path
 
@@ -212,23 +226,124 @@ def _save_features(features: FeatureSet) -> None:
 # Extraction
 
 
+@dataclass(frozen=True)
+class FeaturePart:
+    """One batch's pooled features (float32 [n, D]; [0, 0] when none of its images could be
+    read), their table rows (int64 [n]) and the images of the batch that were skipped."""
+
+    features: np.ndarray
+    rows: np.ndarray
+    skipped: list[Skipped]
+
+
+def part_path(parts_dir: Path, batch: int) -> Path:
+    return Path(parts_dir) / f"batch-{batch:06d}.safetensors"
+
+
+def _part_tag(fingerprint: str, batch_size: int, batch: int) -> dict[str, str]:
+    # The batch size is part of the tag: batch b covers other images at another batch size.
+    return {"fingerprint": fingerprint, "batch_size": str(batch_size), "batch": str(batch)}
+
+
+def write_part(path: Path, part: FeaturePart, tag: dict[str, str]) -> None:
+    """One finished batch, atomically, with its tag and skipped images in the metadata."""
+    tensors = {
+        "features": torch.from_numpy(np.ascontiguousarray(part.features, dtype=np.float32)),
+        "rows": torch.from_numpy(np.ascontiguousarray(part.rows, dtype=np.int64)),
+    }
+    skipped = json.dumps([{"path": s.path, "reason": s.reason} for s in part.skipped])
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={**tag, "skipped": skipped})
+
+
+def _stored_tag(path: Path) -> dict[str, str] | None:
+    """The tag of a part file; None when there is none or it cannot be read."""
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+    except (OSError, SafetensorError) as exc:
+        log.warning("%s: unreadable feature part, recomputing it (%s)", path, exc)
+        return None
+    return {key: metadata.get(key, "") for key in ("fingerprint", "batch_size", "batch")}
+
+
+def read_part(path: Path, tag: dict[str, str]) -> FeaturePart:
+    """A part file written with `tag`; a missing or other extraction's part is an error."""
+    if _stored_tag(path) != tag:
+        raise RuntimeError(
+            f"{path}: feature part of batch {tag['batch']} is missing or belongs to another "
+            "extraction (a rank did not finish its batches?); run the extraction again"
+        )
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata()
+        features = handle.get_tensor("features").numpy()
+        rows = handle.get_tensor("rows").numpy()
+    skipped = [Skipped(s["path"], s["reason"]) for s in json.loads(metadata["skipped"])]
+    return FeaturePart(features, rows, skipped)
+
+
 @torch.inference_mode()
+def _extract_batch(model: nn.Module, dataset: CXRDataset, positions: range) -> FeaturePart:
+    # What a DataLoader (num_workers=0, collate_skipping) does for one batch, so the batch's
+    # tensor, and so its features, are those of the one-process run.
+    before = len(dataset.skipped)
+    batch = collate_skipping([dataset[i] for i in positions])
+    skipped = list(dataset.skipped[before:])
+    if batch is None:
+        return FeaturePart(np.zeros((0, 0), np.float32), np.zeros(0, np.int64), skipped)
+    features = model(batch["image"]).float().cpu().numpy().astype(np.float32)
+    return FeaturePart(features, batch["index"].numpy().astype(np.int64), skipped)
+
+
+def _batches(count: int, batch_size: int) -> list[range]:
+    """The one-process run's batches: consecutive dataset positions, batch_size each."""
+    return [range(s, min(s + batch_size, count)) for s in range(0, count, batch_size)]
+
+
 def _run_backbone(
-    model: nn.Module, dataset: CXRDataset, batch_size: int, progress: bool, desc: str
-) -> tuple[np.ndarray, np.ndarray]:
-    loader = DataLoader(
-        dataset, batch_size=batch_size, shuffle=False, num_workers=0, collate_fn=collate_skipping
-    )
+    model: nn.Module,
+    dataset: CXRDataset,
+    batches: list[range],
+    parts_dir: Path,
+    tags: list[dict[str, str]],
+    env: DistEnv,
+    on_batch: Callable[[int], None] | None,
+    progress: bool,
+    desc: str,
+) -> None:
+    """This rank's batches (b % world == rank) into the journal; those already there are kept."""
+    mine = range(env.rank, len(batches), env.world_size)
+    done = 0
+    for b in tqdm(mine, desc=desc, disable=not progress, unit="batch"):
+        path = part_path(parts_dir, b)
+        if _stored_tag(path) == tags[b]:
+            done += 1
+            continue
+        write_part(path, _extract_batch(model, dataset, batches[b]), tags[b])
+        if on_batch is not None:
+            on_batch(b)
+    if done:
+        log.info("rank %d: %d of its %d batches were journaled already", env.rank, done, len(mine))
+
+
+def _merge_parts(
+    parts_dir: Path, tags: list[dict[str, str]]
+) -> tuple[np.ndarray, np.ndarray, list[Skipped]]:
+    """Every batch's part, in batch order: the features, rows and skipped of one process."""
     chunks: list[np.ndarray] = []
     rows: list[np.ndarray] = []
-    for batch in tqdm(loader, desc=desc, disable=not progress, unit="batch"):
-        if batch is None:
-            continue
-        chunks.append(model(batch["image"]).float().cpu().numpy())
-        rows.append(batch["index"].numpy())
+    skipped: list[Skipped] = []
+    for b, tag in enumerate(tags):
+        part = read_part(part_path(parts_dir, b), tag)
+        if len(part.rows):
+            chunks.append(part.features)
+            rows.append(part.rows)
+        skipped.extend(part.skipped)
     if not chunks:
         raise ValueError("no readable images: nothing to extract features from")
-    return np.concatenate(chunks).astype(np.float32), np.concatenate(rows).astype(np.int64)
+    return np.concatenate(chunks).astype(np.float32), np.concatenate(rows).astype(np.int64), skipped
 
 
 def build_backbone(
@@ -255,6 +370,8 @@ def extract_features(
     overwrite: bool = False,
     keras_compat: bool = False,
     resize_mode: str = "pad",
+    env: DistEnv | None = None,
+    on_batch: Callable[[int], None] | None = None,
 ) -> FeatureSet:
     """Pooled features of every readable image of `table`, computed once and cached.
 
@@ -262,7 +379,13 @@ def extract_features(
     same fingerprint is loaded; one with another fingerprint raises StaleFeatureCacheError unless
     `overwrite` (then it is recomputed in place). `keras_compat` makes the backbone compute
     exactly what Keras does with the same weights (see models.make_keras_compatible).
+
+    `env` (cxrlabel.distributed.dist_env(), process group initialised): under torchrun every
+    rank calls this with the same arguments, computes its batches, and rank 0 merges them (see
+    the module docstring); every rank returns the same features. `on_batch(b)` is called after
+    batch b was journaled by this process (tests stop a rank there, as if it were killed).
     """
+    env = env or DistEnv.single()
     cache_dir = Path(cache_dir)
     model: nn.Module | None = None
     prep = preprocessing
@@ -273,6 +396,8 @@ def extract_features(
         try:
             found = load_features(cache_dir, key)
             log.info("%s: feature cache is up to date (%d images)", cache_dir, len(found))
+            if env.is_main:  # left by a run stopped between writing the cache and this
+                shutil.rmtree(cache_dir / PARTS_DIR, ignore_errors=True)
             return found
         except StaleFeatureCacheError:
             if not overwrite:
@@ -287,8 +412,23 @@ def extract_features(
     dataset = CXRDataset(
         table, OBSERVATIONS, prep, cache=image_cache, on_error="skip", policy="U-Ignore"
     )
-    feats, rows = _run_backbone(model, dataset, batch_size, progress, desc=backbone_name)
+    # Images the image cache could not prepare are known before any batch runs.
     skipped = list(dataset.skipped)
+    batches = _batches(len(dataset), batch_size)
+    tags = [_part_tag(key, batch_size, b) for b in range(len(batches))]
+    parts_dir = cache_dir / PARTS_DIR
+    _run_backbone(model, dataset, batches, parts_dir, tags, env, on_batch,
+                  progress and env.is_main, backbone_name)  # fmt: skip
+    barrier(env)  # every rank's parts are on disk
+    if not env.is_main:
+        barrier(env)  # rank 0 has written the cache
+        return replace(load_features(cache_dir, key), reused=False)
+    try:
+        feats, rows, batch_skipped = _merge_parts(parts_dir, tags)
+    except Exception:
+        barrier(env)  # release the other ranks; they fail to load the missing cache
+        raise
+    skipped += batch_skipped
     if skipped:
         log.warning("%d image(s) skipped, e.g. %s", len(skipped), skipped[0])
     meta = {
@@ -306,7 +446,9 @@ def extract_features(
     }
     result = FeatureSet(feats, rows, meta, cache_dir, skipped=skipped, reused=False)
     _save_features(result)
+    shutil.rmtree(parts_dir)
     log.info("%s: cached %d x %d features", cache_dir, *feats.shape)
+    barrier(env)
     return result
 
 
@@ -349,6 +491,8 @@ def features_for(
 
 
 __all__ = [
+    "PARTS_DIR",
+    "FeaturePart",
     "FeatureSet",
     "StaleFeatureCacheError",
     "build_backbone",
@@ -358,5 +502,8 @@ __all__ = [
     "feature_fingerprint",
     "features_for",
     "load_features",
+    "part_path",
+    "read_part",
     "weights_identity",
+    "write_part",
 ]

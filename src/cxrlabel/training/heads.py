@@ -33,6 +33,7 @@ from cxrlabel.config import HeadConfig
 from cxrlabel.csvcells import frame_csv
 from cxrlabel.data.labels import LabelTable, resolve_labels
 from cxrlabel.data.transforms import Preprocessing
+from cxrlabel.distributed import DistEnv, destroy_process_group, dist_env, init_process_group
 from cxrlabel.evaluation.metrics import metrics_table
 from cxrlabel.evaluation.tables import markdown_table
 from cxrlabel.fileio import atomic_write_text
@@ -218,7 +219,12 @@ def backbone_source(config: HeadConfig, backbone: str) -> dict[str, Any]:
 
 
 def _extract(
-    run: HeadRun, backbone: str, *, overwrite: bool = False, progress: bool = True
+    run: HeadRun,
+    backbone: str,
+    *,
+    overwrite: bool = False,
+    progress: bool = True,
+    env: DistEnv | None = None,
 ) -> tuple[Preprocessing, FeatureSet, FeatureSet]:
     config = run.config
     prep = preprocessing_of(config, backbone)
@@ -228,6 +234,7 @@ def _extract(
         "overwrite": overwrite,
         "keras_compat": config.keras_compat,
         "resize_mode": config.resize_mode,
+        "env": env,
     }
     cache_root = run.run_dir / FEATURES_DIR
     parts = [
@@ -368,12 +375,15 @@ def format_sweep_table(df: pd.DataFrame) -> str:
 # Entry points for the CLI: a config in, a run folder out.
 
 
-def _prepare(config: HeadConfig, run_dir: Path | None) -> HeadRun:
-    """The run with its tables loaded and filtered, and its config.yaml written."""
+def _prepare(config: HeadConfig, run_dir: Path | None, env: DistEnv | None = None) -> HeadRun:
+    """The run with its tables loaded and filtered, and its config.yaml written (by rank 0
+    only, under torchrun; the other ranks compute the same split without saving it)."""
+    env = env or DistEnv.single()
     _check_heads(config)
     run_dir = Path(run_dir) if run_dir is not None else run_dir_of(config)
-    train, valid = load_tables(config, run_dir)  # type: ignore[arg-type]  # RunConfig's keys
-    config.save(run_dir / CONFIG_FILE)
+    train, valid = load_tables(config, run_dir, save=env.is_main)  # type: ignore[arg-type]
+    if env.is_main:
+        config.save(run_dir / CONFIG_FILE)
     return HeadRun(config, train, valid, run_dir)
 
 
@@ -386,14 +396,29 @@ def run_extract(
 ) -> dict[str, tuple[FeatureSet, FeatureSet]]:
     """Extract (or find cached) train and valid features of every backbone of the config.
 
-    `train-head` and `sweep` with the same config and run folder reuse them.
+    `train-head` and `sweep` with the same config and run folder reuse them. Under torchrun
+    every process calls this: they join one gloo process group (extraction runs on the CPU),
+    share each table's batches and rank 0 writes the caches (training.features).
     """
-    run = _prepare(config, run_dir)
-    out = {}
-    for backbone in config.backbones:
-        _, train, valid = _extract(run, backbone, overwrite=overwrite, progress=progress)
-        out[backbone] = (train, valid)
-    return out
+    env = dist_env()
+    owns_group = False
+    if env.distributed:
+        import torch.distributed as dist
+
+        owns_group = not dist.is_initialized()
+        init_process_group(env, "cpu")
+    try:
+        run = _prepare(config, run_dir, env)
+        out = {}
+        for backbone in config.backbones:
+            _, train, valid = _extract(
+                run, backbone, overwrite=overwrite, progress=progress, env=env
+            )
+            out[backbone] = (train, valid)
+        return out
+    finally:
+        if owns_group:
+            destroy_process_group()
 
 
 def run_train_head(
