@@ -202,15 +202,24 @@ def _grey_and_chroma(stack: torch.Tensor) -> tuple[torch.Tensor, list[float]]:
 
 
 def _pixel_stats(grey: torch.Tensor) -> list[PixelStats]:
-    """sanity.pixel_stats of each (H, W) film of a (B, H, W) uint8 stack, on its device."""
+    """sanity.pixel_stats of each (H, W) film of a (B, H, W) uint8 stack, on its device, from
+    one 256-level histogram per film: the levels present, and the standard deviation of
+    level / 255 (in float64; NumPy's float32 std differs by about 1e-7)."""
     batch, height, width = grey.shape
     step = sample_step(height, width, SAMPLE_PIXELS)
     sample = grey[:, ::step, ::step].flatten(1)
-    std = (sample.to(torch.float32) / 255.0).std(dim=1, correction=0)
     offsets = torch.arange(batch, device=grey.device)[:, None] * 256
     counts = torch.bincount((sample.long() + offsets).flatten(), minlength=batch * 256)
-    levels = (counts.view(batch, 256) > 0).sum(dim=1)
-    return [PixelStats(s, n) for s, n in zip(std.tolist(), levels.tolist(), strict=True)]
+    hist = counts.view(batch, 256).to(torch.float64)
+    values = torch.arange(256, device=grey.device, dtype=torch.float64) / 255.0
+    n = hist.sum(dim=1)
+    mean = (hist * values).sum(dim=1) / n
+    var = (hist * (values[None] - mean[:, None]) ** 2).sum(dim=1) / n
+    levels = (hist > 0).sum(dim=1)
+    return [
+        PixelStats(float(v) ** 0.5, int(k))
+        for v, k in zip(var.tolist(), levels.tolist(), strict=True)
+    ]
 
 
 def resize_batch(batch: torch.Tensor, geometry: ResizeGeometry) -> torch.Tensor:
