@@ -425,6 +425,7 @@ def cmd_label(args: argparse.Namespace) -> int:
 def _label(args: argparse.Namespace, env: DistEnv) -> LabelSummary:
     from cxrlabel.data.labels import resolve_labels
     from cxrlabel.labelling.batch import label_inputs
+    from cxrlabel.models.factory import resolve_device
     from cxrlabel.models.predictor import load_model
     from cxrlabel.models.tta import check_tta, with_tta
 
@@ -441,7 +442,7 @@ def _label(args: argparse.Namespace, env: DistEnv) -> LabelSummary:
         heatmaps=args.heatmaps or chosen is not None, heatmap_labels=chosen,
         lateral_model=lateral, progress=not args.no_progress, skip_flagged=args.skip_flagged,
         allow_outside_paths=args.allow_outside_paths, env=env,
-        **_read_limits(args),
+        decode_device=resolve_device(args.device), **_read_limits(args),
     )  # fmt: skip
     return summary
 

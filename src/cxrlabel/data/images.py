@@ -117,7 +117,7 @@ _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
 _GREY_MODES = frozenset({"1", "L", "LA", "La", *_SIXTEEN_BIT_MODES})
 # Colour content is measured on a strided sample of at most about this many pixels: enough to
 # see colour anywhere but in a speck, and cheap on a 4000 px film.
-_CHROMA_SAMPLE = 1 << 20
+CHROMA_SAMPLE = 1 << 20
 
 # Which pip packages provide a decoder, per DICOM transfer syntax, for error messages.
 _JPEG_PACKAGES = "pylibjpeg and pylibjpeg-libjpeg (pip install pylibjpeg pylibjpeg-libjpeg)"
@@ -503,11 +503,17 @@ def _pillow_chroma(im: Image.Image) -> float:
     return _chroma(np.asarray(rgb), 255.0)
 
 
+def sample_step(height: int, width: int, budget: int) -> int:
+    """The stride (rows and columns alike) that samples an image's pixels down to at most
+    about `budget` pixels: what ImageInfo.chroma and the input checks measure on."""
+    return max(1, math.ceil(math.sqrt(height * width / budget)))
+
+
 def _chroma(pixels: np.ndarray, full_scale: float) -> float:
     """Mean (largest - smallest of the first three channels) / full_scale over a strided
     sample of an (H, W, C) array."""
     height, width = pixels.shape[:2]
-    step = max(1, math.ceil(math.sqrt(height * width / _CHROMA_SAMPLE)))
+    step = sample_step(height, width, CHROMA_SAMPLE)
     sample = pixels[::step, ::step, :3]
     spread = sample.max(axis=-1).astype(np.float64) - sample.min(axis=-1)
     return float(spread.mean() / full_scale) if spread.size else 0.0
@@ -840,11 +846,25 @@ def _rle_decoded_length(data: bytes, start: int, end: int, limit: int) -> int:
     return total
 
 
-def _jpeg_frame_size(data: bytes) -> tuple[int, int, int] | None:
-    """(width, height, components) from a JPEG or JPEG-LS stream's first frame header.
+@dataclass(frozen=True)
+class JpegFrame:
+    """A JPEG (or JPEG-LS) stream's first frame header: its SOF marker (0xC0 baseline, 0xC1
+    extended Huffman, 0xC2 progressive, 0xF7 JPEG-LS...), sample precision in bits, size and
+    number of components."""
+
+    marker: int
+    precision: int
+    width: int
+    height: int
+    components: int
+
+
+def jpeg_frame(data: bytes) -> JpegFrame | None:
+    """The first frame header of a JPEG or JPEG-LS stream; None when there is none before the
+    scan data (or the bytes are not a JPEG).
 
     Parsed here rather than with Pillow: Pillow does not know JPEG-LS (SOF55) and would give
-    no size for it.
+    no size for it, and a decoder sizes its output from this header.
     """
     if data[:2] != b"\xff\xd8":
         return None
@@ -865,12 +885,37 @@ def _jpeg_frame_size(data: bytes) -> tuple[int, int, int] | None:
             if pos + 10 > len(data):
                 return None
             height, width = struct.unpack(">HH", data[pos + 5 : pos + 9])
-            return width, height, data[pos + 9]
+            return JpegFrame(marker, data[pos + 4], width, height, data[pos + 9])
         length = int.from_bytes(data[pos + 2 : pos + 4], "big")
         if length < 2:
             return None
         pos += 2 + length
     return None
+
+
+def check_jpeg_frame(
+    data: bytes, *, name: str | None = None, max_pixels: int = MAX_PIXELS
+) -> JpegFrame:
+    """A JPEG's first frame header, refused as :func:`read_image` refuses an image before any
+    pixel is decoded: for a decoder that is not Pillow (the device JPEG path,
+    :mod:`cxrlabel.data.jpegdevice`), which sizes its output from this header.
+
+    Raises:
+        CorruptImageError: no frame header before the scan data.
+        ImageTooLargeError: width x height over `max_pixels` (a possible decompression bomb).
+    """
+    path = Path(name or BYTES_NAME)
+    frame = jpeg_frame(data)
+    if frame is None:
+        raise CorruptImageError(path, "pixel data cannot be decoded (no valid JPEG frame header)")
+    _check_size(path, frame.width, frame.height, max_pixels, what="JPEG frame")
+    return frame
+
+
+def _jpeg_frame_size(data: bytes) -> tuple[int, int, int] | None:
+    """(width, height, components) from a JPEG or JPEG-LS stream's first frame header."""
+    frame = jpeg_frame(data)
+    return None if frame is None else (frame.width, frame.height, frame.components)
 
 
 def _j2k_frame_size(data: bytes) -> tuple[int, int, int] | None:

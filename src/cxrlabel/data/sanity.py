@@ -37,7 +37,6 @@ that is of normal size, shape and contrast (a square tibia PNG) is not flagged.
 
 from __future__ import annotations
 
-import math
 import re
 import unicodedata
 from collections.abc import Iterable
@@ -45,7 +44,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cxrlabel.data.images import ImageInfo
+from cxrlabel.data.images import ImageInfo, sample_step
 
 SMALL = "small"
 ASPECT = "aspect"
@@ -56,7 +55,7 @@ BODY_PART = "body_part"
 FLAG_SEPARATOR = ";"
 _MAX_VALUE_CHARS = 32
 # std and levels are measured on a strided sample of at most about this many pixels.
-_SAMPLE_PIXELS = 1 << 20
+SAMPLE_PIXELS = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -75,13 +74,34 @@ class SanityLimits:
 DEFAULT_LIMITS = SanityLimits()
 
 
+@dataclass(frozen=True)
+class PixelStats:
+    """What the ``constant`` check measures on a film's strided sample (:func:`pixel_stats`):
+    the standard deviation on the [0, 1] scale and how many of 256 grey levels occur."""
+
+    std: float
+    levels: int
+
+
 def sanity_flags(
     image: np.ndarray, info: ImageInfo, limits: SanityLimits = DEFAULT_LIMITS
 ) -> tuple[str, ...]:
     """The flags for one film: `image` as :func:`~cxrlabel.data.images.read_image` returns it
     (float32 (H, W) in [0, 1]) and the `info` read with it; empty when nothing is wrong."""
-    flags: list[str] = []
     height, width = image.shape[:2]
+    return flags_from_stats(height, width, info, pixel_stats(image), limits)
+
+
+def flags_from_stats(
+    height: int,
+    width: int,
+    info: ImageInfo,
+    stats: PixelStats,
+    limits: SanityLimits = DEFAULT_LIMITS,
+) -> tuple[str, ...]:
+    """:func:`sanity_flags` from the film's size and its :class:`PixelStats` rather than its
+    pixels (the device JPEG path measures them where the film was decoded)."""
+    flags: list[str] = []
     short, long = min(height, width), max(height, width)
     if short < limits.min_side:
         flags.append(SMALL)
@@ -89,7 +109,7 @@ def sanity_flags(
         flags.append(ASPECT)
     if info.chroma > limits.max_chroma:
         flags.append(COLOUR)
-    if _nearly_constant(image, limits):
+    if stats.std < limits.min_std or stats.levels < limits.min_levels:
         flags.append(CONSTANT)
     modality = _tag_value(info.modality)
     if modality and modality not in limits.modalities:
@@ -118,16 +138,16 @@ def describe_flags(flags: Iterable[str], limits: SanityLimits = DEFAULT_LIMITS) 
     return "; ".join(f"{flag} ({words[flag.split(':', 1)[0]]})" for flag in flags)
 
 
-def _nearly_constant(image: np.ndarray, limits: SanityLimits) -> bool:
+def pixel_stats(image: np.ndarray) -> PixelStats:
+    """The ``constant`` check's measures on a strided sample of at most about
+    :data:`SAMPLE_PIXELS` pixels of a float (H, W) film in [0, 1] (an empty film: 0 and 0)."""
     height, width = image.shape[:2]
-    step = max(1, math.ceil(math.sqrt(height * width / _SAMPLE_PIXELS)))
+    step = sample_step(height, width, SAMPLE_PIXELS)
     sample = np.asarray(image[::step, ::step], dtype=np.float32)
     if sample.size == 0:
-        return True
-    if float(sample.std()) < limits.min_std:
-        return True
+        return PixelStats(0.0, 0)
     levels = np.bincount(np.clip(np.rint(sample * 255), 0, 255).astype(np.uint8).ravel())
-    return int(np.count_nonzero(levels)) < limits.min_levels
+    return PixelStats(float(sample.std()), int(np.count_nonzero(levels)))
 
 
 def _tag_value(value: str | None) -> str:

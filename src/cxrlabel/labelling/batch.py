@@ -69,8 +69,16 @@ from cxrlabel.data.inputs import (
     view_from_name,
     view_from_text,
 )
+from cxrlabel.data.jpegdevice import (
+    DeviceFilm,
+    JpegProbe,
+    decode_jpegs,
+    prepare_films,
+    probe_jpeg,
+    use_device_decode,
+)
 from cxrlabel.data.labels import OBSERVATIONS
-from cxrlabel.data.sanity import describe_flags, join_flags, sanity_flags
+from cxrlabel.data.sanity import describe_flags, flags_from_stats, join_flags, sanity_flags
 from cxrlabel.data.transforms import ResizeGeometry
 from cxrlabel.distributed import DistEnv, all_gather_objects, barrier, broadcast_object
 from cxrlabel.fileio import atomic_path, atomic_write_bytes, atomic_write_text
@@ -176,6 +184,10 @@ class Film:
     view_source: str = ""
     laterality: str = ""
     flags: tuple[str, ...] = ()  # the input checks' (cxrlabel.data.sanity)
+    # The device JPEG path (cxrlabel.data.jpegdevice): the checked file's bytes and header,
+    # decoded by the labelling process on its device, then dropped.
+    encoded: bytes | None = None
+    probe: JpegProbe | None = None
 
 
 def _describe(film: Film, meta: dict[str, Any] | None) -> None:
@@ -206,10 +218,18 @@ def read_film(
     keep_display: bool,
     skip_flagged: bool = False,
     max_bytes: int = DEFAULT_MAX_FILE_BYTES,
+    jpeg_device: str | None = None,
+    force_jpeg_device: bool = False,
 ) -> Film:
     """Read, check and describe one input; any failure becomes the film's error, never an
     exception. Only a regular file of at most `max_bytes` is read (see `read_film_bytes`).
-    With `skip_flagged`, a film the input checks flag becomes an error too."""
+    With `skip_flagged`, a film the input checks flag becomes an error too.
+
+    `jpeg_device`: the type of the device the run decodes JPEG on ("cuda"), None for none. A
+    film `use_device_decode` routes there whose header `probe_jpeg` accepts (within the pixel
+    limit, a format the device decodes as Pillow does) comes back undecoded, with `encoded`
+    and `probe` set; `DeviceJpeg.finish` decodes it. Any other film is decoded here.
+    `force_jpeg_device`: route JPEG there whatever the device type (tests, on CPU)."""
     film = Film(seq, item)
     if item.error is not None:  # the walk or the CSV path rule refused it: reported, not read
         film.error = type(item.error).__name__
@@ -219,6 +239,14 @@ def read_film(
         # Read once, then decode the bytes: the file is checked and opened only here.
         data = read_film_bytes(item.path, max_bytes)
         name = str(item.path)
+        if jpeg_device is not None and use_device_decode(
+            jpeg_device, data, forced=force_jpeg_device
+        ):
+            probe = probe_jpeg(data, name=name)
+            if probe is not None:
+                film.encoded, film.probe = data, probe
+                _describe(film, None)
+                return film
         is_dicom = item.path.suffix.lower() in DICOM_SUFFIXES or data[128:132] == b"DICM"
         meta = read_dicom_metadata(data, name=name) if is_dicom else None
         image, info = read_image_with_info(data, name=name)
@@ -228,18 +256,78 @@ def read_film(
     except Exception as exc:  # a decoder bug must not stop a batch job; the file is reported
         film.error, film.reason = type(exc).__name__, f"{item.path}: {exc}"
         return film
-    film.flags = sanity_flags(image, info)
-    if skip_flagged and film.flags:
-        film.error = FLAGGED_ERROR
-        film.reason = (
-            f"not labelled (--skip-flagged): the input checks flagged it: "
-            f"{describe_flags(film.flags)}"
-        )
+    if _skipped(film, sanity_flags(image, info), skip_flagged):
         return film
     _describe(film, meta)
     film.display_image = _display_film(image) if keep_display else None
     film.pixels = image if resize_to is None else resize_to.apply(image)
     return film
+
+
+def _skipped(film: Film, flags: tuple[str, ...], skip_flagged: bool) -> bool:
+    """Record the input checks' flags; with `skip_flagged` a flagged film becomes an error."""
+    film.flags = flags
+    if not (skip_flagged and flags):
+        return False
+    film.error = FLAGGED_ERROR
+    film.reason = (
+        f"not labelled (--skip-flagged): the input checks flagged it: {describe_flags(flags)}"
+    )
+    return True
+
+
+@dataclass
+class DeviceJpeg:
+    """Where the device JPEG path of a run decodes (`device`), the one resize its films get,
+    and the CPU reader a film the device decoder refuses is read with instead."""
+
+    device: torch.device
+    geometry: ResizeGeometry
+    fallback: FilmReader[Film]
+    skip_flagged: bool = False
+
+    def finish(self, films: list[Film]) -> list[Film]:
+        """The batch with its undecoded films (read_film's `encoded`) decoded, checked and
+        resized on the device, or read by the fallback reader where the decoder refused."""
+        pending = [f for f in films if f.encoded is not None and f.probe is not None]
+        if not pending:
+            return films
+        modes = [f.probe.mode for f in pending if f.probe is not None]
+        decoded = decode_jpegs([f.encoded or b"" for f in pending], modes, self.device)
+        done = [(f, image) for f, image in zip(pending, decoded, strict=True) if image is not None]
+        results = prepare_films([image for _, image in done], self.geometry)
+        for (film, _), result in zip(done, results, strict=True):
+            _finish_device_film(film, result, self.skip_flagged)
+        redo: dict[int, Film] = {}
+        for film, image in zip(pending, decoded, strict=True):
+            film.encoded = film.probe = None
+            if image is None:
+                log.info("%s: the device JPEG decoder refused it; reading it on the CPU",
+                         csv_name(film.item.display))  # fmt: skip
+                redo[film.seq] = _read_with_limit(self.fallback, film.seq, film.item)
+        return [redo.get(f.seq, f) for f in films]
+
+
+def _finish_device_film(film: Film, result: DeviceFilm, skip_flagged: bool) -> None:
+    info = result.info
+    if _skipped(film, flags_from_stats(info.height, info.width, info, result.stats), skip_flagged):
+        return
+    film.pixels = result.pixels
+
+
+def jpeg_decode_device(
+    device: str | torch.device | None,
+    resize_to: ResizeGeometry | None,
+    heatmaps: bool,
+    forced: bool = False,
+) -> torch.device | None:
+    """The device a run decodes JPEG films on, None for the CPU reader alone: CUDA (or any
+    device when a test `forced` it), when the models share one resize (the device path
+    resizes) and no heatmaps are drawn (they need the full film on the CPU)."""
+    if device is None or resize_to is None or heatmaps:
+        return None
+    device = torch.device(device)
+    return device if forced or device.type == "cuda" else None
 
 
 def _read_with_limit(reader: FilmReader[Film], seq: int, item: InputItem) -> Film:
@@ -581,6 +669,8 @@ def label_inputs(
     max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
     read_timeout: float | None = DEFAULT_READ_TIMEOUT,
     env: DistEnv | None = None,
+    decode_device: str | torch.device | None = None,
+    force_device_decode: bool = False,
 ) -> LabelSummary:
     """Label every film in `inputs` into `out_dir` (see the module doc for the files).
 
@@ -606,6 +696,10 @@ def label_inputs(
     rank``) into its own journal, ``<out>/.cxrlabel-parts/rank-K/``; rank 0 then merges the
     parts by input number and writes the final files, byte-identical to a one-process run.
     Every rank returns the merged summary.
+
+    `decode_device` (the model's device): on CUDA, JPEG films are decoded and resized there
+    (cxrlabel.data.jpegdevice; `jpeg_decode_device` says when), the rest by the CPU reader.
+    `force_device_decode` takes that path on any device (tests run it on the CPU).
     """
     env = env or DistEnv.single()
     if batch_size < 1:
@@ -630,17 +724,28 @@ def label_inputs(
     barrier(env)  # rank 0 has removed an earlier run's heatmaps before any rank writes one
     summary = LabelSummary(resumed_after=state["done"], model=model.name, kind=model.kind)
     started = time.perf_counter()
-    read = partial(
+    cpu_read = partial(
         read_film,
         resize_to=labeller.resize_to,
         keep_display=heatmapper is not None,
         skip_flagged=skip_flagged,
         max_bytes=max_file_bytes,
     )
-    with FilmReader(read, read_timeout) as reader:
+    device = jpeg_decode_device(
+        decode_device, labeller.resize_to, heatmapper is not None, force_device_decode
+    )
+    read = cpu_read
+    if device is not None:
+        read = partial(cpu_read, jpeg_device=device.type, force_jpeg_device=force_device_decode)
+        log.info("JPEG films are decoded on %s, the others on the CPU", device)
+    # The fallback reader's child starts only if a film needs it.
+    with FilmReader(read, read_timeout) as reader, FilmReader(cpu_read, read_timeout) as cpu:
+        finish = None
+        if device is not None and labeller.resize_to is not None:
+            finish = DeviceJpeg(device, labeller.resize_to, cpu, skip_flagged).finish
         processed = _label_stream(
             paths, out_dir, labeller, state, batch_size, progress, on_batch, reader,
-            allow_outside_paths,
+            allow_outside_paths, finish,
         )  # fmt: skip
     elapsed = time.perf_counter() - started
     state["seconds"] += elapsed
@@ -700,8 +805,10 @@ def _label_stream(
     on_batch: Callable[[int], None] | None,
     reader: FilmReader[Film],
     allow_outside_paths: bool = False,
+    finish: Callable[[list[Film]], list[Film]] | None = None,
 ) -> int:
-    """Read, predict and append batch after batch; returns how many inputs this call did."""
+    """Read, predict and append batch after batch; returns how many inputs this call did.
+    `finish`: what completes a read batch in this process (DeviceJpeg.finish)."""
     from tqdm.auto import tqdm
 
     journal = labeller.journal
@@ -724,6 +831,8 @@ def _label_stream(
         writers = (csv.writer(images_f), csv.writer(errors_f))
         for batch in _batches(items, batch_size):
             films = [_read_with_limit(reader, s, it) for s, it in batch]
+            if finish is not None:
+                films = finish(films)
             labeller.run_batch(films, writers, state["counts"])
             journal.advance(state, hasher, [item.path for _, item in batch])
             journal.commit(state, (images_f, errors_f))
