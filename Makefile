@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= demo-output
 
-.PHONY: demo test lint bench clean browser-deps
+.PHONY: demo test lint bench clean browser-deps test-deps
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/cxrlabel demo --out $(DEMO_DIR)
 
-test: $(STAMP) browser-deps
+test: $(STAMP) browser-deps test-deps
 	$(BIN)/ruff check .
 	$(BIN)/pytest -q
 
@@ -27,6 +27,17 @@ browser-deps:
 		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 		$$SUDO apt-get update && $$SUDO env DEBIAN_FRONTEND=noninteractive \
 			apt-get install -y --no-install-recommends chromium; }
+
+# tests/hospital/ run Debian's Orthanc + its DICOMweb plugin as a real PACS and check SRs with
+# dicom3tools' dciodvfy: installed when missing, like chromium. The tests start their own Orthanc
+# on free ports, so the package's system service (started by its postinst) is stopped, disabled.
+test-deps:
+	@test -x /usr/sbin/Orthanc -a -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so \
+		-a -x /usr/bin/dciodvfy || { \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y \
+			--no-install-recommends orthanc orthanc-dicomweb dicom3tools || exit 1; \
+		{ $$SUDO systemctl disable --now orthanc || $$SUDO service orthanc stop; } >/dev/null 2>&1; :; }
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
