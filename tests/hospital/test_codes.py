@@ -48,3 +48,11 @@ def test_private_codes_name_the_observation() -> None:
 def test_unknown_observation_is_named() -> None:
     with pytest.raises(KeyError, match="Nodule"):
         observation_code("Nodule")
+
+
+def test_report_and_threshold_concepts_match_pydicoms_tables() -> None:
+    from cxrlabel.hospital.codes import DIAGNOSTIC_IMAGING_REPORT, THRESHOLD
+
+    assert codes.LN.DiagnosticImagingReport.value == DIAGNOSTIC_IMAGING_REPORT.value
+    assert codes.DCM.ThresholdValue.value == THRESHOLD.value
+    assert DIAGNOSTIC_IMAGING_REPORT.fhir_system == "http://loinc.org"

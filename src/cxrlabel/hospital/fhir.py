@@ -98,6 +98,8 @@ def _ratio(value: float) -> dict[str, Any]:
 
 
 def _full_url(study: StudyFindings, part: str) -> str:
+    if not study.study_id:  # nothing names the study (an uploaded PNG): a fresh uuid each time
+        return f"urn:uuid:{uuid.uuid4()}"
     key = f"{study.algorithm.model_id}|{study.study_id}|{part}"
     return f"urn:uuid:{uuid.uuid5(_UUID_NAMESPACE, key)}"
 
@@ -191,8 +193,8 @@ def diagnostic_report(
     then one Observation per finding (in the study's order), then the Device.
 
     `study_uid`: the Study Instance UID the report points at (`imagingStudy`, each
-    Observation's `derivedFrom`); None for a study with none, which is then named by its study
-    id (`identifier`, system STUDY_ID_SYSTEM). `issued`: timezone-aware; now when None.
+    Observation's `derivedFrom`); None for none. A study id that is not the UID is the
+    report's `identifier` (system STUDY_ID_SYSTEM). `issued`: timezone-aware; now when None.
     """
     issued = datetime.now(UTC) if issued is None else issued
     if issued.tzinfo is None:
@@ -207,8 +209,10 @@ def diagnostic_report(
         )
         for f in study.findings
     ]
+    # The study id the CSVs use, unless it is the UID already (a DICOM study).
+    named = study.study_id and study.study_id != study_uid
     report = DiagnosticReport(
-        identifier=None if study_uid else [{"system": STUDY_ID_SYSTEM, "value": study.study_id}],
+        identifier=[{"system": STUDY_ID_SYSTEM, "value": study.study_id}] if named else None,
         status="final",
         category=[{"coding": [REPORT_CATEGORY]}],
         code=_concept(DIAGNOSTIC_IMAGING_REPORT),
