@@ -7,8 +7,10 @@ from pydicom.sr.codedict import codes
 
 from cxrlabel.data.labels import OBSERVATIONS
 from cxrlabel.hospital.codes import (
+    DIAGNOSTIC_IMAGING_REPORT,
     OBSERVATION_CODES,
     PRIVATE_SCHEME,
+    THRESHOLD,
     VALUE_CONCEPTS,
     observation_code,
 )
@@ -51,8 +53,6 @@ def test_unknown_observation_is_named() -> None:
 
 
 def test_report_and_threshold_concepts_match_pydicoms_tables() -> None:
-    from cxrlabel.hospital.codes import DIAGNOSTIC_IMAGING_REPORT, THRESHOLD
-
     assert codes.LN.DiagnosticImagingReport.value == DIAGNOSTIC_IMAGING_REPORT.value
     assert codes.DCM.ThresholdValue.value == THRESHOLD.value
     assert DIAGNOSTIC_IMAGING_REPORT.fhir_system == "http://loinc.org"
