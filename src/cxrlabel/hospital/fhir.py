@@ -85,12 +85,12 @@ STUDY_ID_SYSTEM = "urn:cxrlabel:study-id"
 _UUID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "urn:cxrlabel:fhir")
 
 
-def coding(concept: Concept) -> dict[str, str]:
+def _coding(concept: Concept) -> dict[str, str]:
     return {"system": concept.fhir_system, "code": concept.value, "display": concept.meaning}
 
 
 def _concept(concept: Concept) -> dict[str, Any]:
-    return {"coding": [coding(concept)], "text": concept.meaning}
+    return {"coding": [_coding(concept)], "text": concept.meaning}
 
 
 def _ratio(value: float) -> dict[str, Any]:
