@@ -419,7 +419,24 @@ def cmd_label(args: argparse.Namespace) -> int:
         distributed.destroy_process_group()
     if env.is_main:
         print(summary.to_text())
+        if args.fhir_out is not None:
+            _write_fhir(args)
     return 0
+
+
+def _write_fhir(args: argparse.Namespace) -> None:
+    from cxrlabel.hospital.fhir import write_reports
+    from cxrlabel.labelling.studies import study_findings
+
+    studies = study_findings(args.out, args.inputs, allow_outside_paths=args.allow_outside_paths)
+    if not studies:
+        log.warning(
+            "--fhir-out: no FHIR report written: the films have no study ids (DICOM Study "
+            "Instance UIDs, CheXpert/MIMIC folders or a CSV's study_id column)"
+        )
+        return
+    written = write_reports(studies, args.fhir_out)
+    print(f"  fhir: {len(written)} reports in {args.fhir_out}")
 
 
 def _label(args: argparse.Namespace, env: DistEnv) -> LabelSummary:
@@ -700,6 +717,11 @@ def build_parser() -> argparse.ArgumentParser:
         "reported (default 120; 0: no limit, read in the main process)",
     )  # fmt: skip
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--fhir-out", type=Path, metavar="DIR",
+        help="also write one FHIR R4 Bundle (DiagnosticReport, Observations, Device) per study "
+        "to DIR/<study id>.json; it names the patient by id (patient data)",
+    )  # fmt: skip
     _add_outside_paths_arg(p)
     p.set_defaults(func=cmd_label)
 

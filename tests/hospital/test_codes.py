@@ -7,8 +7,10 @@ from pydicom.sr.codedict import codes
 
 from cxrlabel.data.labels import OBSERVATIONS
 from cxrlabel.hospital.codes import (
+    DIAGNOSTIC_IMAGING_REPORT,
     OBSERVATION_CODES,
     PRIVATE_SCHEME,
+    THRESHOLD,
     VALUE_CONCEPTS,
     observation_code,
 )
@@ -48,3 +50,9 @@ def test_private_codes_name_the_observation() -> None:
 def test_unknown_observation_is_named() -> None:
     with pytest.raises(KeyError, match="Nodule"):
         observation_code("Nodule")
+
+
+def test_report_and_threshold_concepts_match_pydicoms_tables() -> None:
+    assert codes.LN.DiagnosticImagingReport.value == DIAGNOSTIC_IMAGING_REPORT.value
+    assert codes.DCM.ThresholdValue.value == THRESHOLD.value
+    assert DIAGNOSTIC_IMAGING_REPORT.fhir_system == "http://loinc.org"

@@ -28,6 +28,7 @@ PRIVATE_SYSTEM = "urn:cxrlabel:observation"
 FHIR_SYSTEMS = {
     "SCT": "http://snomed.info/sct",
     "DCM": "http://dicom.nema.org/resources/ontology/DCM",
+    "LN": "http://loinc.org",
     PRIVATE_SCHEME: PRIVATE_SYSTEM,
 }
 
@@ -76,6 +77,11 @@ INDETERMINATE = Concept("SCT", "82334004", "Indeterminate", _DICOM)
 VALUE_CONCEPTS: dict[int, Concept] = {1: PRESENT, 0: ABSENT, -1: INDETERMINATE}
 # The probability of each finding, as a numeric value (DICOM PS3.16, unit "1" = ratio).
 PROBABILITY = Concept("DCM", "122157", "Probability", _DICOM)
+# The decision threshold a qualitative finding was read from the probability with.
+THRESHOLD = Concept("DCM", "122411", "Threshold Value", _DICOM)
+# What a report is (the FHIR DiagnosticReport's code): LOINC's generic imaging report, as
+# DICOM PS3.16 lists it; a study may be one frontal film, so not a "2 views" code.
+DIAGNOSTIC_IMAGING_REPORT = Concept("LN", "18748-4", "Diagnostic Imaging Report", _DICOM)
 
 
 def observation_code(name: str) -> Concept:
@@ -88,6 +94,7 @@ def observation_code(name: str) -> Concept:
 
 __all__ = [
     "ABSENT",
+    "DIAGNOSTIC_IMAGING_REPORT",
     "FHIR_SYSTEMS",
     "INDETERMINATE",
     "OBSERVATION_CODES",
@@ -96,6 +103,7 @@ __all__ = [
     "PRIVATE_SCHEME_VERSION",
     "PRIVATE_SYSTEM",
     "PROBABILITY",
+    "THRESHOLD",
     "VALUE_CONCEPTS",
     "Concept",
     "observation_code",

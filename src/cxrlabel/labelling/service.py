@@ -7,6 +7,9 @@ Endpoints (all errors are JSON ``{"error": code, "detail": message}``):
   -1 uncertain) from the model's stored thresholds, the thresholds, model id, version and
   test-time augmentation (``tta``, see :mod:`cxrlabel.models.tta`; 1 = none) and,
   when asked, links to the film as the model saw it and to a Grad-CAM heatmap per label.
+  ``?format=fhir`` answers instead with a FHIR R4 transaction Bundle (``application/fhir+json``,
+  :mod:`cxrlabel.hospital.fhir`) for the film as a one-film study: its Study Instance UID and
+  Patient ID when it is DICOM, no study and no patient otherwise.
 * ``GET /heatmaps/{result_id}/{label}.png``, ``GET /results/{result_id}/film.png`` — computed
   lazily from a bounded cache of recent results.
 * ``GET /health`` (never needs the token), ``GET /model``, ``GET /openapi.json``, and ``GET /``:
@@ -86,12 +89,15 @@ from cxrlabel.data.images import (
     ImageInfo,
     NotAnImageError,
     UnsupportedImageError,
+    read_dicom_metadata,
     read_image_with_info,
     sniff_format,
 )
 from cxrlabel.data.pictures import encode_png
 from cxrlabel.data.sanity import DEFAULT_LIMITS, sanity_flags
 from cxrlabel.data.transforms import ResizeGeometry, scale_to_fit
+from cxrlabel.hospital import fhir
+from cxrlabel.hospital.findings import Algorithm, Finding, SourceFilm, StudyFindings
 from cxrlabel.labelling.guards import (
     DEFAULT_BODY_TIMEOUT,
     DEFAULT_MAX_UPLOADS,
@@ -224,6 +230,25 @@ def _errors(*statuses: int, token: bool) -> dict[int | str, dict[str, Any]]:
     wanted = sorted({400, *statuses, *([401] if token else [])})
     return {s: {"model": ErrorBody, "description": _ERROR_DESCRIPTIONS[s]} for s in wanted}
 
+
+# What /predict?format=fhir answers, as far as a schema can say without all of FHIR: a
+# transaction Bundle whose entries each have a resource and a request (hospital.fhir).
+_FHIR_BUNDLE_SCHEMA = {
+    "type": "object",
+    "required": ["resourceType", "type", "entry"],
+    "properties": {
+        "resourceType": {"type": "string", "enum": ["Bundle"]},
+        "type": {"type": "string", "enum": ["transaction"]},
+        "entry": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["fullUrl", "resource", "request"],
+                "properties": {"resource": {"type": "object", "required": ["resourceType"]}},
+            },
+        },
+    },
+}
 
 _UPLOAD_BODY = {
     "requestBody": {
@@ -728,22 +753,39 @@ def _add_routes(app: FastAPI, service: _Service) -> None:
         "/predict",
         dependencies=auth,
         response_model=PredictBody,
-        responses=_errors(403, 408, 413, 415, 422, 429, 503, token=token),
+        responses={
+            200: {
+                "description": "the labels (JSON), or with format=fhir a FHIR R4 Bundle",
+                "content": {fhir.MEDIA_TYPE: {"schema": _FHIR_BUNDLE_SCHEMA}},
+            },
+            **_errors(403, 408, 413, 415, 422, 429, 503, token=token),
+        },
         openapi_extra=_UPLOAD_BODY,
         summary="label one chest radiograph (PNG, JPEG or DICOM)",
     )
     async def predict(
         request: Request,
-        heatmaps: bool = Query(False, description="also return heatmap and film links"),
-    ) -> PredictBody:
+        heatmaps: bool = Query(False, description="also return heatmap and film links (json)"),
+        response_format: Literal["json", "fhir"] = Query(
+            "json",
+            alias="format",
+            description="json: the labels as below; fhir: a FHIR R4 transaction Bundle "
+            "(DiagnosticReport, one Observation per label, the model as Device), "
+            "application/fhir+json",
+        ),
+    ) -> PredictBody | Response:
         started = time.perf_counter()
         # The body first (UploadLimit bounds its time, size and how many arrive at once), then
         # a place among the requests scoring or waiting (or 503): a slow upload must not hold
         # a place that a complete one could use.
         data, filename = await _read_upload(request, service.max_upload_bytes)
         read_s = time.perf_counter() - started
+        as_fhir = response_format == "fhir"
         with service.admit():
-            done = await run_in_threadpool(service.label, data, filename, heatmaps)
+            done = await run_in_threadpool(service.label, data, filename, heatmaps and not as_fhir)
+        if as_fhir:
+            bundle = await run_in_threadpool(_fhir_bundle, service, done, data, filename)
+            return Response(bundle, media_type=fhir.MEDIA_TYPE)
         result_id = uuid.uuid4().hex
         heatmap_info = HeatmapInfo(requested=heatmaps, available=False)
         if done.film is not None:
@@ -798,6 +840,32 @@ def _add_routes(app: FastAPI, service: _Service) -> None:
         result = _cached(service, result_id)
         png = await run_in_threadpool(service.heatmap_png, result, label)
         return Response(png, media_type="image/png")
+
+
+def _fhir_bundle(service: _Service, done: _Labelled, data: bytes, filename: str) -> str:
+    """The upload's results as FHIR JSON: a one-film study, named by the DICOM header's Study
+    Instance UID and Patient ID when the film is DICOM (read again, header only), else by
+    nothing."""
+    study_uid = patient_id = ""
+    if done.fmt == "dicom":
+        try:
+            meta = read_dicom_metadata(data, name=filename)
+        except ImageError:  # decoded a moment ago; a header that will not parse names nothing
+            meta = {}
+        study_uid, patient_id = meta.get("study_instance_uid") or "", meta.get("patient_id") or ""
+    findings = tuple(
+        Finding(r.label, r.probability, r.value, r.threshold)
+        for r in _results(done.probs, service.model.thresholds)
+    )
+    study = StudyFindings(
+        study_id=study_uid,
+        patient_id=patient_id,
+        films=(SourceFilm(Path(filename), filename, done.fmt == "dicom"),),
+        findings=findings,
+        algorithm=Algorithm.from_model_info(service.info, cxrlabel.__version__),
+    )
+    bundle = fhir.diagnostic_report(study, study_uid=study_uid or None)
+    return bundle.model_dump_json()
 
 
 def _upload_limits(app: FastAPI) -> dict[str, float]:
