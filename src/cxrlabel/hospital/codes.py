@@ -27,6 +27,8 @@ PRIVATE_SYSTEM = "urn:cxrlabel:observation"
 # The FHIR `system` of each DICOM coding scheme designator used here.
 FHIR_SYSTEMS = {
     "SCT": "http://snomed.info/sct",
+    "UCUM": "http://unitsofmeasure.org",
+    "UMLS": "http://www.nlm.nih.gov/research/umls",
     "DCM": "http://dicom.nema.org/resources/ontology/DCM",
     PRIVATE_SCHEME: PRIVATE_SYSTEM,
 }
@@ -76,6 +78,20 @@ INDETERMINATE = Concept("SCT", "82334004", "Indeterminate", _DICOM)
 VALUE_CONCEPTS: dict[int, Concept] = {1: PRESENT, 0: ABSENT, -1: INDETERMINATE}
 # The probability of each finding, as a numeric value (DICOM PS3.16, unit "1" = ratio).
 PROBABILITY = Concept("DCM", "122157", "Probability", _DICOM)
+# The probability's unit: UCUM "1" (a ratio, no units), as DICOM's unit tables spell it.
+UNIT_RATIO = Concept("UCUM", "1", "no units", _DICOM)
+# The SR's "Procedure Reported" (TID 1500 row 4): chest imaging.
+CHEST_IMAGING = Concept("SCT", "413815006", "Chest imaging", _DICOM)
+# Why a heatmap capture references its film (Source Image Sequence, CID 7202).
+SOURCE_FOR_PROCESSING = Concept(
+    "DCM", "121322", "Source image for image processing operation", _DICOM
+)
+# TID 1500 row 12's container of free qualitative evaluations, and its text items' concept:
+# where an SR names the films that were not DICOM (nothing else can reference them).
+QUALITATIVE_EVALUATIONS = Concept(
+    "UMLS", "C0034375", "Qualitative Evaluations", "DICOM PS3.16 TID 1500"
+)
+COMMENT = Concept("DCM", "121106", "Comment", _DICOM)
 
 
 def observation_code(name: str) -> Concept:
@@ -88,6 +104,8 @@ def observation_code(name: str) -> Concept:
 
 __all__ = [
     "ABSENT",
+    "CHEST_IMAGING",
+    "COMMENT",
     "FHIR_SYSTEMS",
     "INDETERMINATE",
     "OBSERVATION_CODES",
@@ -96,6 +114,9 @@ __all__ = [
     "PRIVATE_SCHEME_VERSION",
     "PRIVATE_SYSTEM",
     "PROBABILITY",
+    "QUALITATIVE_EVALUATIONS",
+    "SOURCE_FOR_PROCESSING",
+    "UNIT_RATIO",
     "VALUE_CONCEPTS",
     "Concept",
     "observation_code",
