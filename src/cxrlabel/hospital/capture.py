@@ -152,6 +152,9 @@ def _capture(
         sc.PatientOrientation = ""  # Type 2C: known to be none (a sheet, or no film header)
     sc.DerivationDescription = f"{what} by cxrlabel {algorithm.name} (model {algorithm.model_id})"
     sc.BurnedInAnnotation = "YES" if sheet else "NO"
+    if "Laterality" not in sc:
+        # Type 2C (dciodvfy asks for it): the film's, else empty (a chest is not paired).
+        sc.Laterality = str(ref.get("Laterality", "")) if ref_is_film else ""
     if not ref_is_film:
         sc.ImageComments = f"heatmap of {film.display} (not DICOM)"
     else:
