@@ -90,5 +90,5 @@ def test_no_heatmaps_no_captures_and_a_missing_folder_is_named(tmp_path: Path) -
     films = (SourceFilm(tmp_path / "f.png", "f.png", False),)
     assert heatmap_captures(StudyFindings("s", "p", films, _findings(), ALGORITHM)) == []
     gone = (SourceFilm(tmp_path / "f.png", "f.png", False, tmp_path / "gone"),)
-    with pytest.raises(FileNotFoundError, match="gone: the heatmap folder of f.png"):
+    with pytest.raises(FileNotFoundError, match=r"gone: the heatmap folder of f\.png"):
         heatmap_captures(StudyFindings("s", "p", gone, _findings(), ALGORITHM))
