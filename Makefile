@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= demo-output
 
-.PHONY: demo test lint bench clean browser-deps
+.PHONY: demo test lint bench clean browser-deps test-deps
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/cxrlabel demo --out $(DEMO_DIR)
 
-test: $(STAMP) browser-deps
+test: $(STAMP) browser-deps test-deps
 	$(BIN)/ruff check .
 	$(BIN)/pytest -q
 
@@ -27,6 +27,14 @@ browser-deps:
 		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 		$$SUDO apt-get update && $$SUDO env DEBIAN_FRONTEND=noninteractive \
 			apt-get install -y --no-install-recommends chromium; }
+
+# The SR / secondary capture tests validate what they write with dciodvfy (Debian's
+# dicom3tools): installed the same way when missing.
+test-deps:
+	@test -x /usr/bin/dciodvfy || { \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update && $$SUDO env DEBIAN_FRONTEND=noninteractive \
+			apt-get install -y --no-install-recommends dicom3tools; }
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
