@@ -318,3 +318,51 @@ def test_label_and_evaluate_with_tta_record_it(tiny_run, tiny_dataset, tmp_path,
         main(["label", str(csv), "--model", model, "--out", str(tmp_path / "x"), "--tta", "50"])
         == 2
     )
+
+
+DICOM_FIXTURES = SHARED_DATA / "fixtures" / "dicom"
+
+
+@pytest.mark.skipif(not DICOM_FIXTURES.is_dir(), reason=f"shared data not found: {DICOM_FIXTURES}")
+def test_label_dicom_out_keeps_patient_data_out_of_logs_errors_and_run_json(
+    tmp_path, capsys, caplog
+):
+    """Issue 13 section 5: the fixtures' patient names, ids and birth dates appear in the SR
+    (patient data by design) but in no log line, errors.csv or run.json."""
+    import logging
+
+    import pydicom
+
+    from tests.labelling.test_batch import make_checkpoint
+
+    folder = tmp_path / "dicom"
+    shutil.copytree(DICOM_FIXTURES, folder)
+    (folder / "broken.dcm").write_bytes(b"\0" * 128 + b"DICM" + b"\x02\x00")  # into errors.csv
+    checkpoint = make_checkpoint(tmp_path / "r" / "checkpoints" / "best.safetensors")
+    out, dicom_out = tmp_path / "out", tmp_path / "dicom-out"
+    caplog.set_level(logging.DEBUG)
+    assert main(["label", str(folder), "--model", str(checkpoint), "--out", str(out),
+                 "--dicom-out", str(dicom_out), "--heatmaps", "--backend", "torch",
+                 "--device", "cpu", "--no-progress"]) == 0  # fmt: skip
+    printed = capsys.readouterr()
+    secrets = set()
+    for fixture in DICOM_FIXTURES.glob("*.dcm"):
+        ds = pydicom.dcmread(fixture, stop_before_pixels=True)
+        secrets |= {str(ds.get(k, "")) for k in ("PatientName", "PatientID", "PatientBirthDate")}
+    secrets.discard("")
+    assert len(secrets) >= 4
+    srs = list(dicom_out.rglob("sr-*.dcm"))
+    assert len(srs) == 2 and list(dicom_out.rglob("sc-*.dcm"))
+    assert any(str(pydicom.dcmread(p).PatientID) in secrets for p in srs)  # the SR has them
+    errors = (out / "errors.csv").read_text()
+    assert "broken.dcm" in errors
+    texts = {
+        "log": caplog.text,
+        "stdout": printed.out,
+        "stderr": printed.err,
+        "errors.csv": errors,
+        "run.json": (out / "run.json").read_text(),
+    }
+    for where, text in texts.items():
+        for secret in secrets:
+            assert secret not in text, f"{where} names a patient ({secret[:3]}...)"

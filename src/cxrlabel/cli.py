@@ -461,6 +461,17 @@ def _label(args: argparse.Namespace, env: DistEnv) -> LabelSummary:
         allow_outside_paths=args.allow_outside_paths, env=env,
         decode_device=resolve_device(args.device), **_read_limits(args),
     )  # fmt: skip
+    # The merged outputs exist on rank 0 only once label_inputs returns: it alone writes them.
+    if args.dicom_out is not None and env.is_main:
+        from cxrlabel.labelling.studies import write_dicom_outputs
+
+        written = write_dicom_outputs(
+            args.out, args.inputs, args.dicom_out,
+            heatmaps=args.heatmaps or chosen is not None,
+            allow_outside_paths=args.allow_outside_paths,
+        )  # fmt: skip
+        # Why a study got no SR is logged (a warning) and recorded in run.json.
+        print(f"DICOM outputs: {len(written.written)} file(s) in {args.dicom_out}")
     return summary
 
 
@@ -721,6 +732,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--fhir-out", type=Path, metavar="DIR",
         help="also write one FHIR R4 Bundle (DiagnosticReport, Observations, Device) per study "
         "to DIR/<study id>.json; it names the patient by id (patient data)",
+    )  # fmt: skip
+    p.add_argument(
+        "--dicom-out", type=Path, metavar="DIR",
+        help="also write each study's DICOM Structured Report (and, with heatmaps, one "
+        "Secondary Capture per heatmap) to DIR/<Study Instance UID>/ (patient data: they copy "
+        "the films' patient module)",
     )  # fmt: skip
     _add_outside_paths_arg(p)
     p.set_defaults(func=cmd_label)

@@ -27,6 +27,8 @@ PRIVATE_SYSTEM = "urn:cxrlabel:observation"
 # The FHIR `system` of each DICOM coding scheme designator used here.
 FHIR_SYSTEMS = {
     "SCT": "http://snomed.info/sct",
+    "UCUM": "http://unitsofmeasure.org",
+    "UMLS": "http://www.nlm.nih.gov/research/umls",
     "DCM": "http://dicom.nema.org/resources/ontology/DCM",
     "LN": "http://loinc.org",
     PRIVATE_SCHEME: PRIVATE_SYSTEM,
@@ -82,6 +84,20 @@ THRESHOLD = Concept("DCM", "122411", "Threshold Value", _DICOM)
 # What a report is (the FHIR DiagnosticReport's code): LOINC's generic imaging report, as
 # DICOM PS3.16 lists it; a study may be one frontal film, so not a "2 views" code.
 DIAGNOSTIC_IMAGING_REPORT = Concept("LN", "18748-4", "Diagnostic Imaging Report", _DICOM)
+# The probability's unit: UCUM "1" (a ratio, no units), as DICOM's unit tables spell it.
+UNIT_RATIO = Concept("UCUM", "1", "no units", _DICOM)
+# The SR's "Procedure Reported" (TID 1500 row 4): chest imaging.
+CHEST_IMAGING = Concept("SCT", "413815006", "Chest imaging", _DICOM)
+# Why a heatmap capture references its film (Source Image Sequence, CID 7202).
+SOURCE_FOR_PROCESSING = Concept(
+    "DCM", "121322", "Source image for image processing operation", _DICOM
+)
+# TID 1500 row 12's container of free qualitative evaluations, and its text items' concept:
+# where an SR names the films that were not DICOM (nothing else can reference them).
+QUALITATIVE_EVALUATIONS = Concept(
+    "UMLS", "C0034375", "Qualitative Evaluations", "DICOM PS3.16 TID 1500"
+)
+COMMENT = Concept("DCM", "121106", "Comment", _DICOM)
 
 
 def observation_code(name: str) -> Concept:
@@ -94,6 +110,8 @@ def observation_code(name: str) -> Concept:
 
 __all__ = [
     "ABSENT",
+    "CHEST_IMAGING",
+    "COMMENT",
     "DIAGNOSTIC_IMAGING_REPORT",
     "FHIR_SYSTEMS",
     "INDETERMINATE",
@@ -103,7 +121,10 @@ __all__ = [
     "PRIVATE_SCHEME_VERSION",
     "PRIVATE_SYSTEM",
     "PROBABILITY",
+    "QUALITATIVE_EVALUATIONS",
+    "SOURCE_FOR_PROCESSING",
     "THRESHOLD",
+    "UNIT_RATIO",
     "VALUE_CONCEPTS",
     "Concept",
     "observation_code",
