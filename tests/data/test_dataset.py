@@ -128,7 +128,9 @@ def _both_paths(table, **kwargs):
     floats = CXRDataset(table, "competition", PREP, **kwargs)
     films = CXRDataset(table, "competition", PREP, uint8=True, **kwargs)
     items = [films[i] for i in range(len(films))]
-    assert all(it["image"].dtype == torch.uint8 and it["image"].shape == (1, 32, 32) for it in items)
+    assert all(
+        it["image"].dtype == torch.uint8 and it["image"].shape == (1, 32, 32) for it in items
+    )
     batch = collate_skipping(items)
     finished = films.model_input_batch(batch["image"], batch["index"])
     return torch.stack([floats[i]["image"] for i in range(len(floats))]), finished

@@ -449,7 +449,10 @@ def test_augment_batch_matches_augment_row_by_row(cfg: AugmentConfig) -> None:
     images = torch.rand(6, 1, 36, 44, generator=torch.Generator().manual_seed(2))
     seeds = [5 * 1_000_003 + row for row in (3, 0, 9, 1, 4, 7)]
     expected = torch.stack(
-        [augment(img, cfg, torch.Generator().manual_seed(s)) for img, s in zip(images, seeds)]
+        [
+            augment(img, cfg, torch.Generator().manual_seed(s))
+            for img, s in zip(images, seeds, strict=True)
+        ]
     )
     got = augment_batch(images, cfg, augment_draws(cfg, seeds))
     assert got.shape == expected.shape

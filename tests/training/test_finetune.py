@@ -528,9 +528,10 @@ def test_uint8_batches_loader_options_and_sync_batchnorm_by_device() -> None:
     assert loader_options("cuda", 8) == {
         "num_workers": 8, "pin_memory": True, "persistent_workers": True, "prefetch_factor": 4,
     }  # fmt: skip
-    assert loader_options("cpu", 2)["persistent_workers"] and not loader_options("cpu", 2)[
-        "pin_memory"
-    ]
+    assert (
+        loader_options("cpu", 2)["persistent_workers"]
+        and not loader_options("cpu", 2)["pin_memory"]
+    )
     assert sync_batchnorm("cuda", True)
     assert not sync_batchnorm("cpu", True)  # gloo: SyncBatchNorm needs CUDA/NCCL
     assert not sync_batchnorm("cuda", False)

@@ -143,7 +143,8 @@ class CXRDataset(Dataset):
         if self.preprocessing.equalize != "none":
             # equalize works on these very uint8 levels, so the round trip is exact.
             pixels = to_uint8(equalize(from_uint8(pixels), self.preprocessing.equalize))
-        return torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.uint8))[None]
+        # A copy: the cache hands out read-only views of its memory map.
+        return torch.from_numpy(np.array(pixels, dtype=np.uint8))[None]
 
     def model_input_batch(self, images: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """uint8 (B, 1, S, S) films (items' "image" with `uint8`) and their "index" rows ->
