@@ -19,16 +19,32 @@ from cxrlabel.data.transforms import (
     AugmentConfig,
     Preprocessing,
     augment,
+    augment_batch,
+    augment_draws,
     equalize,
     from_uint8,
     to_model_input,
+    to_model_input_batch,
+    to_uint8,
 )
 
 log = logging.getLogger(__name__)
 
 
+def augment_seed(seed: int, row: int) -> int:
+    """The seed of one film's augmentation: a function of (dataset seed, table row) only, so
+    an epoch's augmentations depend neither on worker order nor on where they are computed."""
+    return seed * 1_000_003 + row
+
+
 class CXRDataset(Dataset):
     """Items are dicts: image (3, S, S) float32 normalised, target [K], mask [K], index.
+
+    With `uint8` the image is the cached film itself, uint8 (1, S, S) (equalised, when the
+    preprocessing says so: equalisation is numpy/OpenCV and stays here, on the CPU, and is
+    exact on the uint8 levels); `model_input_batch` then finishes a batch of them on whatever
+    device it was moved to: float conversion, augmentation and normalisation, batched. Moving
+    uint8 moves a quarter of the bytes and takes the per-image float work off the CPU.
 
     on_error='skip' turns an unreadable image into None (dropped by `collate_skipping`) and
     records it in `skipped`; 'raise' lets the ImageError through. With a cache, images that
@@ -52,6 +68,7 @@ class CXRDataset(Dataset):
         on_error: str = "raise",
         seed: int = 0,
         smooth_labels: bool = True,
+        uint8: bool = False,
     ) -> None:
         if on_error not in ("skip", "raise"):
             raise ValueError(f"on_error must be 'skip' or 'raise', not {on_error!r}")
@@ -66,6 +83,7 @@ class CXRDataset(Dataset):
         self.augmentation = augmentation
         self.on_error = on_error
         self.seed = seed
+        self.uint8 = uint8
         self.skipped: list[Skipped] = []
         self.cache = cache
         self.rows = np.arange(len(self.paths))
@@ -102,19 +120,44 @@ class CXRDataset(Dataset):
             log.warning("skipping: %s", exc)
             self.skipped.append(Skipped(str(exc.path), exc.reason))
             return None
+        return {
+            "image": self.uint8_image(pixels) if self.uint8 else self.float_image(pixels, row),
+            "target": torch.from_numpy(self.targets[row]),
+            "mask": torch.from_numpy(self.mask[row]),
+            "index": torch.tensor(row),
+        }
+
+    def float_image(self, pixels: np.ndarray, row: int) -> torch.Tensor:
+        """The normalised float32 (3, S, S) model input of a cached uint8 film."""
         # Equalised before augmentation: it is part of the model's preprocessing, which
         # evaluation and labelling apply to the unaugmented film.
         image = torch.from_numpy(equalize(from_uint8(pixels), self.preprocessing.equalize))
         if self.augmentation is not None and self.augmentation.enabled:
             # Seeded per (seed, row) so an epoch's augmentations do not depend on worker order.
-            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + row)
+            generator = torch.Generator().manual_seed(augment_seed(self.seed, row))
             image = augment(image, self.augmentation, generator)
-        return {
-            "image": to_model_input(image, self.preprocessing),
-            "target": torch.from_numpy(self.targets[row]),
-            "mask": torch.from_numpy(self.mask[row]),
-            "index": torch.tensor(row),
-        }
+        return to_model_input(image, self.preprocessing)
+
+    def uint8_image(self, pixels: np.ndarray) -> torch.Tensor:
+        """The uint8 (1, S, S) film, equalised when the preprocessing says so."""
+        if self.preprocessing.equalize != "none":
+            # equalize works on these very uint8 levels, so the round trip is exact.
+            pixels = to_uint8(equalize(from_uint8(pixels), self.preprocessing.equalize))
+        # A copy: the cache hands out read-only views of its memory map.
+        return torch.from_numpy(np.array(pixels, dtype=np.uint8))[None]
+
+    def model_input_batch(self, images: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, 1, S, S) films (items' "image" with `uint8`) and their "index" rows ->
+        normalised float32 (B, 3, S, S), on the films' device; each film augmented as
+        `__getitem__` would augment it on the float path (same per-row seeds)."""
+        if images.dtype != torch.uint8:
+            raise TypeError(f"expected uint8 films, got dtype {images.dtype}")
+        # The same float32 division as from_uint8.
+        x = images.float().div_(255.0)
+        if self.augmentation is not None and self.augmentation.enabled:
+            seeds = [augment_seed(self.seed, int(r)) for r in rows.tolist()]
+            x = augment_batch(x, self.augmentation, augment_draws(self.augmentation, seeds))
+        return to_model_input_batch(x, self.preprocessing)
 
 
 def collate_skipping(

@@ -524,3 +524,97 @@ def augment(img: torch.Tensor, cfg: AugmentConfig, generator: torch.Generator) -
 
 def _between(u: float, low: float, high: float) -> float:
     return low + (high - low) * u
+
+
+def augment_draws(cfg: AugmentConfig, seeds: Sequence[int]) -> torch.Tensor:
+    """``[B, 7]`` float64: the random values :func:`augment` draws for each seed's generator.
+
+    Row ``i`` is what ``augment(img, cfg, torch.Generator().manual_seed(seeds[i]))`` uses, so
+    :func:`augment_batch` of these draws transforms each film as :func:`augment` would.
+    """
+    rows = [
+        torch.rand(AugmentConfig._N_DRAWS, generator=torch.Generator().manual_seed(int(s)))
+        for s in seeds
+    ]
+    if not rows:
+        return torch.zeros((0, AugmentConfig._N_DRAWS), dtype=torch.float64)
+    return torch.stack(rows).double()
+
+
+def augment_batch(images: torch.Tensor, cfg: AugmentConfig, draws: torch.Tensor) -> torch.Tensor:
+    """Batched :func:`augment`: ``(B, 1, H, W)`` float in ``[0, 1]``, one row of
+    :func:`augment_draws` per film, on the batch's device (e.g. the GPU after transfer).
+
+    The same steps as torchvision's ``affine`` (inverse matrix, ``affine_grid``, bilinear
+    ``grid_sample`` with a mask channel for the black fill), brightness, contrast, flip and
+    clamp, with each film's parameters drawn exactly as :func:`augment` draws them. On the CPU
+    it agrees with :func:`augment` to float rounding (tests/data/test_transforms.py).
+    """
+    if not cfg.enabled:
+        return images
+    if images.ndim != 4 or images.shape[1] != 1:
+        raise ValueError(f"expected (B, 1, H, W) images, got shape {tuple(images.shape)}")
+    if not images.is_floating_point():
+        raise TypeError(f"expected float images in [0, 1], got dtype {images.dtype}")
+    if draws.shape != (images.shape[0], AugmentConfig._N_DRAWS):
+        raise ValueError(f"expected draws of shape ({images.shape[0]}, 7), got {tuple(draws)}")
+    u = draws.tolist()
+    x = images
+    if cfg.geometric:
+        x = _affine_batch(x, [_inverse_affine(row, cfg, *x.shape[-2:]) for row in u])
+    factors = x.new_tensor  # per-film factors as (B, 1, 1, 1) tensors on the batch's device
+    if cfg.brightness:
+        low, high = 1 - cfg.brightness, 1 + cfg.brightness
+        ratio = factors([_between(row[4], low, high) for row in u]).view(-1, 1, 1, 1)
+        x = x.mul(ratio).clamp_(0.0, 1.0)
+    if cfg.contrast:
+        low, high = 1 - cfg.contrast, 1 + cfg.contrast
+        ratios = [_between(row[5], low, high) for row in u]
+        ratio = factors(ratios).view(-1, 1, 1, 1)
+        rest = factors([1.0 - r for r in ratios]).view(-1, 1, 1, 1)
+        mean = x.mean(dim=(-3, -2, -1), keepdim=True)
+        x = x.mul(ratio).add_(mean.mul(rest)).clamp_(0.0, 1.0)
+    if cfg._may_flip:
+        flip = torch.tensor([row[6] < cfg.hflip_p for row in u], device=x.device)
+        x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
+    return x.clamp(0.0, 1.0)
+
+
+def _inverse_affine(u: Sequence[float], cfg: AugmentConfig, height: int, width: int) -> list[float]:
+    """torchvision's inverse affine matrix (centre at the image centre, no shear) for one
+    film's draws: what ``TF.affine`` in :func:`augment` samples the input with."""
+    rot = math.radians(_between(u[0], -cfg.rotation_deg, cfg.rotation_deg))
+    tx = _between(u[1], -cfg.translate, cfg.translate) * width
+    ty = _between(u[2], -cfg.translate, cfg.translate) * height
+    scale = _between(u[3], *cfg.scale)
+    # torchvision's terms with shear 0 (cos(0) = 1, tan(0) = 0), in the same order.
+    a, b = math.cos(rot), -0.0 - math.sin(rot)
+    c, d = math.sin(rot), 0.0 + math.cos(rot)
+    m = [x / scale for x in (d, -b, 0.0, -c, a, 0.0)]
+    m[2] += m[0] * (-0.0 - tx) + m[1] * (-0.0 - ty)
+    m[5] += m[3] * (-0.0 - tx) + m[4] * (-0.0 - ty)
+    return m
+
+
+def _affine_batch(x: torch.Tensor, matrices: Sequence[Sequence[float]]) -> torch.Tensor:
+    """torchvision's ``_affine_grid`` + ``_apply_grid_transform`` (bilinear, fill 0) with one
+    matrix per film."""
+    batch, _, height, width = x.shape
+    theta = torch.tensor(matrices, dtype=x.dtype, device=x.device).view(batch, 2, 3)
+    base = torch.empty(1, height, width, 3, dtype=x.dtype, device=x.device)
+    base[..., 0].copy_(torch.linspace((1.0 - width) * 0.5, (width - 1.0) * 0.5, width))
+    ys = torch.linspace((1.0 - height) * 0.5, (height - 1.0) * 0.5, height).unsqueeze_(-1)
+    base[..., 1].copy_(ys)
+    base[..., 2].fill_(1)
+    half = torch.tensor([0.5 * width, 0.5 * height], dtype=x.dtype, device=x.device)
+    rescaled = theta.transpose(1, 2).div_(half)
+    grid = base.view(1, height * width, 3).expand(batch, -1, -1).bmm(rescaled)
+    grid = grid.view(batch, height, width, 2)
+    mask = torch.ones((batch, 1, height, width), dtype=x.dtype, device=x.device)
+    sampled = torch.nn.functional.grid_sample(
+        torch.cat((x, mask), dim=1), grid, mode="bilinear", padding_mode="zeros",
+        align_corners=False,
+    )  # fmt: skip
+    image, mask = torch.tensor_split(sampled, indices=(-1,), dim=-3)
+    # (image - fill) * mask + fill with fill 0: the mask darkens what came from outside.
+    return image.mul_(mask)

@@ -149,12 +149,54 @@ def train_step(
     return float(loss.detach())
 
 
+BatchMover = Callable[[Mapping[str, torch.Tensor]], dict[str, torch.Tensor]]
+
+
+def uint8_batches(device: str) -> bool:
+    """Whether batches travel as uint8 films and are finished on the device (float
+    conversion, augmentation, normalisation: `CXRDataset.model_input_batch`).
+
+    On CUDA: a quarter of the bytes to copy and no per-image float work in the loader's
+    workers. On the CPU the float path stays (the same arithmetic either way; the float path
+    spreads it over the workers), so CPU results do not change.
+    """
+    return device == "cuda"
+
+
+def loader_options(device: str, workers: int) -> dict[str, Any]:
+    """DataLoader keyword arguments for a device and a worker count: pinned memory on CUDA
+    (so `to_device`'s non_blocking copies overlap the step), and with workers, workers that
+    live as long as the loader and keep 4 batches each in flight."""
+    options: dict[str, Any] = {"num_workers": workers, "pin_memory": device == "cuda"}
+    if workers > 0:
+        options.update(persistent_workers=True, prefetch_factor=4)
+    return options
+
+
+def batch_to_device(
+    raw: Mapping[str, torch.Tensor], plan: ExecutionPlan, dataset: CXRDataset
+) -> dict[str, torch.Tensor]:
+    """`to_device`, and uint8 films (a `uint8` dataset's) finished there by the dataset."""
+    batch = to_device(raw, plan)
+    if batch["image"].dtype == torch.uint8:
+        image = dataset.model_input_batch(batch["image"], raw["index"])
+        if plan.channels_last:
+            image = image.contiguous(memory_format=torch.channels_last)
+        batch["image"] = image
+    return batch
+
+
 @torch.no_grad()
 def predict(
-    model: torch.nn.Module, loader: DataLoader, plan: ExecutionPlan
+    model: torch.nn.Module,
+    loader: DataLoader,
+    plan: ExecutionPlan,
+    move: BatchMover | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
-    """Probabilities, targets and masks over a loader, and the mean masked BCE per image."""
-    scores, targets, masks, loss_sum, count = predict_parts(model, loader, plan)
+    """Probabilities, targets and masks over a loader, and the mean masked BCE per image.
+
+    move: puts a loader batch on the device as a model input (default `to_device`)."""
+    scores, targets, masks, loss_sum, count = predict_parts(model, loader, plan, move)
     if not count:
         raise ValueError("validation set is empty")
     return scores, targets, masks, loss_sum / count
@@ -162,7 +204,10 @@ def predict(
 
 @torch.no_grad()
 def predict_parts(
-    model: torch.nn.Module, loader: DataLoader, plan: ExecutionPlan
+    model: torch.nn.Module,
+    loader: DataLoader,
+    plan: ExecutionPlan,
+    move: BatchMover | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, float, int]:
     """`predict`'s arrays (empty when the loader is), the summed masked BCE and the image
     count: what a DDP rank contributes to the whole validation set's predictions."""
@@ -173,7 +218,7 @@ def predict_parts(
     for raw in loader:
         if raw is None:  # every image of the batch was unreadable (and reported)
             continue
-        batch = to_device(raw, plan)
+        batch = move(raw) if move is not None else to_device(raw, plan)
         with autocast(plan):
             logits = model(batch["image"]).float()
         n = logits.shape[0]
@@ -243,8 +288,10 @@ def make_dataset(
     *,
     augmentation: AugmentConfig | None,
     train: bool = True,
+    uint8: bool = False,
 ) -> CXRDataset:
-    """The dataset of a run's table; `train` draws LSR soft targets (validation: 0/1)."""
+    """The dataset of a run's table; `train` draws LSR soft targets (validation: 0/1);
+    `uint8`: items carry uint8 films, finished on the device (see `uint8_batches`)."""
     cache: ImageCache | None = None
     if config.use_cache:
         paths = table.image_paths()
@@ -264,6 +311,7 @@ def make_dataset(
         on_error="skip",
         seed=config.seed,
         smooth_labels=train,
+        uint8=uint8,
     )
 
 
@@ -355,24 +403,23 @@ def make_loader(
     or, given `batches` (lists of dataset indices), those batches in turn."""
     # Its own generator: otherwise each new iterator draws its worker base seed from the
     # global RNG, and a resumed run (one more iterator) would drift from an uninterrupted one.
+    options = loader_options(plan.device, config.workers)
     if batches is not None:
         return DataLoader(
             dataset,
             batch_sampler=[list(b) for b in batches],
-            num_workers=config.workers,
             collate_fn=collate_skipping,
-            pin_memory=plan.device == "cuda",
             generator=torch.Generator().manual_seed(seed),
+            **options,
         )
     return DataLoader(
         dataset,
         batch_size=config.batch_size,
         sampler=list(order) if order is not None else None,
         shuffle=False,
-        num_workers=config.workers,
         collate_fn=collate_skipping,
-        pin_memory=plan.device == "cuda",
         generator=torch.Generator().manual_seed(seed),
+        **options,
     )
 
 
@@ -459,6 +506,13 @@ def _check_resumable(config: RunConfig, run_dir: Path) -> None:
         raise ValueError(f"{run_dir}: cannot resume with a different config (changed: {changed})")
 
 
+def sync_batchnorm(device: str, distributed: bool) -> bool:
+    """Whether a run's BatchNorm layers become SyncBatchNorm (statistics over the global
+    batch): under torchrun on CUDA only, since SyncBatchNorm needs CUDA and NCCL; gloo/CPU
+    runs keep per-process BatchNorm."""
+    return distributed and device == "cuda"
+
+
 class _Run:
     """State shared by the steps of one `train` call."""
 
@@ -504,12 +558,16 @@ class _Run:
         # Rank 0 builds the preprocessing caches; the others wait, then find them up to date.
         if not env.is_main:
             barrier(env)
+        uint8 = uint8_batches(self.plan.device)
+        log.info("batches: %s", "uint8, finished on the device" if uint8 else "float32")
         self.train_set = make_dataset(
-            train_table, self.model, config, cache_root, augmentation=augmentation_from(config)
-        )
+            train_table, self.model, config, cache_root, augmentation=augmentation_from(config),
+            uint8=uint8,
+        )  # fmt: skip
         self.valid_set = make_dataset(
-            valid_table, self.model, config, cache_root, augmentation=None, train=False
-        )
+            valid_table, self.model, config, cache_root, augmentation=None, train=False,
+            uint8=uint8,
+        )  # fmt: skip
         if env.is_main:
             barrier(env)
         # What the steps run: DDP around the model under torchrun (it all-reduces the
@@ -518,10 +576,18 @@ class _Run:
         if env.distributed:
             from torch.nn.parallel import DistributedDataParallel
 
+            if sync_batchnorm(self.plan.device, env.distributed):
+                # Before DDP and the optimizer; the parameters themselves are kept.
+                self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
             device = process_device(env, self.plan.device)
             self.step_model = DistributedDataParallel(
                 self.model, device_ids=[device.index] if device.type == "cuda" else None
             )
+        if config.compile:
+            # Around DDP, as PyTorch's DDP docs do (its optimizer splits the graph at the
+            # gradient buckets). Only the step is compiled: checkpoints, EMA and validation
+            # use self.model, whose state_dict has no "_orig_mod." prefixes.
+            self.step_model = torch.compile(self.step_model)
         self.optimizer = torch.optim.Adam(
             param_groups(self.model, config.backbone_lr_scale),
             lr=config.lr,
@@ -643,7 +709,7 @@ class _Run:
                 p.batch += 1  # keeps a resume's position in the epoch's order right
                 waited = time.perf_counter()
                 continue
-            batch = to_device(raw, self.plan)
+            batch = batch_to_device(raw, self.plan, self.train_set)
             if self.aucm is not None:
                 lr = config.aucm_lr
                 loss = train_step(
@@ -717,14 +783,15 @@ class _Run:
         """`predict` over the whole validation set; under torchrun each rank predicts its
         shard and every rank gets all the predictions, in dataset order."""
         config, env = self.config, self.env
+        move = partial(batch_to_device, plan=self.plan, dataset=self.valid_set)
         if not env.distributed:
             loader = make_loader(self.valid_set, None, config, self.plan)
-            return predict(self.eval_model, loader, self.plan)
+            return predict(self.eval_model, loader, self.plan, move)
         part = Subset(self.valid_set, list(shard(len(self.valid_set), env)))
         loader = make_loader(
             part, None, dataclasses.replace(config, batch_size=self.rank_batch), self.plan
         )
-        parts = all_gather_objects(env, predict_parts(self.eval_model, loader, self.plan))
+        parts = all_gather_objects(env, predict_parts(self.eval_model, loader, self.plan, move))
         count = sum(c for *_, c in parts)
         if not count:
             raise ValueError("validation set is empty")
