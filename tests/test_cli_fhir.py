@@ -10,10 +10,10 @@ from pathlib import Path
 import pydicom
 import pytest
 from fhir.resources.R4B.bundle import Bundle
-from pydicom.uid import generate_uid
 
 from cxrlabel.cli import main
 from cxrlabel.hospital.fhir import STUDY_ID_SYSTEM, report_name
+from cxrlabel.hospital.findings import derived_study_uid
 from tests.helpers import SHARED_DATA
 from tests.labelling.test_batch import LABELS, make_checkpoint
 
@@ -69,7 +69,8 @@ def test_synthetic_studies_get_reports_named_by_their_study_ids(
     for study, bundle in bundles.items():
         report = bundle.entry[0].resource
         assert [(i.system, i.value) for i in report.identifier] == [(STUDY_ID_SYSTEM, study)]
-        derived = generate_uid(entropy_srcs=[study])  # as the DICOM SR output names it
+        # As the DICOM SR output names the study.
+        derived = derived_study_uid(report.subject.identifier.value, study)
         assert report.imagingStudy[0].identifier.value == f"urn:oid:{derived}"
 
 

@@ -11,8 +11,7 @@ import pytest
 from PIL import Image
 
 from cxrlabel.hospital.capture import SC_SERIES_DESCRIPTION, heatmap_captures
-from cxrlabel.hospital.findings import SourceFilm, StudyFindings
-from cxrlabel.hospital.sr import derived_study_uid
+from cxrlabel.hospital.findings import SourceFilm, StudyFindings, derived_study_uid
 from tests.hospital.test_sr import ALGORITHM, _film, _findings, assert_valid_dicom
 
 

@@ -15,7 +15,13 @@ from pydicom.uid import generate_uid
 from cxrlabel.data.labels import OBSERVATIONS
 from cxrlabel.hospital import fhir
 from cxrlabel.hospital.codes import OBSERVATION_CODES, PROBABILITY, THRESHOLD, VALUE_CONCEPTS
-from cxrlabel.hospital.findings import Algorithm, Finding, SourceFilm, StudyFindings
+from cxrlabel.hospital.findings import (
+    Algorithm,
+    Finding,
+    SourceFilm,
+    StudyFindings,
+    derived_study_uid,
+)
 from tests.helpers import write_dicom
 
 ISSUED = datetime(2024, 5, 6, 7, 8, 9, tzinfo=UTC)
@@ -186,7 +192,7 @@ def test_written_reports_name_the_dicom_study_and_no_patient_name(tmp_path: Path
     )
     # A study of other films: the UID the DICOM SR output derives from its study id.
     second = Bundle.model_validate_json(paths[1].read_text(encoding="utf-8"))
-    derived = generate_uid(entropy_srcs=["patient3/study1"])
+    derived = derived_study_uid("patient3", "patient3/study1")
     report = _resources(second, "DiagnosticReport")[0][1]
     assert report.imagingStudy[0].identifier.value == f"urn:oid:{derived}"
     assert [i.value for i in report.identifier] == ["patient3/study1"]

@@ -18,8 +18,14 @@ from pydicom.sr.coding import Code
 
 from cxrlabel.data.labels import OBSERVATIONS
 from cxrlabel.hospital import codes
-from cxrlabel.hospital.findings import Algorithm, Finding, SourceFilm, StudyFindings
-from cxrlabel.hospital.sr import derived_study_uid, device_uid, study_sr
+from cxrlabel.hospital.findings import (
+    Algorithm,
+    Finding,
+    SourceFilm,
+    StudyFindings,
+    derived_study_uid,
+)
+from cxrlabel.hospital.sr import device_uid, study_sr
 from tests.helpers import SHARED_DATA, write_dicom
 
 DICOM_FIXTURES = SHARED_DATA / "fixtures" / "dicom"

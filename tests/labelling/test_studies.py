@@ -10,7 +10,8 @@ import numpy as np
 import pydicom
 import pytest
 
-from cxrlabel.hospital.sr import derived_study_uid, unique_sources
+from cxrlabel.hospital.findings import derived_study_uid
+from cxrlabel.hospital.sr import unique_sources
 from cxrlabel.labelling.batch import label_inputs
 from cxrlabel.labelling.studies import study_findings, write_dicom_outputs
 from cxrlabel.models.predictor import load_model

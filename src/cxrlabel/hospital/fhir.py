@@ -40,7 +40,6 @@ from fhir.resources.R4B.bundle import Bundle
 from fhir.resources.R4B.device import Device
 from fhir.resources.R4B.diagnosticreport import DiagnosticReport
 from fhir.resources.R4B.observation import Observation
-from pydicom.uid import generate_uid
 
 from cxrlabel.data.images import ImageError, read_dicom_metadata
 from cxrlabel.fileio import atomic_write_text
@@ -52,7 +51,7 @@ from cxrlabel.hospital.codes import (
     Concept,
     observation_code,
 )
-from cxrlabel.hospital.findings import Algorithm, Finding, StudyFindings
+from cxrlabel.hospital.findings import Algorithm, Finding, StudyFindings, derived_study_uid
 
 log = logging.getLogger(__name__)
 
@@ -251,9 +250,8 @@ def _entry(
 def _study_instance_uid(study: StudyFindings) -> str | None:
     """The Study Instance UID of a labelled study: read from its DICOM films (labelling takes
     the study id from there, unless a CSV gave another); for a study of other films, the UID
-    derived from its study id as the DICOM SR output derives it
-    (`generate_uid(entropy_srcs=[study_id])`), so both outputs name the same study; None
-    without a study id."""
+    derived from its ids as the DICOM SR output derives it (`derived_study_uid`), so both
+    outputs name the same study; None without a study id."""
     for film in study.dicom_films:
         try:
             uid = read_dicom_metadata(film.path).get("study_instance_uid")
@@ -262,7 +260,7 @@ def _study_instance_uid(study: StudyFindings) -> str | None:
             continue
         if uid:
             return str(uid)
-    return str(generate_uid(entropy_srcs=[study.study_id])) if study.study_id else None
+    return str(derived_study_uid(study.patient_id, study.study_id)) if study.study_id else None
 
 
 def report_name(study_id: str) -> str:

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pydicom.uid import UID, generate_uid
+
 from cxrlabel.models.predictor import model_id
 
 
@@ -73,4 +75,10 @@ class StudyFindings:
         return tuple(f for f in self.films if f.is_dicom)
 
 
-__all__ = ["Algorithm", "Finding", "SourceFilm", "StudyFindings"]
+def derived_study_uid(patient_id: str, study_id: str) -> UID:
+    """The Study Instance UID of a study whose films were not DICOM: the same ids always give
+    the same UID (so a re-run's SR joins the first run's study)."""
+    return generate_uid(entropy_srcs=["cxrlabel study", patient_id, study_id])
+
+
+__all__ = ["Algorithm", "Finding", "SourceFilm", "StudyFindings", "derived_study_uid"]

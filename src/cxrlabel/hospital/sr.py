@@ -51,7 +51,7 @@ from pydicom.uid import UID, generate_uid
 from pydicom.valuerep import validate_value
 
 from cxrlabel.hospital import codes
-from cxrlabel.hospital.findings import Algorithm, Finding, StudyFindings
+from cxrlabel.hospital.findings import Algorithm, Finding, StudyFindings, derived_study_uid
 
 log = logging.getLogger(__name__)
 
@@ -77,12 +77,6 @@ def coded(concept: codes.Concept) -> hd.sr.CodedConcept:
     """A codes.Concept as highdicom's CodedConcept (the private scheme with its version)."""
     version = codes.PRIVATE_SCHEME_VERSION if concept.scheme == codes.PRIVATE_SCHEME else None
     return hd.sr.CodedConcept(concept.value, concept.scheme, concept.meaning, version)
-
-
-def derived_study_uid(patient_id: str, study_id: str) -> UID:
-    """The Study Instance UID of a study whose films were not DICOM: the same ids always give
-    the same UID (so a re-run's SR joins the first run's study)."""
-    return generate_uid(entropy_srcs=["cxrlabel study", patient_id, study_id])
 
 
 def device_uid(algorithm: Algorithm) -> UID:
@@ -319,7 +313,6 @@ def _private_scheme() -> CodingSchemeIdentificationItem:
 __all__ = [
     "blank_invalid_values",
     "coded",
-    "derived_study_uid",
     "device_uid",
     "quiet_patient_data",
     "study_header",
