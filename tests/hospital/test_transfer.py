@@ -164,6 +164,6 @@ def test_send_cstore_names_each_file_the_peer_refused(tmp_path: Path) -> None:
 def test_send_cstore_refuses_an_unreadable_result(pacs: Pacs, tmp_path: Path) -> None:
     bad = tmp_path / "not-dicom.dcm"
     bad.write_text("hello")
-    with pytest.raises(SendError, match="not-dicom.dcm"):
+    with pytest.raises(SendError, match=r"not-dicom\.dcm"):
         send_cstore([bad], "127.0.0.1", pacs.port, pacs.ae_title)
     assert pacs.datasets() == []

@@ -38,6 +38,7 @@ import logging
 import shutil
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -282,7 +283,9 @@ class Node:
         self.errors = ErrorLog(self.out_dir / ERRORS_FILE)
         self.queue = StudyQueue()
         self._attempts: dict[str, int] = {}
-        self._assoc_studies: dict[int, set[str]] = {}
+        # Studies each open association brought; weak keys: an association that ends without
+        # a release (dropped, aborted) leaves nothing behind.
+        self._assoc_studies: weakref.WeakKeyDictionary[Any, set[str]] = weakref.WeakKeyDictionary()
         self._assoc_lock = threading.Lock()
         self._server: Any = None
         self._worker: threading.Thread | None = None
@@ -307,7 +310,6 @@ class Node:
             (evt.EVT_ACCEPTED, self._on_accepted),
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_RELEASED, self._on_released),
-            (evt.EVT_CONN_CLOSE, self._on_closed),
         ]
         self._worker = threading.Thread(target=self._work, name="cxrlabel-node-worker", daemon=True)
         self._worker.start()
@@ -351,12 +353,19 @@ class Node:
             log.warning(
                 "refused association from %s: calling AE %r is not allowed", address, calling
             )
-            assoc.acse.send_reject(0x01, 0x01, 0x03)  # permanent, service user, calling AE
+            self._reject(assoc, 0x03)  # calling AE title not recognised
         elif self.allow_peer and not self._peer_allowed(address):
             log.warning(
                 "refused association from %s (AE %r): peer is not allowed", address, calling
             )
-            assoc.acse.send_reject(0x01, 0x01, 0x01)  # permanent, service user, no reason
+            self._reject(assoc, 0x01)  # no reason given
+
+    @staticmethod
+    def _reject(assoc: Any, diagnostic: int) -> None:
+        """A-ASSOCIATE-RJ (permanent, by the service user), then wait for the peer to close, as
+        pynetdicom does for its own rejections (closing at once could drop the RJ unsent)."""
+        assoc.acse.send_reject(0x01, 0x01, diagnostic)
+        assoc.kill()
 
     def _peer_allowed(self, address: str) -> bool:
         try:
@@ -407,7 +416,7 @@ class Node:
             )
             return OUT_OF_RESOURCES
         with self._assoc_lock:
-            self._assoc_studies.setdefault(id(event.assoc), set()).add(study)
+            self._assoc_studies.setdefault(event.assoc, set()).add(study)
         self.queue.touch(study, self.quiet_seconds)
         return SUCCESS
 
@@ -420,14 +429,10 @@ class Node:
 
     def _on_released(self, event: Any) -> None:
         with self._assoc_lock:
-            studies = self._assoc_studies.pop(id(event.assoc), set())
+            studies = self._assoc_studies.pop(event.assoc, set())
         if self.label_at_release:
             for study in studies:
                 self.queue.due_now(study)
-
-    def _on_closed(self, event: Any) -> None:
-        with self._assoc_lock:  # an aborted association: its studies wait for the quiet time
-            self._assoc_studies.pop(id(event.assoc), None)
 
     # ---- the worker ------------------------------------------------------------------------
 
