@@ -87,6 +87,7 @@ FILM_SOP_CLASSES = (
     "1.2.840.10008.5.1.4.1.1.1.1.1",  # Digital X-Ray Image Storage - For Processing
     "1.2.840.10008.5.1.4.1.1.7",  # Secondary Capture Image Storage
 )
+VERIFICATION = "1.2.840.10008.1.1"
 SUCCESS = 0x0000
 CANNOT_UNDERSTAND = 0xC000  # PS3.4 B.2.3: failure, "cannot understand" (0xCxxx)
 OUT_OF_RESOURCES = 0xA700  # the film could not be written to disk
@@ -305,6 +306,7 @@ class Node:
         syntaxes = list(decodable_transfer_syntaxes())
         for sop_class in FILM_SOP_CLASSES:
             ae.add_supported_context(sop_class, syntaxes)
+        ae.add_supported_context(VERIFICATION)  # C-ECHO, how a PACS tests a modality entry
         handlers = [
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_ACCEPTED, self._on_accepted),
