@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -167,3 +168,48 @@ def test_send_cstore_refuses_an_unreadable_result(pacs: Pacs, tmp_path: Path) ->
     with pytest.raises(SendError, match=r"not-dicom\.dcm"):
         send_cstore([bad], "127.0.0.1", pacs.port, pacs.ae_title)
     assert pacs.datasets() == []
+
+
+@pytest.fixture
+def stow_server() -> Iterator[tuple[str, list[bytes], list[int]]]:
+    """A tiny HTTP server answering POST .../studies with the status in `codes[0]`."""
+    import http.server
+    import json
+
+    bodies: list[bytes] = []
+    codes = [200]
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            bodies.append(self.rfile.read(int(self.headers["Content-Length"])))
+            body = json.dumps({}).encode()
+            self.send_response(codes[0])
+            self.send_header("Content-Type", "application/dicom+json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/dicom-web", bodies, codes
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_send_stow_posts_the_files_and_names_the_url_on_failure(stow_server, tmp_path) -> None:
+    from cxrlabel.hospital.transfer import send_stow
+
+    url, bodies, codes = stow_server
+    sr = write_text_sr(tmp_path / "sr.dcm", generate_uid(), ["Edema: present"])
+    send_stow([sr], url)
+    uid = str(pydicom.dcmread(sr).SOPInstanceUID).encode()
+    assert len(bodies) == 1 and uid in bodies[0]
+    codes[0] = 500
+    with pytest.raises(SendError, match=re.escape(url)):
+        send_stow([sr], url)
