@@ -366,3 +366,46 @@ def test_label_dicom_out_keeps_patient_data_out_of_logs_errors_and_run_json(
     for where, text in texts.items():
         for secret in secrets:
             assert secret not in text, f"{where} names a patient ({secret[:3]}...)"
+
+
+def test_listen_answers_echo_and_stops_cleanly_on_sigterm(tmp_path):
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    from pynetdicom import AE
+
+    from tests.labelling.test_batch import make_checkpoint
+
+    checkpoint = make_checkpoint(tmp_path / "r" / "checkpoints" / "best.safetensors")
+    with socket.socket() as s:  # a port free a moment ago
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = [sys.executable, "-m", "cxrlabel", "listen", "--model", str(checkpoint)]
+    command += ["--port", str(port), "--out", str(tmp_path / "node"), "--backend", "torch"]
+    proc = subprocess.Popen(
+        [*command, "--device", "cpu"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True, env=os.environ.copy(),
+    )  # fmt: skip
+    try:
+        ae = AE(ae_title="TESTSCU")
+        ae.add_requested_context("1.2.840.10008.1.1")
+        deadline, echoed = time.monotonic() + 60, False
+        while not echoed and time.monotonic() < deadline and proc.poll() is None:
+            assoc = ae.associate("127.0.0.1", port, ae_title="CXRLABEL")
+            if assoc.is_established:
+                echoed = int(assoc.send_c_echo().Status) == 0
+                assoc.release()
+            else:
+                time.sleep(0.2)
+        assert echoed
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+        output = proc.stdout.read()
+        assert f"CXRLABEL listening on 127.0.0.1:{port}" in output and "stopped" in output
+    finally:
+        proc.kill()
+        proc.wait()

@@ -475,6 +475,45 @@ def _label(args: argparse.Namespace, env: DistEnv) -> LabelSummary:
     return summary
 
 
+def cmd_listen(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+    from functools import partial
+
+    from cxrlabel.hospital.transfer import parse_send_to, send_cstore, send_stow
+    from cxrlabel.labelling.node import Node
+    from cxrlabel.models.predictor import load_model
+
+    send: Any = None
+    destination = ""
+    if args.send_to:
+        peer = parse_send_to(args.send_to)  # before the slow load
+        send = partial(
+            send_cstore, host=peer.host, port=peer.port, ae_title=peer.ae_title,
+            calling_ae=args.ae_title,
+        )  # fmt: skip
+        destination = f"C-STORE {peer}"
+    elif args.stow_url:
+        send, destination = partial(send_stow, url=args.stow_url), f"STOW-RS {args.stow_url}"
+    model = load_model(args.model, backend=args.backend, device=args.device)
+    node = Node(
+        model, args.out, ae_title=args.ae_title, host=args.host, port=args.port,
+        quiet_seconds=args.quiet_seconds, label_at_release=not args.no_label_at_release,
+        allow_ae=args.allow_ae or (), allow_peer=args.allow_peer or (), send=send,
+        destination=destination, heatmaps=args.heatmaps,
+    )  # fmt: skip
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    node.start()
+    print(f"{args.ae_title} listening on {args.host}:{node.port}; Ctrl-C stops")
+    try:
+        stop.wait()
+    finally:
+        node.stop()  # the study being labelled finishes; the others wait in --out
+    return 0
+
+
 def _read_limits(args: argparse.Namespace) -> dict[str, Any]:
     """label's per-film size cap and time limit; the library's defaults where not given."""
     limits: dict[str, Any] = {}
@@ -741,6 +780,51 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     _add_outside_paths_arg(p)
     p.set_defaults(func=cmd_label)
+
+    p = sub.add_parser("listen", help="a DICOM node: label the studies a PACS sends, send results")
+    p.add_argument(
+        "--model", nargs="+", action="extend", required=True,
+        help="run folders, RUN:bestK, checkpoint files or one .onnx; several: an ensemble",
+    )  # fmt: skip
+    p.add_argument("--ae-title", default="CXRLABEL", help="this node's AE title")
+    p.add_argument("--port", type=int, default=11112)
+    p.add_argument(
+        "--host", default="127.0.0.1",
+        help="address to listen on (default loopback only; 0.0.0.0: every interface)",
+    )  # fmt: skip
+    where = p.add_mutually_exclusive_group()
+    where.add_argument(
+        "--send-to", metavar="HOST:PORT:AET", help="C-STORE the results to this DICOM peer"
+    )
+    where.add_argument(
+        "--stow-url", metavar="URL",
+        help="STOW-RS the results to this DICOMweb base URL (e.g. http://pacs:8042/dicom-web)",
+    )  # fmt: skip
+    p.add_argument(
+        "--out", type=Path, default=Path("cxrlabel-node"),
+        help="received films, per-study labels and results, state.json, errors.csv",
+    )  # fmt: skip
+    p.add_argument(
+        "--quiet-seconds", type=float, default=10.0, metavar="S",
+        help="label a study once no film of it has arrived for S seconds",
+    )  # fmt: skip
+    p.add_argument(
+        "--no-label-at-release", action="store_true",
+        help="wait for the quiet time even after the sending association is released",
+    )  # fmt: skip
+    p.add_argument("--heatmaps", action="store_true", help="also heatmap secondary captures")
+    p.add_argument(
+        "--allow-ae", action="append", metavar="AET",
+        help="accept associations only from this calling AE title (repeatable; default: any)",
+    )  # fmt: skip
+    p.add_argument(
+        "--allow-peer", action="append", metavar="ADDR",
+        help="accept associations only from this IP address or network (repeatable; default: "
+        "any that can reach --host)",
+    )  # fmt: skip
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--backend", default="auto", choices=["auto", "torch", "onnx"])
+    p.set_defaults(func=cmd_listen)
 
     p = sub.add_parser("export", help="export a model (ONNX with preprocessing and thresholds)")
     p.add_argument("model", nargs="+", help="run folders, RUN:bestK or checkpoint files")

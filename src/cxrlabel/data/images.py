@@ -291,6 +291,28 @@ def sniff_format(head: bytes) -> ImageFormat | None:
     return None
 
 
+# Uncompressed and deflated little-endian syntaxes: pydicom reads them with no plugin.
+_NATIVE_SYNTAXES = (
+    "1.2.840.10008.1.2",  # Implicit VR Little Endian
+    "1.2.840.10008.1.2.1",  # Explicit VR Little Endian
+    "1.2.840.10008.1.2.1.99",  # Deflated Explicit VR Little Endian
+)
+
+
+def decodable_transfer_syntaxes() -> tuple[str, ...]:
+    """The DICOM transfer syntaxes this reader decodes here: the little-endian native ones and
+    each compressed syntax whose pydicom decoder plugin is installed (what a DICOM node may
+    accept without storing films it cannot read)."""
+    found = list(_NATIVE_SYNTAXES)
+    for syntax in _DECODER_PACKAGES:
+        try:
+            if pydicom.pixels.get_decoder(syntax).is_available:
+                found.append(syntax)
+        except NotImplementedError:  # a pydicom without a decoder for it at all
+            continue
+    return tuple(found)
+
+
 def read_dicom_metadata(source: ImageSource, *, name: str | None = None) -> dict[str, Any]:
     """Return the few DICOM header fields labelling needs, without decoding any pixels.
 
