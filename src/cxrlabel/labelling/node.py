@@ -105,9 +105,9 @@ def dicom_results(*, heatmaps: bool) -> MakeResults:
         from cxrlabel.labelling.studies import write_dicom_outputs
 
         outputs = write_dicom_outputs(run_dir, [films_dir], run_dir / "dicom", heatmaps=heatmaps)
-        for note in getattr(outputs, "notes", ()):
+        for note in outputs.notes:
             log.info("%s", note)
-        return [Path(p) for p in outputs.paths]
+        return list(outputs.written)
 
     return make
 
