@@ -262,11 +262,11 @@ def test_allow_lists_refuse_other_calling_aes_and_peers(model, tmp_path: Path) -
         make_node(model, tmp_path / "d", None, allow_peer=["not-an-ip"])
 
 
-def test_an_undecodable_film_is_reported_and_the_rest_of_its_study_labelled(
+def test_an_undecodable_film_is_refused_and_the_rest_of_its_study_labelled(
     model, tmp_path: Path
 ) -> None:
-    # The node does not decode pixels in the network handler: such a film is stored, then the
-    # labeller reports it and the node copies that row to its errors.csv.
+    # The handler decodes each film before answering: an undecodable one gets a failure
+    # status, an errors.csv row, and is not stored; its study is labelled from the others.
     study = generate_uid()
     good = film(tmp_path / "good.dcm", study, CR, 0)
     bad = film(tmp_path / "bad.dcm", study, CR, 1)
@@ -275,10 +275,13 @@ def test_an_undecodable_film_is_reported_and_the_rest_of_its_study_labelled(
     ds.save_as(bad, enforce_file_format=True)
     out = tmp_path / "node"
     with make_node(model, out, None) as node:
-        assert send_films(node.port, [good, bad]) == [0, 0]
+        assert send_films(node.port, [good, bad]) == [0, 0xC000]
         assert node.wait_idle(WAIT)
     rows = read_rows(out / ERRORS_FILE)
     assert [r["sop_instance_uid"] for r in rows] == [str(ds.SOPInstanceUID)]
     assert rows[0]["study_instance_uid"] == study
+    assert rows[0]["error"] == "TruncatedImageError"
+    assert rows[0]["reason"].startswith("file is truncated")
+    assert not (out / RECEIVED_DIR / study / f"{ds.SOPInstanceUID}.dcm").exists()
     images = read_rows(out / STUDIES_DIR / study / "images.csv")
     assert len(images) == 1 and images[0]["labelled_by"]

@@ -6,8 +6,10 @@ the transfer syntaxes the reader decodes (`data.images.decodable_transfer_syntax
 classes or syntaxes are refused per presentation context when the association is negotiated
 (and logged). On each C-STORE the data set is written, atomically and with its file meta, to
 ``<out>/received/<Study Instance UID>/<SOP Instance UID>.dcm`` *before* the success status is
-returned; a data set that cannot be decoded, lacks (valid) Study / SOP Instance UIDs or has no
-pixel data gets a 0xC000 "cannot understand" status and a row in ``<out>/errors.csv``.
+returned; a data set that cannot be decoded, lacks (valid) Study / SOP Instance UIDs, has no
+pixel data or pixels the reader cannot decode (checked in the handler, with the reader's frame
+size limits, so a decompression bomb is refused before it is decoded) gets a 0xC000 "cannot
+understand" status and a row in ``<out>/errors.csv``, and is not stored.
 
 A study is labelled once no new film of it has arrived for `quiet_seconds`, and (by default) as
 soon as the association that brought it is released. A worker thread, never the network
@@ -46,7 +48,7 @@ from typing import Any
 from pydicom.uid import UID
 
 from cxrlabel.csvcells import neutralise_row
-from cxrlabel.data.images import decodable_transfer_syntaxes
+from cxrlabel.data.images import ImageError, decodable_transfer_syntaxes, read_image_with_info
 from cxrlabel.fileio import atomic_write_bytes, atomic_write_text
 from cxrlabel.hospital.transfer import check_ae_title
 from cxrlabel.labelling.batch import STUDY_FILES, label_inputs
@@ -408,9 +410,18 @@ class Node:
         where["study_instance_uid"] = study
         if not has_pixels:
             return self._refuse(where, "NoPixelData", "the data set has no pixel data")
+        data = event.encoded_dataset(include_meta=True)
+        try:
+            # Decoded here, not only later by the labeller, so the sender hears that a film
+            # cannot be read (issue 13: a failure status) instead of a success it cannot undo.
+            read_image_with_info(data, name=f"{sop}.dcm")
+        except ImageError as exc:
+            return self._refuse(where, type(exc).__name__, exc.reason)
+        except Exception as exc:  # a decoder bug: refused and reported, the node serves on
+            return self._refuse(where, type(exc).__name__, f"{sop}.dcm: {exc}")
         path = self.out_dir / RECEIVED_DIR / study / f"{sop}.dcm"
         try:
-            atomic_write_bytes(path, event.encoded_dataset(include_meta=True))
+            atomic_write_bytes(path, data)
         except OSError as exc:
             log.error("could not store a received film: %s", exc)
             self.errors.add(
