@@ -16,6 +16,7 @@ from cxrlabel.data.labels import BlankMeaning, LabelTable
 if TYPE_CHECKING:  # only for annotations: the commands import lazily, for a fast --help
     from cxrlabel.distributed import DistEnv
     from cxrlabel.labelling.batch import LabelSummary
+    from cxrlabel.models.predictor import Predictor
 
 log = logging.getLogger("cxrlabel")
 
@@ -447,12 +448,15 @@ def _label(args: argparse.Namespace, env: DistEnv) -> LabelSummary:
     from cxrlabel.models.tta import check_tta, with_tta
 
     check_tta(args.tta)  # before the slow load
-    model = with_tta(load_model(args.model, backend=args.backend, device=args.device), args.tta)
-    lateral = None
-    if args.lateral_model:  # the same TTA for lateral films
-        lateral = with_tta(
-            load_model(args.lateral_model, backend=args.backend, device=args.device), args.tta
+
+    def load(spec: list[str]) -> Predictor:
+        return with_tta(
+            load_model(spec, backend=args.backend, device=args.device, compile=args.compile),
+            args.tta,
         )
+
+    model = load(args.model)
+    lateral = load(args.lateral_model) if args.lateral_model else None  # the same TTA
     chosen = resolve_labels(args.heatmap_labels) if args.heatmap_labels else None
     summary = label_inputs(
         args.inputs, model, args.out, batch_size=args.batch_size,
@@ -748,6 +752,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--backend", default="auto", choices=["auto", "torch", "onnx"],
         help="auto: the fastest measured path (bf16 PyTorch on CPUs with AMX, else ONNX Runtime "
         "on CPU; PyTorch on CUDA); torch and onnx run fp32",
+    )  # fmt: skip
+    p.add_argument(
+        "--compile", action="store_true",
+        help="run the PyTorch models through torch.compile (the first batch compiles; not "
+        "with --backend onnx; auto then labels with PyTorch)",
     )  # fmt: skip
     p.add_argument("--heatmaps", action="store_true", help="Grad-CAM PNGs of positive labels")
     p.add_argument("--heatmap-labels", help="draw heatmaps for these labels (comma list or set)")

@@ -296,3 +296,24 @@ def test_heatmap_model_without_the_checkpoint(
     assert not missing.available and missing.model is None
     assert "PyTorch checkpoint" in missing.reason and str(ckpt) in missing.reason
     assert missing.reason in caplog.text
+
+
+def test_compiled_models_give_the_eager_probabilities(
+    checkpoints: dict[str, Path], tiny_dataset: Path
+) -> None:
+    """torch.compile (issue 12's `compile` option) for inference: same probabilities, the
+    members stay eager modules (Grad-CAM hooks them), recorded in model_info; not for ONNX."""
+    films = _films(tiny_dataset, 4)
+    eager = load_model([checkpoints["a"]], backend="torch", device="cpu")
+    compiled = load_model([checkpoints["a"]], backend="torch", device="cpu", compile=True)
+    np.testing.assert_allclose(
+        compiled.predict_images(films), eager.predict_images(films), atol=1e-5
+    )
+    assert type(compiled.members[0].model) is CXRModel
+    assert compiled.model_info()["compiled"] is True and "compiled" not in eager.model_info()
+    # auto would choose ONNX Runtime on this CPU (flags injected); compile means PyTorch.
+    chosen = load_model([checkpoints["a"]], backend="auto", device="cpu", flags=AVX2_ONLY,
+                        compile=True)  # fmt: skip
+    assert type(chosen) is Ensemble and chosen.precision == "fp32"
+    with pytest.raises(ValueError, match="compile runs PyTorch models"):
+        load_model([checkpoints["a"]], backend="onnx", device="cpu", compile=True)

@@ -48,11 +48,18 @@ class Ensemble:
     """One or more checkpoints predicting the same labels; probabilities are averaged.
 
     precision: 'fp32' or 'bf16' (autocast; native and fast only on CUDA and on CPUs with
-    AMX/AVX512-BF16, emulated and slow elsewhere, but it runs anywhere).
+    AMX/AVX512-BF16, emulated and slow elsewhere, but it runs anywhere). compile: run each
+    member through torch.compile (off by default: the first batch pays the compilation); the
+    members themselves stay eager modules, so Grad-CAM's hooks still see their layers.
     """
 
     def __init__(
-        self, members: Sequence[Member], device: torch.device, *, precision: str = "fp32"
+        self,
+        members: Sequence[Member],
+        device: torch.device,
+        *,
+        precision: str = "fp32",
+        compile: bool = False,
     ) -> None:
         if not members:
             raise ValueError("an ensemble needs at least one checkpoint")
@@ -69,6 +76,8 @@ class Ensemble:
         self.labels: tuple[str, ...] = tuple(labels)
         self.device = device
         self.precision = precision
+        self.compiled = compile
+        self._forwards: dict[int, Any] = {}
         self.thresholds = combine_thresholds(
             [thresholds_from_metadata(m.meta).subset(labels) for m in members], labels
         )
@@ -110,10 +119,18 @@ class Ensemble:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=torch.bfloat16)
 
+    def _forward(self, member: Member) -> Any:
+        if not self.compiled:
+            return member.model
+        key = id(member)
+        if key not in self._forwards:  # compiled once per member, on first use
+            self._forwards[key] = torch.compile(member.model)
+        return self._forwards[key]
+
     @torch.inference_mode()
     def _member_probs(self, member: Member, batch: torch.Tensor) -> np.ndarray:
         with self._autocast():
-            logits = member.model(batch.to(self.device))
+            logits = self._forward(member)(batch.to(self.device))
         return torch.sigmoid(logits.float()).cpu().numpy()
 
     def predict_images(self, images: Sequence[np.ndarray]) -> np.ndarray:
@@ -154,6 +171,7 @@ class Ensemble:
             "thresholds": self.thresholds.to_dict(),
             "package": {"name": "cxrlabel", "version": cxrlabel.__version__},
             "precision": self.precision,
+            **({"compiled": True} if self.compiled else {}),
             "members": [
                 {
                     "path": str(m.path),
@@ -169,7 +187,11 @@ class Ensemble:
 
 
 def load_ensemble(
-    specs: Sequence[str | Path], *, device: str = "auto", precision: str = "fp32"
+    specs: Sequence[str | Path],
+    *,
+    device: str = "auto",
+    precision: str = "fp32",
+    compile: bool = False,
 ) -> Ensemble:
     """Load every checkpoint named by `specs` (see run_folder.resolve_model_paths) in eval mode."""
     target = resolve_device(device)
@@ -178,4 +200,4 @@ def load_ensemble(
         model, meta = load_checkpoint(path)
         members.append(Member(path, model.to(target).eval(), meta))
     log.info("loaded %d checkpoint(s) on %s (%s)", len(members), target, precision)
-    return Ensemble(members, target, precision=precision)
+    return Ensemble(members, target, precision=precision, compile=compile)

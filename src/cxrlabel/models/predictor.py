@@ -135,6 +135,7 @@ def load_model(
     threads: int | None = None,
     precision: str = "auto",
     flags: frozenset[str] | None = None,
+    compile: bool = False,
 ) -> Predictor:
     """Checkpoints, run folders or an exported .onnx file -> a model that labels films.
 
@@ -151,6 +152,9 @@ def load_model(
     fp32), 'fp32' or 'bf16' (bf16 autocast, PyTorch only; runs, emulated and slowly, on any
     CPU). The model's `model_info()["precision"]` says which one it computes in. `flags`: the
     CPU's feature flags (tests inject them; by default /proc/cpuinfo's).
+
+    compile: run the PyTorch members through torch.compile (off by default; PyTorch only, so
+    with it 'auto' labels with PyTorch, and 'onnx' or an .onnx file is refused).
     """
     from cxrlabel.models.ensemble import load_ensemble
     from cxrlabel.models.onnx import OnnxModel
@@ -160,6 +164,8 @@ def load_model(
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
     specs = [specs] if isinstance(specs, str | Path) else list(specs)
+    if compile and (backend == "onnx" or any(str(s).lower().endswith(".onnx") for s in specs)):
+        raise ValueError("compile runs PyTorch models; ONNX Runtime has its own optimiser")
     if any(str(s).lower().endswith(".onnx") for s in specs):
         if backend == "torch":
             raise ValueError(f"{specs}: an .onnx file runs with --backend onnx, not torch")
@@ -176,6 +182,8 @@ def load_model(
     if backend == "auto":
         plan = inference_plan(device, precision, flags=flags)
         chosen, chosen_precision = plan.backend, plan.precision
+        if compile and chosen == "onnx":
+            chosen = "torch"  # compile is a PyTorch path; fp32, as the ONNX plan was
         log.info("backend auto: %s %s (%s)", chosen, chosen_precision, plan.reason)
     elif backend == "onnx":
         chosen, chosen_precision = "onnx", "fp32"
@@ -196,7 +204,7 @@ def load_model(
                 "ONNX Runtime not used (%s: %s); labelling with PyTorch", type(exc).__name__, exc
             )
     else:
-        ensemble = load_ensemble(specs, device=device, precision=chosen_precision)
+        ensemble = load_ensemble(specs, device=device, precision=chosen_precision, compile=compile)
     if ensemble.device.type == "cpu":
         for member in ensemble.members:
             member.model.to(memory_format=torch.channels_last)
