@@ -236,8 +236,9 @@ def labelling(args: argparse.Namespace, device: str, workdir: Path, clock: Deadl
 
     began = time.perf_counter()
     try:
+        # decode_device as `cxrlabel label --device` passes it: JPEG decoded on CUDA there.
         summary = label_inputs(paths, model, workdir / "label-out", batch_size=args.batch,
-                               progress=False, on_batch=guard)  # fmt: skip
+                               progress=False, on_batch=guard, decode_device=device)  # fmt: skip
     except TimeoutError:
         wall = time.perf_counter() - began
         clock.skipped.append(f"labelling stopped after {done[0]} of {len(paths)} films")
@@ -245,7 +246,7 @@ def labelling(args: argparse.Namespace, device: str, workdir: Path, clock: Deadl
         return
     wall = time.perf_counter() - began
     print(f"\nlabelling: {summary.labelled} JPEG films at 320 px, batch {args.batch}, "
-          f"model {info.get('kind')} {info.get('precision')}: "
+          f"{info.get('backend', 'torch')} {info.get('precision')}: "
           f"{summary.labelled / wall:.1f} films/s end to end (decode, sanity checks, CSVs; "
           f"{wall:.1f} s), label_inputs' own figure {summary.images_per_s:.1f}; "
           f"peak {peak_memory(device)}")  # fmt: skip
