@@ -212,8 +212,17 @@ class Orthanc:
         ids = [f["ID"] for f in found if f["Type"] == "Study"]
         return ids[0] if ids else None
 
+    def studies(self) -> list[str]:
+        """Orthanc's ids of every study it holds."""
+        return self._json("GET", "/studies")
+
     def study(self, study_id: str) -> dict[str, Any]:
         return self._json("GET", f"/studies/{study_id}")
+
+    def study_series(self, study_id: str) -> list[dict[str, Any]]:
+        """Every series of the study, each with its MainDicomTags (Modality, ...) and the ids
+        of its Instances."""
+        return self._json("GET", f"/studies/{study_id}/series")
 
     def study_instances(self, study_id: str) -> list[dict[str, Any]]:
         """Every instance of the study, each with its MainDicomTags (SOPInstanceUID, ...)."""

@@ -69,7 +69,7 @@ def films_in_orthanc(orthanc: Orthanc) -> dict[str, list[Dataset]]:
     for path in sorted(DICOM_FIXTURES.glob("*.dcm")):
         orthanc.upload(path)
     studies: dict[str, list[Dataset]] = {}
-    for study_id in orthanc._json("GET", "/studies"):
+    for study_id in orthanc.studies():
         for instance in orthanc.study_instances(study_id):
             ds = pydicom.dcmread(io.BytesIO(orthanc.instance_file(instance["ID"])))
             studies.setdefault(str(ds.StudyInstanceUID), []).append(ds)
@@ -98,7 +98,7 @@ def read_row(path: Path, study_uid: str) -> dict[str, str]:
 def sr_series(orthanc: Orthanc, study_uid: str) -> list[dict]:
     """The study's SR series in Orthanc (REST)."""
     study_id = orthanc.study_id(study_uid)
-    series = orthanc._json("GET", f"/studies/{study_id}/series") if study_id else []
+    series = orthanc.study_series(study_id) if study_id else []
     return [s for s in series if s["MainDicomTags"].get("Modality") == SR_MODALITY]
 
 
