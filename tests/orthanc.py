@@ -154,7 +154,12 @@ class Orthanc:
                 stderr=subprocess.STDOUT,
                 cwd=self.folder,
             )
-        self._client = httpx.Client(base_url=self.url, timeout=30.0)
+        # A new connection per request: Orthanc's web server (CivetWeb) closes an idle
+        # keep-alive connection after a short timeout, and a request sent on it just then gets
+        # "Server disconnected without sending a response" (seen about once in ten round trips).
+        self._client = httpx.Client(
+            base_url=self.url, timeout=30.0, limits=httpx.Limits(max_keepalive_connections=0)
+        )
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
             if self._process.poll() is not None:

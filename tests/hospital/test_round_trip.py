@@ -236,11 +236,12 @@ def test_dicomweb_round_trip_stows_the_sr_and_qido_finds_it(
     with running_node(model, tmp_path / "node", orthanc, send) as node:
         job = orthanc.send_study(orthanc.study_id(siim))
         assert job["FailedInstancesCount"] == 0, job
-        client = DICOMwebClient(url=orthanc.dicomweb_url)
-        found = wait_for_qido_sr(client, siim)
+        found = wait_for_qido_sr(DICOMwebClient(url=orthanc.dicomweb_url), siim)
         assert node.wait_idle(SR_TIMEOUT)
     assert len(found) == 1, found
     series_uid, sop_uid = (found[0][tag]["Value"][0] for tag in ("0020000E", "00080018"))
+    # A new client (connection): Orthanc may have closed the idle one meanwhile.
+    client = DICOMwebClient(url=orthanc.dicomweb_url)
     retrieved = client.retrieve_instance(siim, series_uid, sop_uid)
     labels = label_directly(films, checkpoint, tmp_path / "direct")
     check_sr_against_label(retrieved, films, labels)
