@@ -154,7 +154,12 @@ class Orthanc:
                 stderr=subprocess.STDOUT,
                 cwd=self.folder,
             )
-        self._client = httpx.Client(base_url=self.url, timeout=30.0)
+        # A new connection per request: Orthanc's web server (CivetWeb) closes an idle
+        # keep-alive connection after a short timeout, and a request sent on it just then gets
+        # "Server disconnected without sending a response" (seen about once in ten round trips).
+        self._client = httpx.Client(
+            base_url=self.url, timeout=30.0, limits=httpx.Limits(max_keepalive_connections=0)
+        )
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
             if self._process.poll() is not None:
@@ -212,8 +217,17 @@ class Orthanc:
         ids = [f["ID"] for f in found if f["Type"] == "Study"]
         return ids[0] if ids else None
 
+    def studies(self) -> list[str]:
+        """Orthanc's ids of every study it holds."""
+        return self._json("GET", "/studies")
+
     def study(self, study_id: str) -> dict[str, Any]:
         return self._json("GET", f"/studies/{study_id}")
+
+    def study_series(self, study_id: str) -> list[dict[str, Any]]:
+        """Every series of the study, each with its MainDicomTags (Modality, ...) and the ids
+        of its Instances."""
+        return self._json("GET", f"/studies/{study_id}/series")
 
     def study_instances(self, study_id: str) -> list[dict[str, Any]]:
         """Every instance of the study, each with its MainDicomTags (SOPInstanceUID, ...)."""

@@ -19,6 +19,7 @@ from cxrlabel.hospital.transfer import send_cstore
 from cxrlabel.labelling.node import (
     CANNOT_UNDERSTAND,
     ERRORS_FILE,
+    FILM_SOP_CLASSES,
     RECEIVED_DIR,
     STATE_FILE,
     STUDIES_DIR,
@@ -95,6 +96,15 @@ def send_films(port: int, paths: Sequence[Path], calling: str = "TESTSCU") -> li
 
 def sr_lines(ds: pydicom.Dataset) -> dict[str, str]:
     return dict(item.TextValue.split("=", 1) for item in ds.ContentSequence)
+
+
+def refusal_lines(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    """The node's log records about refused presentation contexts."""
+    return [
+        r
+        for r in caplog.records
+        if r.name == "cxrlabel.labelling.node" and "presentation context" in r.getMessage()
+    ]
 
 
 def wait_for(predicate, timeout: float = WAIT) -> bool:
@@ -233,7 +243,10 @@ def test_refused_sop_class_malformed_and_uid_less_data_sets_and_the_node_keeps_s
         finally:
             assoc.release()
         assert send_films(node.port, [good]) == [0]  # and a new association too
-    assert "refused presentation context " + CT_IMAGE in caplog.text
+    (refusal,) = refusal_lines(caplog)
+    assert refusal.levelno == logging.INFO  # a CR context was accepted beside it
+    assert "refused 1 presentation context(s) (1 SOP class(es))" in refusal.getMessage()
+    assert f"{CT_IMAGE} (CT Image Storage)" in refusal.getMessage()
     rows = read_rows(out / ERRORS_FILE)
     assert [r["error"] for r in rows] == ["MalformedDataset", "NoStudyInstanceUID"]
     assert all(r["calling_ae"] == "TESTSCU" and r["peer"] == "127.0.0.1" for r in rows)
@@ -242,6 +255,38 @@ def test_refused_sop_class_malformed_and_uid_less_data_sets_and_the_node_keeps_s
     assert [p.name for p in (out / RECEIVED_DIR).rglob("*.dcm")] == [
         f"{pydicom.dcmread(good).SOPInstanceUID}.dcm"
     ]
+
+
+def test_refused_contexts_are_one_log_line_per_association_a_warning_without_films(
+    model, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from pynetdicom import StoragePresentationContexts
+
+    caplog.set_level(logging.INFO)
+    syntaxes = (str(pydicom.uid.ExplicitVRLittleEndian), str(pydicom.uid.ImplicitVRLittleEndian))
+    # Like Orthanc: many storage SOP classes, in two transfer syntaxes each (pynetdicom lets an
+    # association propose at most 128 contexts).
+    others = [str(cx.abstract_syntax) for cx in StoragePresentationContexts]
+    classes = [*FILM_SOP_CLASSES, *(c for c in others if c not in FILM_SOP_CLASSES)][:60]
+    proposed = [(c, ts) for c in classes for ts in syntaxes]
+    with make_node(model, tmp_path / "node", None) as node:
+        many = associate(node.port, proposed, calling="PACSSCU")
+        assert many.is_established
+        accepted = {str(cx.abstract_syntax) for cx in many.accepted_contexts}
+        assert accepted == set(FILM_SOP_CLASSES)
+        many.release()
+        # The node accepts the association and refuses its one context; pynetdicom's requestor
+        # then aborts it (nothing to send over).
+        only_ct = associate(node.port, [(CT_IMAGE, syntaxes[0])], calling="CTSCU")
+        assert not only_ct.is_established and not only_ct.is_rejected
+    lines = refusal_lines(caplog)
+    assert [(r.levelno, "PACSSCU" in r.getMessage()) for r in lines] == [
+        (logging.INFO, True),
+        (logging.WARNING, False),
+    ]
+    refused = len(proposed) - len(many.accepted_contexts)
+    assert f"refused {refused} presentation context(s)" in lines[0].getMessage()
+    assert "CTSCU" in lines[1].getMessage() and CT_IMAGE in lines[1].getMessage()
 
 
 def test_allow_lists_refuse_other_calling_aes_and_peers(model, tmp_path: Path) -> None:

@@ -131,6 +131,24 @@ def _peer_networks(
     return tuple(networks)
 
 
+def refused_contexts_message(
+    rejected: Sequence[Any], accepted: Sequence[Any]
+) -> tuple[str, bool] | None:
+    """One log line for an association's refused presentation contexts (None: none refused),
+    and whether no chest film context was accepted at all. Each SOP class is named once."""
+    if not rejected:
+        return None
+    classes = dict.fromkeys(
+        f"{cx.abstract_syntax} ({getattr(cx.abstract_syntax, 'name', '')})" for cx in rejected
+    )
+    no_film = not any(str(cx.abstract_syntax) in FILM_SOP_CLASSES for cx in accepted)
+    text = (
+        f"refused {len(rejected)} presentation context(s) ({len(classes)} SOP class(es)): not a "
+        f"chest film SOP class or transfer syntax this node reads: {', '.join(classes)}"
+    )
+    return text, no_film
+
+
 class NodeState:
     """``state.json``: per study, the SOP Instance UIDs labelled and delivered, and the result
     files (relative to the node's folder). Every change is written atomically."""
@@ -379,13 +397,18 @@ class Node:
         return any(ip in net for net in self.allow_peer)
 
     def _on_accepted(self, event: Any) -> None:
-        calling = event.assoc.requestor.ae_title
-        for cx in event.assoc.rejected_contexts:
-            log.warning(
-                "refused presentation context %s (%s) from %s: not a chest film SOP class or "
-                "transfer syntax this node reads",
-                cx.abstract_syntax, getattr(cx.abstract_syntax, "name", ""), calling,
-            )  # fmt: skip
+        refused = refused_contexts_message(
+            event.assoc.rejected_contexts, event.assoc.accepted_contexts
+        )
+        if refused is None:
+            return
+        text, no_film = refused
+        calling = str(event.assoc.requestor.ae_title).strip()
+        # A PACS such as Orthanc proposes every storage SOP class it knows on each association:
+        # one line per association, a warning only when no film can be sent over it at all.
+        log.log(
+            logging.WARNING if no_film else logging.INFO, "association from %s: %s", calling, text
+        )
 
     def _on_store(self, event: Any) -> int:
         calling = str(event.assoc.requestor.ae_title).strip()
@@ -576,4 +599,5 @@ __all__ = [
     "NodeState",
     "StudyQueue",
     "dicom_results",
+    "refused_contexts_message",
 ]
