@@ -524,7 +524,9 @@ def test_concurrent_requests_get_their_own_results(ensemble: Ensemble, tiny_data
     expected = {
         str(f): [float(p) for p in ensemble.predict_images([read_image(f)])[0]] for f in films
     }
-    app = create_app(ensemble, max_upload_bytes=LIMIT)
+    # 8 clients from one address: above the default per-client upload limit (4), which
+    # would answer 429 whenever more than 4 uploads overlap; that limit has its own tests.
+    app = create_app(ensemble, max_upload_bytes=LIMIT, max_uploads_per_client=8)
     with serve_in_thread(app) as url, httpx.Client(base_url=url, timeout=60) as http:
 
         def one(job: int) -> tuple[str, list[float], int]:
@@ -582,7 +584,9 @@ def test_decoded_films_held_at_once_never_exceed_the_bound(
 ) -> None:
     films = _LiveFilms(monkeypatch, pause=0.05)
     data = _large_film()
-    app = create_app(ensemble, max_concurrent=2, max_queue=16)
+    # All 12 clients share one address: the per-client upload limit (tested on its own in
+    # test_service_limits) would answer 429 whenever more than 4 uploads overlap.
+    app = create_app(ensemble, max_concurrent=2, max_queue=16, max_uploads_per_client=12)
     with serve_in_thread(app) as url, httpx.Client(base_url=url, timeout=60) as http:
 
         def one(job: int) -> int:
